@@ -1,0 +1,50 @@
+"""cw (Cluster-Workers): throw hundreds of CPUs at Python functions.
+
+    import cw
+    with cw.Client() as client:          # finds the master, or starts a local cluster
+        futures = client.map(f, range(100))
+        print(client.gather(futures))
+"""
+
+from __future__ import annotations
+
+import logging as _logging
+import os as _os
+
+__version__ = "0.1.0"
+
+
+class _DefaultHandler(_logging.StreamHandler):
+    """Shows cw's INFO lines on stderr until the application configures logging."""
+
+    def emit(self, record: _logging.LogRecord) -> None:
+        if not _logging.getLogger().handlers:
+            super().emit(record)
+
+
+_log = _logging.getLogger("cw")
+if not _log.handlers:
+    _h = _DefaultHandler()
+    _h.setFormatter(_logging.Formatter("cw %(levelname)s: %(message)s"))
+    _log.addHandler(_h)
+    _log.setLevel(_os.environ.get("CW_LOG_LEVEL", "INFO").upper())
+
+from .client import Client, ClientThread, Executor, Future, as_completed  # noqa: E402
+from .errors import (  # noqa: E402
+    AuthenticationError,
+    CwError,
+    JobCrashedError,
+    JobError,
+    MessageTooLargeError,
+    NoMasterError,
+    SerializationError,
+    TimeoutError,
+    WorkerLostError,
+)
+from .local import LocalCluster  # noqa: E402
+
+__all__ = [
+    "Client", "ClientThread", "Executor", "Future", "LocalCluster", "as_completed",
+    "AuthenticationError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",
+    "NoMasterError", "SerializationError", "TimeoutError", "WorkerLostError",
+]  # fmt: skip

@@ -1,0 +1,187 @@
+"""The ``cw`` command line (click). ``python -m cw.master`` / ``cw.worker`` share these commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from . import __version__, defaults
+
+_cluster_options = [
+    click.option("--cluster", "cluster_name", default=None, metavar="NAME",
+                 help="Cluster name: the folder under $CW_HOME (default: $CW_CLUSTER or 'default')."),
+    click.option("--cluster-dir", default=None, type=click.Path(file_okay=False),
+                 help="The cluster directory itself (overrides --cluster and $CW_HOME)."),
+]  # fmt: skip
+
+
+def cluster_options(f):
+    for opt in reversed(_cluster_options):
+        f = opt(f)
+    return f
+
+
+def _cluster(cluster_name, cluster_dir):
+    from .discovery import ClusterDir
+
+    return ClusterDir(path=cluster_dir) if cluster_dir else ClusterDir(name=cluster_name)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+log_option = click.option(
+    "--log-level", default=lambda: os.environ.get("CW_LOG_LEVEL", "INFO"), show_default="INFO",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Logging threshold (also $CW_LOG_LEVEL).",
+)  # fmt: skip
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cw")
+def cli() -> None:
+    """cw (Cluster-Workers): run Python functions on a pool of workers."""
+
+
+@click.command("master")
+@cluster_options
+@click.option("--bind", default="*", show_default=True,
+              help="Interface to listen on, or a full ZeroMQ endpoint (tcp://..., ipc://...).")
+@click.option("--port", type=int, default=None,
+              help=f"Port to listen on (default: {defaults.PORT}, or a random one if it is taken; 0: random).")
+@click.option("--host", default=None, help="Host name to publish for clients and workers (default: this host's name).")
+@click.option("--interface", default=None, help="Publish the IPv4 address of this network interface (e.g. ib0).")
+@click.option("--heartbeat", type=float, default=defaults.HEARTBEAT, show_default=True,
+              help="Seconds between heartbeats on an idle link.")
+@click.option("--worker-timeout", type=float, default=defaults.WORKER_TIMEOUT, show_default=True,
+              help="Seconds of silence after which a worker is lost and its jobs requeued.")
+@log_option
+def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout, log_level):
+    """Run a master: accept clients, hand their jobs to workers, store everything."""  # fmt: skip
+    from .errors import CwError
+    from .master import run_master
+
+    _logging(log_level)
+    try:
+        run_master(cluster=_cluster(cluster_name, cluster_dir), bind=bind, port=port, host=host,
+                   interface=interface, heartbeat=heartbeat, worker_timeout=worker_timeout)  # fmt: skip
+    except CwError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("worker")
+@click.argument("host", required=False)
+@cluster_options
+@click.option("--procs", type=int, default=None,
+              help="Executor processes (default: $SLURM_CPUS_PER_TASK, $NSLOTS, or 1).")
+@click.option("--tag", "tags", multiple=True, help="A capability tag jobs may require (repeatable).")
+@click.option("--heartbeat", type=float, default=defaults.HEARTBEAT, show_default=True,
+              help="Seconds between heartbeats on an idle link.")
+@click.option("--master-timeout", type=float, default=defaults.MASTER_TIMEOUT, show_default=True,
+              help="Seconds of silence after which the master is presumed lost and we reconnect.")
+@click.option("--give-up", type=float, default=600.0, show_default=True,
+              help="Exit after the master has been unreachable this many seconds.")
+@log_option
+def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_timeout, give_up, log_level):
+    """Run a worker for the master at HOST (default: the address in master.json)."""  # fmt: skip
+    from .errors import CwError
+    from .worker import run_worker
+
+    _logging(log_level)
+    try:
+        run_worker(address=host, cluster=_cluster(cluster_name, cluster_dir), procs=procs,
+                   tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up)  # fmt: skip
+    except CwError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def query_status(address: str, key: bytes, timeout: float = 5.0) -> dict:
+    """Ask a live master for its status document."""
+    import zmq
+
+    from . import protocol as P
+    from .errors import NoMasterError
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(P.pack(key, P.HELLO, {"role": "client", "session": f"status-{os.getpid()}-{time.time()}"}))
+        sock.send_multipart(P.pack(key, P.STATUS))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                kind, h, _ = P.unpack(key, sock.recv_multipart())
+                if kind == P.STATUS:
+                    sock.send_multipart(P.pack(key, P.BYE))
+                    return h
+        raise NoMasterError(f"no status from a master at {address} within {timeout} s")
+    finally:
+        sock.close()
+        ctx.term()
+
+
+@cli.command("status")
+@cluster_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+def status_cmd(cluster_name, cluster_dir, as_json):
+    """Workers and jobs: from the live master, else from the store."""
+    from .discovery import resolve_address
+    from .errors import CwError
+
+    cluster = _cluster(cluster_name, cluster_dir)
+    address = resolve_address(None, cluster)
+    doc = None
+    if address:
+        try:
+            doc = {"live": True, **query_status(address, cluster.key())}
+        except CwError as e:
+            click.echo(f"master at {address} did not answer ({e}); reading the store", err=True)
+    if doc is None:
+        from .store import connect, summary
+
+        if not cluster.store_path.exists():
+            raise click.ClickException(f"no master running and no store at {cluster.store_path}")
+        doc = {"live": False, "store": str(cluster.store_path), **summary(connect(cluster.store_path, readonly=True))}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    if doc["live"]:
+        click.echo(f"master {doc['master']} at {doc['address']} (store {doc['store']})")
+        click.echo(f"jobs: {doc['queued']} queued, {doc['running']} running, {doc['done']} done since start")
+        click.echo(f"workers: {len(doc['workers'])}")
+        for w in doc["workers"]:
+            click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running"
+                       f"{'  draining' if w['draining'] else ''}")  # fmt: skip
+    else:
+        click.echo(f"no master running; store {doc['store']}")
+        for run, states in sorted(doc["runs"].items()):
+            parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+            click.echo(f"  run {run or '(none)'}: {parts}")
+
+
+cli.add_command(master_cmd)
+cli.add_command(worker_cmd)
+
+
+def main() -> None:
+    cli(prog_name="cw")
+
+
+def master_main() -> None:
+    master_cmd(prog_name="python -m cw.master")
+
+
+def worker_main() -> None:
+    worker_cmd(prog_name="python -m cw.worker")

@@ -1,0 +1,571 @@
+"""Clients: ``Client`` (futures), ``Executor`` (concurrent.futures) and ``ClientThread``.
+
+All three sit on one ``_Connection``: a background I/O thread that owns the
+DEALER socket, batches submissions, and completes futures as results arrive.
+User threads only append to a queue and poke the I/O thread awake.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import fnmatch
+import itertools
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Callable, Iterable, Iterator
+
+import zmq
+
+from . import defaults, protocol as P
+from .discovery import ClusterDir, resolve_address
+from .errors import (
+    AuthenticationError,
+    JobCrashedError,
+    JobError,
+    MessageTooLargeError,
+    NoMasterError,
+    SerializationError,
+    TimeoutError,
+    WorkerLostError,
+)
+from .serialize import dumps_args, dumps_function, dumps_result, job_key, loads, rebuild_exception
+
+log = logging.getLogger(__name__)
+
+_OPTION_NAMES = ("key", "cache", "requires", "timeout", "max_retries")
+
+
+class Future(cf.Future):
+    """A ``concurrent.futures.Future`` that knows its job id."""
+
+    def __init__(self, jobid: int):
+        super().__init__()
+        self.jobid = jobid
+
+    def __repr__(self) -> str:
+        return f"<cw.Future job {self.jobid} {self._state.lower()}>"
+
+
+def _error_for(status: int, err: str, tb: str, blob: bytes) -> BaseException:
+    if status == P.RAISED:
+        return rebuild_exception(blob, err, tb)
+    cls = {
+        P.CRASHED: JobCrashedError,
+        P.LOST: WorkerLostError,
+        P.TIMEOUT: TimeoutError,
+    }.get(status, JobError)
+    return cls(err)
+
+
+def _context(env: dict | None, env_from: Iterable[str] | None) -> dict:
+    """What a job needs to run where the client stands: cwd, sys.path, named variables."""
+    variables = dict(env or {})
+    for pattern in env_from or ():
+        variables.update({k: v for k, v in os.environ.items() if fnmatch.fnmatchcase(k, pattern)})
+    return {
+        "cwd": os.getcwd(),
+        "path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
+        "env": {str(k): str(v) for k, v in variables.items()},
+    }
+
+
+class _Connection:
+    """The I/O thread and socket shared by every client API."""
+
+    def __init__(self, address: str, key: bytes, run: str | None, context: dict,
+                 cluster: ClusterDir | None, explicit: str | None,
+                 connect_timeout: float, master_timeout: float):  # fmt: skip
+        self.address, self.key, self.run, self.context = address, key, run, context
+        self.cluster, self.explicit = cluster, explicit
+        self.connect_timeout, self.master_timeout = connect_timeout, master_timeout
+        self.session = uuid.uuid4().hex
+        self.seq = itertools.count()
+        self.outq: collections.deque = collections.deque()  # submissions for the I/O thread
+        self.futures: dict[int, Future] = {}
+        self.unacked: dict[int, tuple] = {}
+        self.unacked_bytes = 0
+        self.space = threading.Condition()
+        self.cancels: list[int] = []
+        self.welcomed = threading.Event()
+        self.error: BaseException | None = None
+        self.closed = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_pending = False
+        self.ctx = zmq.Context()
+        self.thread = threading.Thread(target=self._run, name="cw-client-io", daemon=True)
+        self.thread.start()
+        if not self.welcomed.wait(connect_timeout) and self.error is None:
+            self.error = NoMasterError(
+                f"no cw master answered at {address} within {connect_timeout:.0f} s "
+                "(is it running? is the address reachable from here?)"
+            )
+        if self.error is not None:
+            err = self.error
+            self.close()
+            raise err
+
+    # -- called from user threads -------------------------------------------------
+    def submit(self, fn_hash: str, fn_blob: bytes, args: bytes, key: str | None, opts: dict | None) -> Future:
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise RuntimeError("this client is closed")
+        with self.space:
+            while (len(self.unacked) >= defaults.MAX_UNACKED_JOBS
+                   or self.unacked_bytes >= defaults.MAX_UNACKED_BYTES) and not self.closed:  # fmt: skip
+                self.space.wait(1.0)
+            seq = next(self.seq)
+            fut = Future(seq)
+            self.futures[seq] = fut
+            sub = (seq, fn_hash, fn_blob, key, opts, args)
+            self.unacked[seq] = sub
+            self.unacked_bytes += len(args)
+        self.outq.append(sub)
+        self._wake()
+        return fut
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._wake()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        with self.space:
+            self.space.notify_all()
+        for fut in list(self.futures.values()):
+            fut.cancel()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the I/O thread -----------------------------------------------------------
+    def _connect(self) -> None:
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(self.address)
+        self.sent_fns: set[str] = set()
+        self._send(P.HELLO, {"role": "client", "session": self.session, "run": self.run,
+                             "context": self.context})  # fmt: skip
+
+    def _send(self, kind: bytes, header: Any = None, blobs=()) -> None:
+        self.sock.send_multipart(P.pack(self.key, kind, header, blobs), copy=sum(map(len, blobs)) < 65536)
+
+    def _run(self) -> None:
+        try:
+            self._connect()
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            started = last_heard = time.monotonic()
+            while not self.closed:
+                events = dict(poller.poll(250))
+                if self._wake_r.fileno() in events or self._wake_r in events:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    self._wake_pending = False
+                if self.sock in events:
+                    self._read()
+                    last_heard = time.monotonic()
+                if self.welcomed.is_set():
+                    self._send_submissions()
+                elif self.error is None and time.monotonic() - started > self.connect_timeout:
+                    break
+                if self.error is not None:
+                    break
+                if time.monotonic() - last_heard > self.master_timeout and self.welcomed.is_set():
+                    log.warning("master at %s silent for %.0f s", self.address, time.monotonic() - last_heard)
+                    last_heard = time.monotonic()
+        except Exception as e:  # never die silently: fail every waiting future
+            log.exception("cw client I/O thread failed")
+            self.error = e
+        finally:
+            if self.error is not None:
+                for fut in list(self.futures.values()):
+                    if not fut.done():
+                        fut.set_exception(self.error)
+                self.futures.clear()
+            try:
+                if self.welcomed.is_set() and self.error is None:
+                    self._send(P.BYE)
+                self.sock.close(linger=1000)
+            finally:
+                self.ctx.term()
+
+    def _send_submissions(self) -> None:
+        q = self.outq
+        while q:
+            specs, args, fns, fn_blobs, size = [], [], [], [], 0
+            while q and len(specs) < defaults.BATCH_JOBS and size < defaults.BATCH_BYTES:
+                seq, fn_hash, fn_blob, key, opts, a = q.popleft()
+                if fn_hash not in self.sent_fns:
+                    self.sent_fns.add(fn_hash)
+                    fns.append(fn_hash)
+                    fn_blobs.append(fn_blob)
+                specs.append((seq, fn_hash, key, opts))
+                args.append(a)
+                size += len(a)
+            header = {"j": specs}
+            if fns:
+                header["f"] = fns
+            self._send(P.SUBMIT, header, [*args, *fn_blobs])
+        if self.cancels:
+            self._send(P.CANCEL, {"s": self.cancels})
+            self.cancels = []
+
+    def _read(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, h, blobs = P.unpack(self.key, frames)
+            except Exception as e:
+                why = P.is_reject(frames)
+                if why is not None:
+                    self.error = AuthenticationError(
+                        f"the master at {self.address} rejected our messages ({why}): this client's "
+                        f"key is not the master's. Use the same CW_HOME/CW_CLUSTER (key file "
+                        f"{self.cluster.key_path if self.cluster else '?'}) or CW_KEY as the master."
+                    )
+                    self.welcomed.set()
+                    return
+                log.warning("dropped a bad message from the master: %s", e)
+                continue
+            if kind == P.RESULT:
+                self._results(h["r"], blobs)
+            elif kind == P.ACK:
+                with self.space:
+                    for seq in h["s"]:
+                        sub = self.unacked.pop(seq, None)
+                        if sub is not None:
+                            self.unacked_bytes -= len(sub[5])
+                    self.space.notify_all()
+            elif kind == P.WELCOME:
+                self.master = h.get("master")
+                self.welcomed.set()
+
+    def _results(self, rows: list, blobs: list[bytes]) -> None:
+        futures = self.futures
+        for (seq, status, err, tb), blob in zip(rows, blobs):
+            fut = futures.pop(seq, None)
+            if fut is None or fut.done():
+                continue
+            if status == P.OK:
+                try:
+                    value = loads(blob)
+                except Exception as e:
+                    fut.set_exception(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"))
+                    continue
+                fut.set_result(value)
+            elif status == P.CANCELLED:
+                fut.cancel()
+            else:
+                fut.set_exception(_error_for(status, err, tb, blob))
+
+
+class Client:
+    """Futures on a cw cluster: ``submit``, ``map``, ``gather``, ``as_completed``.
+
+    ``Client()`` finds the master through ``$CW_ADDRESS`` or master.json in the
+    cluster directory; with none, it starts an embedded local cluster.
+    ``Client(serial=True)`` runs every job in-process, in order, after the same
+    serialization round trip a cluster would make.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        run: str | None = None,
+        cluster: str | os.PathLike | None = None,
+        serial: bool = False,
+        n_workers: int | None = None,
+        env: dict | None = None,
+        env_from: Iterable[str] | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
+        master_timeout: float = defaults.MASTER_TIMEOUT,
+    ):
+        self.run = run
+        self.serial = serial
+        self.defaults = {"t": timeout, "m": max_retries}
+        self._local = None
+        self._conn: _Connection | None = None
+        if serial:
+            return
+        cdir = _cluster_dir(cluster)
+        resolved = resolve_address(address, cdir)
+        if resolved is None:
+            from .local import LocalCluster
+
+            self._local = LocalCluster(n_workers=n_workers)
+            cdir, resolved = self._local.cluster, self._local.address
+        try:
+            self._conn = _Connection(
+                resolved, cdir.key(), run, _context(env, env_from), cdir, address,
+                connect_timeout, master_timeout,
+            )  # fmt: skip
+        except BaseException:
+            if self._local is not None:
+                self._local.close()
+            raise
+
+    @property
+    def address(self) -> str | None:
+        return self._conn.address if self._conn else None
+
+    def __repr__(self) -> str:
+        where = "serial" if self.serial else self.address
+        return f"<cw.Client {where} run={self.run!r}>"
+
+    # -- submission ---------------------------------------------------------------
+    def submit(self, fn: Callable, /, *args: Any, key: str | None = None, cache: bool = True,
+               requires: dict | None = None, timeout: float | None = None,
+               max_retries: int | None = None, **kwargs: Any) -> Future:  # fmt: skip
+        """Run ``fn(*args, **kwargs)`` on the cluster; return its future at once.
+
+        ``key``, ``cache``, ``requires``, ``timeout`` and ``max_retries`` are
+        cw's own options and are not passed to ``fn``.
+        """
+        fn_hash, fn_blob = dumps_function(fn)
+        args_blob = dumps_args(args, kwargs)
+        if len(args_blob) > defaults.MAX_MESSAGE:
+            raise MessageTooLargeError(
+                f"the arguments of {getattr(fn, '__qualname__', fn)} pickle to {len(args_blob)} bytes,"
+                f" more than the largest message ({defaults.MAX_MESSAGE} bytes); put large data"
+                " on the shared filesystem and pass its path"
+            )
+        if self.serial:
+            return self._run_serial(fn_blob, args_blob)
+        if key is None and self.run is not None and cache:
+            key = job_key(fn_hash, args_blob)
+        opts = {}
+        if not cache:
+            opts["c"] = False
+        if requires:
+            opts["r"] = requires
+        t = timeout if timeout is not None else self.defaults["t"]
+        if t is not None:
+            opts["t"] = float(t)
+        m = max_retries if max_retries is not None else self.defaults["m"]
+        if m is not None:
+            opts["m"] = int(m)
+        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None)
+
+    _serial_seq = itertools.count()
+
+    def _run_serial(self, fn_blob: bytes, args_blob: bytes) -> Future:
+        fut = Future(next(self._serial_seq))
+        fn = loads(fn_blob)
+        args, kwargs = loads(args_blob)
+        try:
+            value = loads(dumps_result(fn(*args, **kwargs)))
+        except Exception as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(value)
+        return fut
+
+    def map(self, fn: Callable, *iterables: Iterable, **options: Any) -> list[Future]:
+        """Submit ``fn`` over the zipped iterables; a list of futures, in order."""
+        return [self.submit(fn, *args, **options) for args in zip(*iterables)]
+
+    def gather(self, futures: Iterable[cf.Future], timeout: float | None = None) -> list:
+        """Results of the futures, in order; raises the first job exception met."""
+        futures = list(futures)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        for f in futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out.append(f.result(left))
+            except cf.TimeoutError:
+                raise TimeoutError(f"gather: {len(futures) - len(out)} jobs unfinished after {timeout} s") from None
+        return out
+
+    def status(self) -> dict:
+        """The master's view: workers, queued and running jobs."""
+        if self._conn is None:
+            return {"serial": True}
+        from .cli import query_status
+
+        return query_status(self._conn.address, self._conn.key)
+
+    # -- lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        """Disconnect; futures still pending are cancelled. Stops an embedded cluster."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _cluster_dir(cluster: str | os.PathLike | None) -> ClusterDir:
+    if cluster is None:
+        return ClusterDir()
+    c = os.fspath(cluster)
+    return ClusterDir(path=c) if os.sep in c else ClusterDir(name=c)
+
+
+def as_completed(futures: Iterable[cf.Future], timeout: float | None = None) -> Iterator[cf.Future]:
+    """Futures in the order they finish (``concurrent.futures.as_completed``)."""
+    try:
+        yield from cf.as_completed(futures, timeout)
+    except cf.TimeoutError as e:
+        raise TimeoutError(str(e)) from None
+
+
+class Executor(cf.Executor):
+    """A ``concurrent.futures.Executor`` on a cw cluster.
+
+    Code written for ``ProcessPoolExecutor`` runs on cw by changing one line.
+    Takes the same arguments as ``Client``.
+    """
+
+    def __init__(self, address: str | None = None, **kwargs: Any):
+        self.client = Client(address, **kwargs)
+        self._futures: set[cf.Future] = set()
+        self._shutdown = False
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        fut = self.client.submit(fn, *args, **kwargs)
+        self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
+        return fut
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator:  # fmt: skip
+        """Like ``Executor.map``: results in order; jobs are submitted at once."""
+        futures = [self.submit(fn, *args) for args in zip(*iterables)]
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def results() -> Iterator:
+            try:
+                for f in futures:
+                    yield f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            finally:
+                for f in futures:
+                    f.cancel()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            for f in list(self._futures):
+                f.cancel()
+        if wait:
+            cf.wait(list(self._futures))
+        self.client.close()
+
+
+class ClientThread(threading.Thread):
+    """The original Cluster-Workers API: ``callback(jobid, result)`` as jobs finish.
+
+    ``start()`` connects, ``submit(func, *args, **kwargs)`` returns a job id at
+    once, ``wait()`` blocks until every submitted job has called back,
+    ``stop()`` disconnects. Callbacks run on this thread, one at a time. A job
+    that failed calls back with its exception as the result, unless an
+    ``error_callback(jobid, exception)`` is given.
+    """
+
+    def __init__(self, callback: Callable[[int, Any], None], host: str | None = None,
+                 port: int | None = None, *, error_callback: Callable | None = None,
+                 **client_kwargs: Any):  # fmt: skip
+        super().__init__(name="cw-callbacks", daemon=True)
+        self.callback, self.error_callback = callback, error_callback
+        self.address = f"{host}:{port}" if host and port else host
+        self.client_kwargs = client_kwargs
+        self.client: Client | None = None
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._outstanding = 0
+        self._idle = threading.Condition()
+
+    def start(self) -> None:
+        self.client = Client(self.address, **self.client_kwargs)
+        super().start()
+
+    def submit(self, func: Callable, /, *args: Any, **kwargs: Any) -> int:
+        if self.client is None:
+            raise RuntimeError("call start() before submit()")
+        with self._idle:
+            self._outstanding += 1
+        fut = self.client.submit(func, *args, **kwargs)
+        fut.add_done_callback(self._done.put)
+        return fut.jobid
+
+    def run(self) -> None:
+        while True:
+            fut = self._done.get()
+            if fut is None:
+                return
+            try:
+                if fut.cancelled():
+                    result: Any = cf.CancelledError(f"job {fut.jobid} was cancelled")
+                    failed = True
+                else:
+                    exc = fut.exception()
+                    result, failed = (exc, True) if exc is not None else (fut.result(), False)
+                if failed and self.error_callback is not None:
+                    self.error_callback(fut.jobid, result)
+                else:
+                    self.callback(fut.jobid, result)
+            except Exception:
+                log.error("callback for job %s raised:\n%s", fut.jobid, traceback.format_exc())
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted job has called back; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def stop(self) -> None:
+        """Disconnect; the callback thread ends after the callbacks already due."""
+        self._done.put(None)
+        if self.client is not None:
+            self.client.close()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(10)

@@ -1,0 +1,46 @@
+"""Every tunable default of cw, named, in one place."""
+
+from __future__ import annotations
+
+import os
+
+#: Root of the cluster directories on the shared filesystem (``$CW_HOME``).
+HOME = os.path.expanduser(os.environ.get("CW_HOME", "~/.cw"))
+#: Name of the cluster directory under HOME (``$CW_CLUSTER``).
+CLUSTER = os.environ.get("CW_CLUSTER", "default")
+
+#: Port the master tries first; if it is taken, it binds a random one and publishes it.
+PORT = 7757
+#: Largest message a master or worker accepts (bytes). Larger ones cut the sender off.
+MAX_MESSAGE = 512 * 1024 * 1024
+
+#: Seconds between heartbeats when a link is otherwise idle.
+HEARTBEAT = 1.0
+#: Seconds of silence after which the master declares a worker lost.
+WORKER_TIMEOUT = 10.0
+#: Seconds of silence after which a worker or client declares the master lost.
+MASTER_TIMEOUT = 10.0
+#: Seconds a client waits for the master's welcome before raising.
+CONNECT_TIMEOUT = 10.0
+#: A wrong key must be reported this fast (seconds).
+AUTH_TIMEOUT = 5.0
+
+#: Times a job may lose its worker before it fails with WorkerLostError.
+MAX_RETRIES = 3
+
+#: Batching: at most this many jobs or bytes in one message on any hop.
+BATCH_JOBS = 1000
+BATCH_BYTES = 16 * 1024 * 1024
+#: A worker keeps about this many seconds of work queued per slot (adaptive prefetch).
+PREFETCH_SECONDS = 0.02
+#: ... and never more than this many jobs per slot.
+PREFETCH_MAX = 500
+
+#: Client backpressure: at most this many submitted but unacknowledged jobs, or bytes.
+MAX_UNACKED_JOBS = 100_000
+MAX_UNACKED_BYTES = 1024 * 1024 * 1024
+
+#: Seconds between rate-limited log lines of the same kind (bad messages, rejected keys).
+LOG_EVERY = 10.0
+#: Seconds a draining worker lets running jobs finish before handing them back.
+GRACE = 30.0

@@ -1,0 +1,553 @@
+"""``python -m cw.master``: routing, scheduling, heartbeats, recovery.
+
+One thread, one ROUTER socket. Each turn of the loop drains what has arrived,
+writes it to the store in one transaction, commits, and only then answers:
+acknowledgements and results reach a client after their commit, and tasks
+go out in batches to workers with free capacity.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any, Deque, Optional
+
+import zmq
+
+from . import defaults, protocol as P
+from .discovery import ClusterDir, advertised_host, master_info
+from .errors import ConfigError, ProtocolError
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_MAX_TURN = 2000  # messages handled per turn before committing and answering
+
+
+class Job:
+    __slots__ = (
+        "id", "session", "seq", "fn", "args", "requires", "timeout",
+        "max_retries", "attempts", "hosts", "worker",
+    )  # fmt: skip
+
+    def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0):
+        self.id, self.session, self.seq, self.fn, self.args = id, session, seq, fn, args
+        self.requires, self.timeout, self.max_retries = requires, timeout, max_retries
+        self.attempts, self.hosts, self.worker = attempts, [], None
+
+
+class Session:
+    """A client session; it outlives its connection (the results wait in the store)."""
+
+    def __init__(self, sid: str, run: str | None, context: dict):
+        self.id, self.run, self.context = sid, run, context
+        self.ident: bytes | None = None
+        self.acks: list[int] = []
+        self.results: list[tuple] = []  # (seq, status, error, tb), blob
+        self.blobs: list[bytes] = []
+        self.last_sent = 0.0
+
+
+class Worker:
+    def __init__(self, ident: bytes, hello: dict):
+        self.ident = ident
+        self.id: str = str(hello["id"])
+        self.host: str = str(hello.get("host", "?"))
+        self.pid = int(hello.get("pid", 0))
+        self.slots = max(1, int(hello.get("procs", 1)))
+        self.caps: dict = dict(hello.get("caps") or {})
+        self.caps.setdefault("cpus", self.slots)
+        self.caps.setdefault("host", self.host)
+        self.info: dict = dict(hello.get("info") or {})
+        self.funcs: set[str] = set(hello.get("have") or ())
+        self.ctxs: set[str] = set()
+        self.running: dict[int, Job] = {}
+        self.avg_runtime: float | None = None
+        self.draining = False
+        self.counters: dict = {}
+        self.last_seen = self.last_sent = time.monotonic()
+
+    @property
+    def limit(self) -> int:
+        """How many jobs this worker may hold: its slots plus adaptive prefetch."""
+        if self.draining:
+            return 0
+        if self.avg_runtime is None:
+            return self.slots * 2
+        extra = int(defaults.PREFETCH_SECONDS / max(self.avg_runtime, 1e-6))
+        return self.slots * (1 + min(max(extra, 1), defaults.PREFETCH_MAX))
+
+    def describe(self) -> str:
+        return f"{self.id} on {self.host} (pid {self.pid})"
+
+
+def satisfies(caps: dict, requires: dict | None) -> bool:
+    """True if a worker with these capabilities can run a job with these requirements."""
+    if not requires:
+        return True
+    for k, want in requires.items():
+        have = caps.get(k)
+        if k == "tags":
+            if not set(want) <= set(have or ()):
+                return False
+        elif isinstance(want, (int, float)) and not isinstance(want, bool):
+            if not isinstance(have, (int, float)) or have < want:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+class Master:
+    def __init__(
+        self,
+        cluster: ClusterDir,
+        bind: str = "*",
+        port: int | None = None,
+        host: str | None = None,
+        interface: str | None = None,
+        heartbeat: float = defaults.HEARTBEAT,
+        worker_timeout: float = defaults.WORKER_TIMEOUT,
+        max_message: int = defaults.MAX_MESSAGE,
+        publish: bool = True,
+    ):
+        self.cluster = cluster
+        if not cluster.lock():
+            info = cluster.read_master() or {}
+            raise ConfigError(
+                f"a master is already running on {cluster.path} "
+                f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('address', '?')})"
+            )
+        self.key = cluster.key(create=True)
+        self.heartbeat, self.worker_timeout = heartbeat, worker_timeout
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message + 65536)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.port = self._bind(bind, port)
+        self.address = f"tcp://{advertised_host(host, interface)}:{self.port}"
+        if bind.startswith("ipc://"):
+            self.address = bind
+        self.store = Store(cluster.store_path)
+        self.publish = publish
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.sessions: dict[str, Session] = {}
+        self.peers: dict[bytes, Any] = {}  # routing id -> Session | Worker
+        self.workers: dict[bytes, Worker] = {}
+        self.functions: dict[str, bytes] = {}
+        self.queues: dict[Optional[str], Deque[Job]] = {None: collections.deque()}
+        self.requires: dict[Optional[str], dict] = {None: {}}
+        self.jobs: dict[int, Job] = {}  # every job without a result
+        self.bad = P.RateLimited(log, "dropped unverifiable messages")
+        self.stopping = threading.Event()
+        self._dirty_sessions: set[Session] = set()
+        self.started = time.time()
+        self.done = 0
+        self._recover()
+
+    # -- start-up ----------------------------------------------------------------
+    def _bind(self, bind: str, port: int | None) -> int:
+        if bind.startswith(("ipc://", "tcp://", "inproc://")):
+            self.sock.bind(bind)
+            ep = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+            return int(ep.rsplit(":", 1)[1]) if ep.startswith("tcp://") else 0
+        if port is None:
+            try:
+                self.sock.bind(f"tcp://{bind}:{defaults.PORT}")
+                return defaults.PORT
+            except zmq.ZMQError:
+                log.info("port %d is taken, binding a random port", defaults.PORT)
+                port = 0
+        if port == 0:
+            return self.sock.bind_to_random_port(f"tcp://{bind}")
+        self.sock.bind(f"tcp://{bind}:{port}")
+        return port
+
+    def _recover(self) -> None:
+        """Requeue every job of the store that has no result (a restart after a crash)."""
+        for sid, (run, ctx) in self.store.sessions().items():
+            self.sessions[sid] = Session(sid, run, ctx)
+        n, after = 0, 0
+        while True:
+            rows = self.store.pending(after)
+            if not rows:
+                break
+            for jid, sid, seq, fn, args, req, timeout, retries, attempts in rows:
+                job = Job(jid, self.sessions.get(sid), seq, fn, args,
+                          json.loads(req) if req else None, timeout, retries, attempts)  # fmt: skip
+                self._enqueue(job)
+                n += 1
+            after = rows[-1][0]
+        if n:
+            log.warning("recovered %d unfinished jobs from %s", n, self.store.path)
+
+    # -- the loop ----------------------------------------------------------------
+    def serve(self) -> None:
+        if self.publish:
+            self.cluster.publish(master_info(self.address, self.address, self.port, self.store.path))
+        log.info("master %s listening on %s; published %s", self.id, self.address, self.cluster.master_json)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        sock, recv = self.sock, self.sock.recv_multipart
+        next_timer = 0.0
+        try:
+            while not self.stopping.is_set():
+                if poller.poll(100):
+                    n = 0
+                    while n < _MAX_TURN:
+                        try:
+                            frames = recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                        n += 1
+                self._end_turn()
+                now = time.monotonic()
+                if now >= next_timer:
+                    self._timers(now)
+                    next_timer = now + min(self.heartbeat, self.worker_timeout) / 4
+        finally:
+            self.close()
+            del sock
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        for ident in list(self.peers):
+            self._send(ident, P.BYE, {"why": "master shutting down"})
+        try:
+            self.store.close()
+        finally:
+            if self.publish:
+                self.cluster.unpublish(os.getpid())
+            self.sock.close(linger=500)
+            self.ctx.term()
+            self.cluster.unlock()
+            log.info("master %s stopped", self.id)
+
+    def _send(self, ident: bytes, kind: bytes, header: Any = None, blobs=()) -> None:
+        frames = P.pack(self.key, kind, header, blobs)
+        self.sock.send_multipart([ident, *frames], copy=sum(map(len, blobs)) < 65536)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        try:
+            kind, header, blobs = P.unpack(self.key, frames[1:])
+        except ProtocolError as e:
+            self.bad(f"from peer {ident.hex()}: {e}")
+            if len(frames) >= 3 and frames[1] == P.VERSION:  # a cw peer with the wrong key
+                self.sock.send_multipart([ident, *P.reject(str(e))])
+            return
+        peer = self.peers.get(ident)
+        try:
+            if kind == P.HELLO:
+                self._hello(ident, header)
+            elif peer is None:  # we restarted, or it timed out: it must say HELLO again
+                self._send(ident, P.BYE, {"why": "unknown peer, say HELLO", "rehello": True})
+            elif isinstance(peer, Worker):
+                peer.last_seen = time.monotonic()
+                if kind == P.RESULT:
+                    self._results(peer, header, blobs)
+                elif kind == P.BYE:
+                    self._worker_bye(peer, header)
+                elif kind == P.HEARTBEAT:
+                    peer.counters = header
+            elif kind == P.SUBMIT:
+                self._submit(peer, header, blobs)
+            elif kind == P.STATUS:
+                self._send(ident, P.STATUS, self.status())
+            elif kind == P.BYE:
+                self.peers.pop(ident, None)
+                peer.ident = None
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            # signed by a key holder, yet malformed: a bug or version skew, not an attack
+            log.error("malformed %s message from %r: %r", kind.decode(), peer or ident.hex(), e)
+
+    # -- peers -------------------------------------------------------------------
+    def _hello(self, ident: bytes, h: dict) -> None:
+        if h.get("role") == "worker":
+            w = Worker(ident, h)
+            old = self.peers.get(ident)
+            if isinstance(old, Worker):
+                self._lose(old, "re-registered")
+            self.peers[ident] = self.workers[ident] = w
+            self.store.worker_joined(w.id, w.host, w.pid, w.caps)
+            log.info("worker %s joined with %d slots %s", w.describe(), w.slots, w.caps)
+            self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+            w.last_sent = time.monotonic()
+            return
+        sid = str(h["session"])
+        s = self.sessions.get(sid)
+        if s is None:
+            s = self.sessions[sid] = Session(sid, h.get("run"), h.get("context") or {})
+            self.store.add_session(sid, s.run, s.context)
+        if s.ident is not None and s.ident != ident:
+            self.peers.pop(s.ident, None)
+        s.ident = ident
+        self.peers[ident] = s
+        self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+        s.last_sent = time.monotonic()
+
+    def _lose(self, w: Worker, why: str) -> None:
+        """A worker is gone without handing its jobs back: requeue them, charging an attempt."""
+        self.peers.pop(w.ident, None)
+        self.workers.pop(w.ident, None)
+        self.store.worker_left(w.id, why)
+        jobs = list(w.running.values())
+        w.running.clear()
+        if jobs:
+            self.store.count_attempt([j.id for j in jobs])
+        failed = 0
+        for job in sorted(jobs, key=lambda j: -j.id):
+            job.attempts += 1
+            job.hosts.append(w.host)
+            job.worker = None
+            if job.attempts > job.max_retries:
+                failed += 1
+                err = (
+                    f"job lost its worker {job.attempts} times (max_retries={job.max_retries});"
+                    f" hosts: {', '.join(job.hosts)}"
+                )
+                self._finish(job, P.LOST, b"", err, "", w.id, None)
+            else:
+                self._enqueue(job, front=True)
+        log.warning("worker %s lost (%s): %d jobs requeued, %d failed", w.describe(), why,
+                    len(jobs) - failed, failed)  # fmt: skip
+
+    def _worker_bye(self, w: Worker, h: dict) -> None:
+        """A draining worker hands back jobs it did not start; they cost no attempt."""
+        w.draining = True
+        returned = [w.running.pop(j) for j in h.get("returned", ()) if j in w.running]
+        for job in sorted(returned, key=lambda j: -j.id):
+            job.worker = None
+            self._enqueue(job, front=True)
+        if h.get("final"):
+            for job in sorted(w.running.values(), key=lambda j: -j.id):
+                job.worker = None
+                self._enqueue(job, front=True)
+            w.running.clear()
+            self.peers.pop(w.ident, None)
+            self.workers.pop(w.ident, None)
+            self.store.worker_left(w.id, str(h.get("why", "left")))
+            log.info("worker %s left: %s", w.describe(), h.get("why", "drained"))
+        elif returned:
+            log.info("worker %s draining: %d jobs handed back", w.describe(), len(returned))
+
+    # -- jobs --------------------------------------------------------------------
+    def _enqueue(self, job: Job, front: bool = False) -> None:
+        self.jobs[job.id] = job
+        rkey = json.dumps(job.requires, sort_keys=True) if job.requires else None
+        q = self.queues.get(rkey)
+        if q is None:
+            q = self.queues[rkey] = collections.deque()
+            self.requires[rkey] = job.requires
+        (q.appendleft if front else q.append)(job)
+
+    def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:
+        specs = h["j"]
+        n = len(specs)
+        fns = h.get("f") or ()
+        if fns:
+            items = list(zip(fns, blobs[n:]))
+            self.functions.update(items)
+            self.store.add_functions(items)
+        seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
+        now = time.time()
+        rows, next_id = [], self.store.next_id
+        for spec, args in zip(specs, blobs):
+            seq, fn, key, opts = spec
+            s.acks.append(seq)
+            if seq in seen:  # resent after a reconnect: the first copy stands
+                continue
+            opts = opts or {}
+            if s.run is not None and key is not None and opts.get("c", True):
+                hit = self.store.cached_result(s.run, key)
+                if hit is not None:
+                    status, value, err, tb = hit
+                    s.results.append((seq, status, err, tb))
+                    s.blobs.append(value or b"")
+                    self._dirty_sessions.add(s)
+                    continue
+            req = opts.get("r")
+            job = Job(next_id, s, seq, fn, args, req, opts.get("t"), opts.get("m", defaults.MAX_RETRIES))
+            rows.append((next_id, s.id, seq, s.run, key, fn, args,
+                         json.dumps(req) if req else None, job.timeout, job.max_retries, now))  # fmt: skip
+            next_id += 1
+            self._enqueue(job)
+        self.store.next_id = next_id
+        if rows:
+            self.store.add_jobs(rows)
+        self._dirty_sessions.add(s)
+
+    def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
+        rows = []
+        total, count = 0.0, 0
+        for (jid, status, runtime, err, tb), blob in zip(h["r"], blobs):
+            job = w.running.pop(jid, None)
+            if job is None:
+                job = self.jobs.get(jid)
+                if job is None or job.worker is not None:
+                    continue  # already finished (a duplicate after a requeue), or owned elsewhere
+            if runtime is not None:
+                total += runtime
+                count += 1
+            rows.append(self._finish(job, status, blob, err, tb, w.id, runtime, store=False))
+        if rows:
+            self.store.add_results(rows)
+        if count:
+            avg = total / count
+            w.avg_runtime = avg if w.avg_runtime is None else 0.7 * w.avg_runtime + 0.3 * avg
+
+    def _finish(self, job: Job, status: int, blob: bytes, err, tb, wid, runtime, store=True):
+        """Record a job's outcome and queue it for its client (sent after the commit)."""
+        self.jobs.pop(job.id, None)
+        self.done += 1
+        row = (job.id, status, blob, err, tb, wid, runtime, time.time())
+        if store:
+            self.store.add_results([row])
+        s = job.session
+        if s is not None:
+            s.results.append((job.seq, status, err, tb))
+            s.blobs.append(blob)
+            self._dirty_sessions.add(s)
+        return row
+
+    # -- end of a turn: commit, then answer, then dispatch -----------------------
+    def _end_turn(self) -> None:
+        self.store.commit()
+        if self._dirty_sessions:
+            now = time.monotonic()
+            for s in self._dirty_sessions:
+                if s.ident is not None:
+                    if s.acks:
+                        self._send(s.ident, P.ACK, {"s": s.acks})
+                    self._send_results(s)
+                    s.last_sent = now
+                s.acks = []
+                s.results, s.blobs = [], []
+            self._dirty_sessions.clear()
+        if self.workers and len(self.jobs) > 0:
+            self._dispatch()
+
+    def _send_results(self, s: Session) -> None:
+        i, n = 0, len(s.results)
+        while i < n:
+            j, size = i, 0
+            while j < n and j - i < defaults.BATCH_JOBS and (size < defaults.BATCH_BYTES or j == i):
+                size += len(s.blobs[j])
+                j += 1
+            self._send(s.ident, P.RESULT, {"r": s.results[i:j]}, s.blobs[i:j])
+            i = j
+
+    def _dispatch(self) -> None:
+        queues = [(k, q) for k, q in self.queues.items() if q]
+        if not queues:
+            return
+        now = time.monotonic()
+        for w in self.workers.values():
+            free = w.limit - len(w.running)
+            if free <= 0:
+                continue
+            tasks, args, fns, ctxs, size = [], [], [], {}, 0
+            for rkey, q in queues:
+                if not q or not satisfies(w.caps, self.requires[rkey]):
+                    continue
+                while q and free > 0:
+                    job = q.popleft()
+                    if job.id not in self.jobs:  # finished or cancelled while queued
+                        continue
+                    if job.fn not in w.funcs:
+                        blob = self.functions.get(job.fn) or self.store.function(job.fn)
+                        if blob is None:
+                            self._finish(job, P.FAILED, b"", f"function {job.fn} is not in the store", "", None, None)
+                            continue
+                        self.functions[job.fn] = blob
+                        fns.append((job.fn, blob))
+                        w.funcs.add(job.fn)
+                    s = job.session
+                    ctx = s.id if s is not None and s.context else None
+                    if ctx is not None and ctx not in w.ctxs:
+                        ctxs[ctx] = s.context
+                        w.ctxs.add(ctx)
+                    job.worker = w
+                    w.running[job.id] = job
+                    tasks.append((job.id, job.fn, ctx, job.timeout))
+                    args.append(job.args)
+                    size += len(job.args)
+                    free -= 1
+                    if len(tasks) >= defaults.BATCH_JOBS or size >= defaults.BATCH_BYTES:
+                        self._send_tasks(w, tasks, args, fns, ctxs, now)
+                        tasks, args, fns, ctxs, size = [], [], [], {}, 0
+            if tasks:
+                self._send_tasks(w, tasks, args, fns, ctxs, now)
+            if not any(q for _, q in queues):
+                break
+
+    def _send_tasks(self, w, tasks, args, fns, ctxs, now) -> None:
+        header = {"t": tasks, "f": [h for h, _ in fns]}
+        if ctxs:
+            header["c"] = ctxs
+        self._send(w.ident, P.TASKS, header, [*args, *(b for _, b in fns)])
+        w.last_sent = now
+
+    # -- timers ------------------------------------------------------------------
+    def _timers(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.worker_timeout:
+                self._lose(w, f"silent for {now - w.last_seen:.1f} s")
+            elif now - w.last_sent >= self.heartbeat:
+                self._send(w.ident, P.HEARTBEAT)
+                w.last_sent = now
+        for s in self.sessions.values():
+            if s.ident is not None and now - s.last_sent >= self.heartbeat:
+                self._send(s.ident, P.HEARTBEAT)
+                s.last_sent = now
+        self.store.commit()
+
+    def status(self) -> dict:
+        queued = sum(len(q) for q in self.queues.values())
+        return {
+            "master": self.id,
+            "address": self.address,
+            "store": str(self.store.path),
+            "uptime": time.time() - self.started,
+            "queued": queued,
+            "running": sum(len(w.running) for w in self.workers.values()),
+            "done": self.done,
+            "bad_messages": self.bad.count,
+            "sessions": sum(1 for s in self.sessions.values() if s.ident is not None),
+            "workers": [
+                {
+                    "id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "caps": w.caps,
+                    "running": len(w.running), "draining": w.draining, "counters": w.counters,
+                    "info": w.info,
+                }  # fmt: skip
+                for w in self.workers.values()
+            ],
+        }
+
+
+def run_master(**kwargs) -> None:
+    """Run a master in the foreground until SIGTERM / SIGINT."""
+    m = Master(**kwargs)
+    print(f"cw master listening on {m.address}", flush=True)
+    print(f"published {m.cluster.master_json}", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: m.stop())
+    m.serve()
+
+
+if __name__ == "__main__":
+    from .cli import master_main
+
+    master_main()

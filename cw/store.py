@@ -1,0 +1,281 @@
+"""The SQLite store: a handful of verbs the master calls, and read-only queries.
+
+One writer (the master); everyone else opens the file read-only. The schema is
+created with sqlite-utils; the hot path runs prepared statements through the
+same connection in explicit transactions, one per turn of the master's loop.
+Journal mode is WAL where the filesystem allows it (see docs/store.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# (id, session, seq, run, key, fn, args, requires, timeout, max_retries, submitted)
+JobRow = tuple
+# (job, status, value, error, traceback, worker, runtime, finished)
+ResultRow = tuple
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    import sqlite_utils  # imported here: only a new store pays for it
+
+    db = sqlite_utils.Database(conn)
+    if "functions" not in db.table_names():
+        db["functions"].create({"hash": str, "blob": bytes, "created": float}, pk="hash")
+    if "sessions" not in db.table_names():
+        db["sessions"].create(
+            {"id": str, "run": str, "context": str, "started": float}, pk="id"
+        )
+    if "jobs" not in db.table_names():
+        db["jobs"].create(
+            {
+                "id": int,
+                "session": str,
+                "seq": int,
+                "run": str,
+                "key": str,
+                "fn": str,
+                "args": bytes,
+                "requires": str,
+                "timeout": float,
+                "max_retries": int,
+                "attempts": int,
+                "submitted": float,
+            },
+            pk="id",
+            not_null={"session", "seq", "fn", "args"},
+            defaults={"attempts": 0},
+        )
+        db["jobs"].create_index(["session", "seq"], unique=True)
+        db["jobs"].create_index(["run", "key"])
+    if "results" not in db.table_names():
+        db["results"].create(
+            {
+                "job": int,
+                "status": int,
+                "value": bytes,
+                "error": str,
+                "traceback": str,
+                "worker": str,
+                "runtime": float,
+                "finished": float,
+            },
+            pk="job",
+            foreign_keys=[("job", "jobs", "id")],
+        )
+    if "workers" not in db.table_names():
+        db["workers"].create(
+            {
+                "id": str,
+                "host": str,
+                "pid": int,
+                "caps": str,
+                "joined": float,
+                "left": float,
+                "reason": str,
+            },
+            pk="id",
+        )
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+class Store:
+    """The master's store. Not thread-safe: only the master's loop calls it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = connect(self.path)
+        mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            log.warning("store %s: WAL unavailable on this filesystem, journal mode %s", path, mode)
+        # NORMAL in WAL: a commit survives the death of any process; only a power
+        # loss or OS crash may take the last transactions back.
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            _create_schema(self.conn)
+        elif version != SCHEMA_VERSION:
+            raise RuntimeError(f"store {path} has schema {version}, this cw knows {SCHEMA_VERSION}")
+        self._in_tx = False
+        self.next_id = (self.conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0) + 1
+
+    def close(self) -> None:
+        self.commit()
+        self.conn.close()
+
+    # -- transactions: one per turn of the master's loop -------------------------
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+
+    def commit(self) -> bool:
+        """Commit what this turn wrote; True if there was anything."""
+        if self._in_tx:
+            self.conn.execute("COMMIT")
+            self._in_tx = False
+            return True
+        return False
+
+    # -- writes ------------------------------------------------------------------
+    def add_functions(self, items: Iterable[tuple[str, bytes]]) -> None:
+        self._begin()
+        now = time.time()
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO functions (hash, blob, created) VALUES (?, ?, ?)",
+            [(h, b, now) for h, b in items],
+        )
+
+    def add_session(self, session: str, run: str | None, context: dict) -> None:
+        self._begin()
+        self.conn.execute(
+            "INSERT OR REPLACE INTO sessions (id, run, context, started) VALUES (?, ?, ?, ?)",
+            (session, run, json.dumps(context), time.time()),
+        )
+
+    def add_jobs(self, rows: Sequence[JobRow]) -> None:
+        self._begin()
+        self.conn.executemany(
+            "INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout,"
+            " max_retries, submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+
+    def add_results(self, rows: Sequence[ResultRow]) -> None:
+        self._begin()
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO results (job, status, value, error, traceback, worker,"
+            " runtime, finished) VALUES (?,?,?,?,?,?,?,?)",
+            rows,
+        )
+
+    def count_attempt(self, job_ids: Sequence[int]) -> None:
+        self._begin()
+        self.conn.executemany(
+            "UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", [(j,) for j in job_ids]
+        )
+
+    def worker_joined(self, wid: str, host: str, pid: int, caps: dict) -> None:
+        self._begin()
+        self.conn.execute(
+            "INSERT OR REPLACE INTO workers (id, host, pid, caps, joined) VALUES (?,?,?,?,?)",
+            (wid, host, pid, json.dumps(caps), time.time()),
+        )
+
+    def worker_left(self, wid: str, reason: str) -> None:
+        self._begin()
+        self.conn.execute(
+            "UPDATE workers SET left = ?, reason = ? WHERE id = ?", (time.time(), reason, wid)
+        )
+
+    # -- reads -------------------------------------------------------------------
+    def function(self, fn_hash: str) -> bytes | None:
+        row = self.conn.execute("SELECT blob FROM functions WHERE hash = ?", (fn_hash,)).fetchone()
+        return row[0] if row else None
+
+    def job_ids(self, session: str, seqs: Sequence[int]) -> dict[int, int]:
+        """seq -> job id of the jobs this session already submitted (idempotent resend)."""
+        out = {}
+        for seq in seqs:
+            row = self.conn.execute(
+                "SELECT id FROM jobs WHERE session = ? AND seq = ?", (session, seq)
+            ).fetchone()
+            if row:
+                out[seq] = row[0]
+        return out
+
+    def cached_result(self, run: str, key: str) -> tuple | None:
+        """(status, value, error, traceback) of a finished job with this key in this run."""
+        return self.conn.execute(
+            "SELECT r.status, r.value, r.error, r.traceback FROM jobs j JOIN results r"
+            " ON r.job = j.id WHERE j.run = ? AND j.key = ? AND r.status = 0 LIMIT 1",
+            (run, key),
+        ).fetchone()
+
+    def result(self, job_id: int) -> tuple | None:
+        return self.conn.execute(
+            "SELECT status, value, error, traceback FROM results WHERE job = ?", (job_id,)
+        ).fetchone()
+
+    def pending(self, after: int = 0, limit: int = 10000) -> list[tuple]:
+        """Jobs without a result, in id order: (id, session, seq, fn, args, requires,
+        timeout, max_retries, attempts)."""
+        return self.conn.execute(
+            "SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts"
+            " FROM jobs WHERE id > ? AND NOT EXISTS (SELECT 1 FROM results WHERE job = jobs.id)"
+            " ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+
+    def sessions(self) -> dict[str, tuple[str | None, dict]]:
+        return {
+            sid: (run, json.loads(ctx))
+            for sid, run, ctx in self.conn.execute("SELECT id, run, context FROM sessions")
+        }
+
+
+def summary(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Jobs by state and run, and workers: what `cw status` shows without a master."""
+    from .protocol import STATUS_NAMES
+
+    runs: dict[str, dict[str, int]] = {}
+    for run, status, n in conn.execute(
+        "SELECT j.run, r.status, count(*) FROM jobs j LEFT JOIN results r ON r.job = j.id"
+        " GROUP BY j.run, r.status"
+    ):
+        name = "pending" if status is None else STATUS_NAMES.get(status, str(status))
+        runs.setdefault(run or "", {})[name] = n
+    workers = [
+        dict(zip(("id", "host", "pid", "joined", "left", "reason"), row))
+        for row in conn.execute("SELECT id, host, pid, joined, left, reason FROM workers")
+    ]
+    return {"runs": runs, "workers": workers}
+
+
+def iter_results(conn: sqlite3.Connection, run: str | None, failed: bool) -> Iterator[dict]:
+    """Rows for `cw results`: one per finished job of a run."""
+    from .protocol import OK, STATUS_NAMES
+
+    sql = (
+        "SELECT j.id, j.run, j.key, j.seq, r.status, r.value, r.error, r.worker, r.runtime"
+        " FROM jobs j JOIN results r ON r.job = j.id WHERE 1"
+    )
+    params: list[Any] = []
+    if run is not None:
+        sql += " AND j.run IS ?"
+        params.append(run or None)
+    if failed:
+        sql += f" AND r.status != {OK}"
+    for jid, run_, key, seq, status, value, error, worker, runtime in conn.execute(
+        sql + " ORDER BY j.id", params
+    ):
+        yield {
+            "job": jid,
+            "run": run_,
+            "key": key,
+            "seq": seq,
+            "status": STATUS_NAMES.get(status, str(status)),
+            "value": value,
+            "error": error,
+            "worker": worker,
+            "runtime": runtime,
+        }

@@ -1,0 +1,441 @@
+"""``python -m cw.worker HOST``: an agent process and its executor children.
+
+The agent talks to the master; each executor child runs jobs one at a time.
+The isolation is what makes a segfault, ``os._exit``, a memory blow-up or a
+timeout survivable: the agent reports the job, replaces the child and keeps
+its slot. Functions arrive once per worker and are cached by hash.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from typing import Any, Deque
+
+import zmq
+
+from . import __version__, defaults, protocol as P
+from .discovery import ClusterDir, resolve_address
+from .errors import ConfigError, ProtocolError
+from .serialize import dumps_exception, dumps_result, loads
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- executor child
+class _Context:
+    """Applies a client's working directory, import path and environment in a child."""
+
+    def __init__(self):
+        self.base_cwd = os.getcwd()
+        self.base_path = list(sys.path)
+        self.base_env = dict(os.environ)
+        self.current: str | None = None
+
+    def apply(self, ctx_id: str | None, ctx: dict | None) -> None:
+        if ctx_id == self.current:
+            return
+        if self.current is not None:  # restore before another client's job
+            os.chdir(self.base_cwd)
+            sys.path[:] = self.base_path
+            os.environ.clear()
+            os.environ.update(self.base_env)
+        self.current = ctx_id
+        if not ctx:
+            return
+        path = [p for p in ctx.get("path", ()) if p]
+        sys.path[:] = path + [p for p in self.base_path if p not in path]
+        os.environ.update(ctx.get("env") or {})
+        cwd = ctx.get("cwd")
+        if cwd:
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                log.warning("cannot enter the client's directory %s: %s", cwd, e)
+
+
+def _child_main(conn) -> None:
+    """Run batches of tasks sent by the agent; answer one message per job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    funcs: dict[str, Any] = {}
+    contexts: dict[str, dict] = {}
+    ctx = _Context()
+    send, recv = conn.send_bytes, conn.recv_bytes
+    while True:
+        try:
+            msg = recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        tasks, new_funcs, new_contexts = pickle.loads(msg)
+        contexts.update(new_contexts)
+        for h, blob in new_funcs:
+            try:
+                funcs[h] = loads(blob)
+            except Exception as e:
+                funcs[h] = e
+        for jid, fn_hash, ctx_id, args_blob in tasks:
+            t0 = time.perf_counter()
+            try:
+                ctx.apply(ctx_id, contexts.get(ctx_id))
+                fn = funcs[fn_hash]
+                if isinstance(fn, Exception):
+                    raise fn
+                args, kwargs = loads(args_blob)
+                value = fn(*args, **kwargs)
+                out = (jid, P.OK, time.perf_counter() - t0, None, None, dumps_result(value))
+            except BaseException as e:  # noqa: B036 - a job's SystemExit is its failure too
+                blob, err, tb = dumps_exception(e)
+                out = (jid, P.RAISED, time.perf_counter() - t0, err, tb, blob)
+            try:
+                data = pickle.dumps(out, protocol=5)
+            except Exception as e:  # the result itself would not pickle
+                out = (jid, P.FAILED, out[2], f"cannot pickle the result of job {jid}: {e}", None, b"")
+                data = pickle.dumps(out, protocol=5)
+            send(data)
+
+
+class _Child:
+    """The agent's handle on one executor process."""
+
+    def __init__(self, mp):
+        self.conn, child_conn = mp.Pipe(duplex=True)
+        self.proc = mp.Process(target=_child_main, args=(child_conn,), daemon=True)
+        self.proc.start()
+        child_conn.close()
+        self.funcs: set[str] = set()
+        self.ctxs: set[str] = set()
+        self.inflight: Deque[tuple] = collections.deque()  # tasks sent, in order
+        self.head_started = 0.0  # when the first task of inflight started
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "vanished"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} ({-code})"
+    return f"exited with code {code}"
+
+
+# ---------------------------------------------------------------- the agent
+def default_procs() -> int:
+    for var in ("SLURM_CPUS_PER_TASK", "NSLOTS"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return 1
+
+
+def default_caps(procs: int, tags: list[str]) -> dict:
+    caps: dict[str, Any] = {"cpus": procs, "host": socket.gethostname(), "tags": sorted(tags)}
+    mem = os.environ.get("SLURM_MEM_PER_NODE", "")
+    if mem.isdigit():
+        caps["mem"] = int(mem) * 1024 * 1024
+    else:
+        try:
+            caps["mem"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            pass
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    caps["gpus"] = len([g for g in gpus.split(",") if g.strip()]) if gpus else 0
+    return caps
+
+
+def batch_info() -> dict:
+    """Where this worker runs in the batch system, for post-mortems."""
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "JOB_ID", "SGE_TASK_ID")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+class Agent:
+    def __init__(
+        self,
+        address: str | None = None,
+        cluster: ClusterDir | None = None,
+        procs: int | None = None,
+        tags: list[str] | None = None,
+        caps: dict | None = None,
+        heartbeat: float = defaults.HEARTBEAT,
+        master_timeout: float = defaults.MASTER_TIMEOUT,
+        give_up: float = 600.0,
+        max_message: int = defaults.MAX_MESSAGE,
+    ):
+        self.cluster = cluster or ClusterDir()
+        self.explicit_address = address
+        self.key = self.cluster.key()
+        self.procs = procs or default_procs()
+        self.caps = default_caps(self.procs, tags or [])
+        self.caps.update(caps or {})
+        self.heartbeat, self.master_timeout, self.give_up = heartbeat, master_timeout, give_up
+        self.max_message = max_message
+        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.mp = multiprocessing.get_context("fork")
+        self.children: list[_Child] = []
+        self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args)
+        self.fn_blobs: dict[str, bytes] = {}
+        self.contexts: dict[str, dict] = {}
+        self.outbox: list[tuple] = []  # result headers
+        self.outblobs: list[bytes] = []
+        self.counters = {"fn_received": 0, "tasks": 0, "results": 0, "crashes": 0}
+        self.avg_runtime = 0.0
+        self.draining = False
+        self.stopping = False
+        self.ctx = self.sock = None
+
+    # -- connection --------------------------------------------------------------
+    def _connect(self) -> None:
+        address = resolve_address(self.explicit_address, self.cluster)
+        if address is None:
+            raise ConfigError(f"no master address: none given, no master.json in {self.cluster.path}")
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + 65536)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(address)
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.address = address
+        self._hello()
+        log.info("worker %s connecting to %s with %d procs", self.id, address, self.procs)
+
+    def _hello(self) -> None:
+        self._send(P.HELLO, {
+            "role": "worker", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+            "procs": self.procs, "caps": self.caps, "have": list(self.fn_blobs),
+            "info": batch_info(), "versions": versions(),
+        })  # fmt: skip
+        self.welcomed = False
+
+    def _send(self, kind: bytes, header: Any = None, blobs=()) -> None:
+        self.sock.send_multipart(P.pack(self.key, kind, header, blobs), copy=sum(map(len, blobs)) < 65536)
+        self.last_sent = time.monotonic()
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> None:
+        for _ in range(self.procs):  # fork before any ZeroMQ thread exists
+            self.children.append(_Child(self.mp))
+        self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        for c in self.children:
+            self.poller.register(c.conn.fileno(), zmq.POLLIN)
+        self._connect()
+        self.last_heard = time.monotonic()
+        lost_since = None
+        try:
+            while not self.stopping:
+                events = dict(self.poller.poll(100))
+                now = time.monotonic()
+                if self.sock in events:
+                    self._read_master()
+                    self.last_heard = now
+                    lost_since = None
+                for c in list(self.children):
+                    if c.conn.fileno() in events:
+                        self._read_child(c)
+                self._feed_children()
+                self._flush()
+                now = time.monotonic()
+                self._check_timeouts(now)
+                if now - self.last_sent >= self.heartbeat:
+                    self._send(P.HEARTBEAT, self.counters)
+                if now - self.last_heard > self.master_timeout:
+                    lost_since = lost_since or self.last_heard
+                    if now - lost_since > self.give_up:
+                        log.error("master %s unreachable for %.0f s: giving up", self.address, now - lost_since)
+                        break
+                    log.warning("master %s silent for %.1f s: reconnecting", self.address, now - self.last_heard)
+                    self.pending.clear()  # the master requeues what we had not started
+                    self._connect()
+                    self.last_heard = now
+                if self.draining and not self.pending and not any(c.inflight for c in self.children):
+                    break
+        finally:
+            self._shutdown()
+
+    def _read_master(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, h, blobs = P.unpack(self.key, frames)
+            except ProtocolError as e:
+                why = P.is_reject(frames)
+                log.error("master at %s %s", self.address,
+                          f"rejected our key: {why}" if why else f"sent a bad message: {e}")  # fmt: skip
+                continue
+            if kind == P.TASKS:
+                tasks = h["t"]
+                n = len(tasks)
+                for fn, blob in zip(h.get("f", ()), blobs[n:]):
+                    self.fn_blobs[fn] = blob
+                    self.counters["fn_received"] += 1
+                self.contexts.update(h.get("c") or {})
+                for (jid, fn, ctx, timeout), args in zip(tasks, blobs):
+                    self.pending.append((jid, fn, ctx, timeout, args))
+                self.counters["tasks"] += n
+            elif kind == P.WELCOME:
+                self.welcomed = True
+            elif kind == P.BYE:
+                if h.get("rehello"):
+                    self.pending.clear()
+                    self._hello()
+                else:
+                    log.warning("master says: %s", h.get("why", "bye"))
+            # HEARTBEAT: hearing from the master is all it is for
+
+    # -- children ----------------------------------------------------------------
+    def _feed_children(self) -> None:
+        if not self.pending or self.draining:
+            return
+        idle = [c for c in self.children if not c.inflight]
+        if not idle:
+            return
+        per = max(1, min(len(self.pending) // len(self.children),
+                         int(0.005 / self.avg_runtime) if self.avg_runtime > 0 else 1, 200))  # fmt: skip
+        now = time.monotonic()
+        for c in idle:
+            if not self.pending:
+                break
+            batch, new_funcs, ctxs = [], [], {}
+            while self.pending and len(batch) < per:
+                jid, fn, ctx, timeout, args = self.pending.popleft()
+                if fn not in c.funcs:
+                    new_funcs.append((fn, self.fn_blobs[fn]))
+                    c.funcs.add(fn)
+                if ctx is not None and ctx not in c.ctxs:
+                    ctxs[ctx] = self.contexts.get(ctx)
+                    c.ctxs.add(ctx)
+                batch.append((jid, fn, ctx, args))
+                c.inflight.append((jid, fn, ctx, timeout, args))
+            c.head_started = now
+            c.conn.send_bytes(pickle.dumps((batch, new_funcs, ctxs), protocol=5))
+
+    def _read_child(self, c: _Child) -> None:
+        try:
+            while c.conn.poll():
+                jid, status, runtime, err, tb, blob = pickle.loads(c.conn.recv_bytes())
+                c.inflight.popleft()
+                c.head_started = time.monotonic()
+                self._result(jid, status, runtime, err, tb, blob)
+                self.avg_runtime = 0.9 * self.avg_runtime + 0.1 * runtime if self.avg_runtime else runtime
+        except (EOFError, OSError):
+            c.proc.join(1)
+            self._replace(c, f"the process running the job {describe_exit(c.proc.exitcode)}", P.CRASHED)
+
+    def _replace(self, c: _Child, why: str, status: int) -> None:
+        """Fail the child's current job, hand its other tasks back to the queue, restart it."""
+        self.counters["crashes"] += 1
+        if c.inflight:
+            jid = c.inflight.popleft()[0]
+            self._result(jid, status, time.monotonic() - c.head_started,
+                         f"job {jid} on {socket.gethostname()}: {why}", None, b"")  # fmt: skip
+            log.warning("job %s: %s; replacing the executor process", jid, why)
+        self.pending.extendleft(reversed(c.inflight))
+        self.poller.unregister(c.conn.fileno())
+        c.kill()
+        i = self.children.index(c)
+        self.children[i] = new = _Child(self.mp)
+        self.poller.register(new.conn.fileno(), zmq.POLLIN)
+
+    def _check_timeouts(self, now: float) -> None:
+        for c in list(self.children):
+            if c.inflight:
+                timeout = c.inflight[0][3]
+                if timeout is not None and now - c.head_started > timeout:
+                    self._replace(c, f"timed out after {timeout} s and was killed", P.TIMEOUT)
+
+    def _result(self, jid, status, runtime, err, tb, blob) -> None:
+        if len(blob) > self.max_message:
+            status, err, tb = P.FAILED, (
+                f"result of job {jid} is {len(blob)} bytes, larger than the largest message "
+                f"({self.max_message} bytes)"
+            ), None
+            blob = b""
+        self.outbox.append((jid, status, runtime, err, tb))
+        self.outblobs.append(blob)
+        self.counters["results"] += 1
+
+    def _flush(self) -> None:
+        i, n = 0, len(self.outbox)
+        while i < n:
+            j, size = i, 0
+            while j < n and j - i < defaults.BATCH_JOBS and (size < defaults.BATCH_BYTES or j == i):
+                size += len(self.outblobs[j])
+                j += 1
+            self._send(P.RESULT, {"r": self.outbox[i:j]}, self.outblobs[i:j])
+            i = j
+        if n:
+            self.outbox, self.outblobs = [], []
+
+    # -- stopping ----------------------------------------------------------------
+    def drain(self, *_: Any) -> None:
+        """Take no new jobs, hand back the ones not started, finish the running ones."""
+        if self.draining:
+            self.stopping = True  # a second signal: stop now
+            return
+        self.draining = True
+        returned = [t[0] for t in self.pending]
+        self.pending.clear()
+        log.warning("worker %s draining: %d jobs handed back", self.id, len(returned))
+        if self.sock is not None:
+            self._send(P.BYE, {"returned": returned, "why": "draining"})
+
+    def _shutdown(self) -> None:
+        for c in self.children:
+            c.kill()
+        if self.sock is not None:
+            returned = [t[0] for t in self.pending] + [
+                t[0] for c in self.children for t in c.inflight
+            ]
+            self._flush()
+            self._send(P.BYE, {"returned": returned, "final": True, "why": "worker stopped"})
+            self.sock.close(linger=2000)
+        if self.ctx is not None:
+            self.ctx.term()
+        log.info("worker %s stopped", self.id)
+
+
+def versions() -> dict:
+    import cloudpickle
+
+    return {
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "cloudpickle": cloudpickle.__version__,
+        "cw": __version__,
+    }
+
+
+def run_worker(**kwargs) -> None:
+    agent = Agent(**kwargs)
+    signal.signal(signal.SIGTERM, agent.drain)
+    signal.signal(signal.SIGINT, agent.drain)
+    signal.signal(signal.SIGUSR1, agent.drain)
+    agent.run()
+
+
+if __name__ == "__main__":
+    from .cli import worker_main
+
+    worker_main()
