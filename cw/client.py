@@ -360,7 +360,7 @@ class Client:
                 " on the shared filesystem and pass its path"
             )
         if self.serial:
-            return self._run_serial(fn_blob, args_blob)
+            return self._run_serial(fn, args_blob)
         if key is None and self.run is not None and cache:
             key = job_key(fn_hash, args_blob)
         opts = {}
@@ -378,9 +378,10 @@ class Client:
 
     _serial_seq = itertools.count()
 
-    def _run_serial(self, fn_blob: bytes, args_blob: bytes) -> Future:
+    def _run_serial(self, fn: Callable, args_blob: bytes) -> Future:
+        """Run now, in this process: the function itself (so a debugger's breakpoints
+        hold), on unpickled copies of the arguments, as a worker would get them."""
         fut = Future(next(self._serial_seq))
-        fn = loads(fn_blob)
         args, kwargs = loads(args_blob)
         try:
             value = loads(dumps_result(fn(*args, **kwargs)))

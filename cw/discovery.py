@@ -151,9 +151,23 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def resolve_address(address: str | None, cluster: ClusterDir) -> str | None:
-    """Explicit address, then $CW_ADDRESS, then master.json; None if none of them."""
-    address = address or os.environ.get("CW_ADDRESS") or cluster.master_address()
-    return normalize_address(address) if address else None
+    """Explicit address, then $CW_ADDRESS, then master.json; None if none of them.
+
+    A bare host name takes its port from master.json when that names the same
+    host, so ``python -m cw.worker HOST`` finds a master on a random port.
+    """
+    address = address or os.environ.get("CW_ADDRESS")
+    if not address:
+        return cluster.master_address()
+    if "://" not in address and ":" not in address:
+        info = cluster.read_master() or {}
+        local = {"localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()}
+        same = address in (info.get("host"), info.get("advertised_host")) or (
+            address in local and info.get("host") == socket.gethostname()
+        )
+        if same and info.get("port"):
+            return f"tcp://{address}:{info['port']}"
+    return normalize_address(address)
 
 
 def normalize_address(address: str) -> str:

@@ -134,7 +134,8 @@ class Master:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.port = self._bind(bind, port)
-        self.address = f"tcp://{advertised_host(host, interface)}:{self.port}"
+        self.host = advertised_host(host, interface)
+        self.address = f"tcp://{self.host}:{self.port}"
         if bind.startswith("ipc://"):
             self.address = bind
         self.store = Store(cluster.store_path)
@@ -193,7 +194,7 @@ class Master:
     # -- the loop ----------------------------------------------------------------
     def serve(self) -> None:
         if self.publish:
-            self.cluster.publish(master_info(self.address, self.address, self.port, self.store.path))
+            self.cluster.publish(master_info(self.address, self.host, self.port, self.store.path))
         log.info("master %s listening on %s; published %s", self.id, self.address, self.cluster.master_json)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)

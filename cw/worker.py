@@ -30,64 +30,49 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- executor child
-class _Context:
-    """Applies a client's working directory, import path and environment in a child."""
+def _enter_context(ctx: dict | None) -> None:
+    """Run where the client stands: its working directory, import path and variables.
 
-    def __init__(self):
-        self.base_cwd = os.getcwd()
-        self.base_path = list(sys.path)
-        self.base_env = dict(os.environ)
-        self.current: str | None = None
-
-    def apply(self, ctx_id: str | None, ctx: dict | None) -> None:
-        if ctx_id == self.current:
-            return
-        if self.current is not None:  # restore before another client's job
-            os.chdir(self.base_cwd)
-            sys.path[:] = self.base_path
-            os.environ.clear()
-            os.environ.update(self.base_env)
-        self.current = ctx_id
-        if not ctx:
-            return
-        path = [p for p in ctx.get("path", ()) if p]
-        sys.path[:] = path + [p for p in self.base_path if p not in path]
-        os.environ.update(ctx.get("env") or {})
-        cwd = ctx.get("cwd")
-        if cwd:
-            try:
-                os.chdir(cwd)
-            except OSError as e:
-                log.warning("cannot enter the client's directory %s: %s", cwd, e)
+    A child serves one client context for its whole life; the agent replaces it
+    before a job of another context, so nothing leaks between clients.
+    """
+    if not ctx:
+        return
+    path = [p for p in ctx.get("path", ()) if p]
+    sys.path[:] = path + [p for p in sys.path if p not in path]
+    os.environ.update(ctx.get("env") or {})
+    cwd = ctx.get("cwd")
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as e:
+            log.warning("cannot enter the client's directory %s: %s", cwd, e)
 
 
 def _child_main(conn) -> None:
     """Run batches of tasks sent by the agent; answer one message per job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
-    contexts: dict[str, dict] = {}
-    ctx = _Context()
+    entered = False
     send, recv = conn.send_bytes, conn.recv_bytes
     while True:
         try:
             msg = recv()
         except (EOFError, OSError):
             os._exit(0)
-        tasks, new_funcs, new_contexts = pickle.loads(msg)
-        contexts.update(new_contexts)
-        for h, blob in new_funcs:
-            try:
-                funcs[h] = loads(blob)
-            except Exception as e:
-                funcs[h] = e
-        for jid, fn_hash, ctx_id, args_blob in tasks:
+        tasks, new_funcs, ctx = pickle.loads(msg)
+        if not entered:
+            _enter_context(ctx)
+            entered = True
+        blobs.update(new_funcs)
+        for jid, fn_hash, args_blob in tasks:
             t0 = time.perf_counter()
             try:
-                ctx.apply(ctx_id, contexts.get(ctx_id))
-                fn = funcs[fn_hash]
-                if isinstance(fn, Exception):
-                    raise fn
+                fn = funcs.get(fn_hash)
+                if fn is None:
+                    fn = funcs[fn_hash] = loads(blobs.pop(fn_hash))
                 args, kwargs = loads(args_blob)
                 value = fn(*args, **kwargs)
                 out = (jid, P.OK, time.perf_counter() - t0, None, None, dumps_result(value))
@@ -111,7 +96,8 @@ class _Child:
         self.proc.start()
         child_conn.close()
         self.funcs: set[str] = set()
-        self.ctxs: set[str] = set()
+        self.ctx: str | None = None  # the client context this child has entered
+        self.used = False
         self.inflight: Deque[tuple] = collections.deque()  # tasks sent, in order
         self.head_started = 0.0  # when the first task of inflight started
 
@@ -318,19 +304,20 @@ class Agent:
         for c in idle:
             if not self.pending:
                 break
-            batch, new_funcs, ctxs = [], [], {}
-            while self.pending and len(batch) < per:
-                jid, fn, ctx, timeout, args = self.pending.popleft()
+            ctx = self.pending[0][2]
+            if c.used and c.ctx != ctx:  # another client's job: start from a clean process
+                c = self._respawn(c)
+            batch, new_funcs = [], []
+            while self.pending and len(batch) < per and self.pending[0][2] == ctx:
+                jid, fn, _, timeout, args = task = self.pending.popleft()
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
-                if ctx is not None and ctx not in c.ctxs:
-                    ctxs[ctx] = self.contexts.get(ctx)
-                    c.ctxs.add(ctx)
-                batch.append((jid, fn, ctx, args))
-                c.inflight.append((jid, fn, ctx, timeout, args))
+                batch.append((jid, fn, args))
+                c.inflight.append(task)
             c.head_started = now
-            c.conn.send_bytes(pickle.dumps((batch, new_funcs, ctxs), protocol=5))
+            c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None), protocol=5))
+            c.ctx, c.used = ctx, True
 
     def _read_child(self, c: _Child) -> None:
         try:
@@ -353,11 +340,15 @@ class Agent:
                          f"job {jid} on {socket.gethostname()}: {why}", None, b"")  # fmt: skip
             log.warning("job %s: %s; replacing the executor process", jid, why)
         self.pending.extendleft(reversed(c.inflight))
+        self._respawn(c)
+
+    def _respawn(self, c: _Child) -> _Child:
         self.poller.unregister(c.conn.fileno())
         c.kill()
         i = self.children.index(c)
         self.children[i] = new = _Child(self.mp)
         self.poller.register(new.conn.fileno(), zmq.POLLIN)
+        return new
 
     def _check_timeouts(self, now: float) -> None:
         for c in list(self.children):
