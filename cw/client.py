@@ -255,17 +255,23 @@ class _Connection:
                 log.warning("dropped a bad message from the master: %s", e)
                 continue
             if kind == P.RESULT:
+                if "s" in h:
+                    self._acked(h["s"])
                 self._results(h["r"], blobs)
             elif kind == P.ACK:
-                with self.space:
-                    for seq in h["s"]:
-                        sub = self.unacked.pop(seq, None)
-                        if sub is not None:
-                            self.unacked_bytes -= len(sub[5])
-                    self.space.notify_all()
+                self._acked(h["s"])
             elif kind == P.WELCOME:
                 self.master = h.get("master")
                 self.welcomed.set()
+
+    def _acked(self, seqs: list[int]) -> None:
+        """The master committed these submissions: forget their bytes."""
+        with self.space:
+            for seq in seqs:
+                sub = self.unacked.pop(seq, None)
+                if sub is not None:
+                    self.unacked_bytes -= len(sub[5])
+            self.space.notify_all()
 
     def _results(self, rows: list, blobs: list[bytes]) -> None:
         futures = self.futures

@@ -28,6 +28,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 _MAX_TURN = 2000  # messages handled per turn before committing and answering
+_ACK_DELAY = 0.01  # seconds an acknowledgement may wait for a result to carry it
 
 
 class Job:
@@ -68,19 +69,22 @@ class Worker:
         self.funcs: set[str] = set(hello.get("have") or ())
         self.ctxs: set[str] = set()
         self.running: dict[int, Job] = {}
-        self.avg_runtime: float | None = None
         self.draining = False
         self.counters: dict = {}
         self.last_seen = self.last_sent = time.monotonic()
 
-    @property
-    def limit(self) -> int:
-        """How many jobs this worker may hold: its slots plus adaptive prefetch."""
+    def limit(self, runtime: float | None) -> int:
+        """How many jobs of this runtime the worker may hold: slots plus prefetch.
+
+        Short jobs get deep prefetch (a worker never waits for a round trip);
+        jobs of unknown or long runtime get one spare per slot, so a burst of
+        long jobs spreads over every worker instead of queueing on the first.
+        """
         if self.draining:
             return 0
-        if self.avg_runtime is None:
+        if runtime is None:
             return self.slots * 2
-        extra = int(defaults.PREFETCH_SECONDS / max(self.avg_runtime, 1e-6))
+        extra = int(defaults.PREFETCH_SECONDS / max(runtime, 1e-6))
         return self.slots * (1 + min(max(extra, 1), defaults.PREFETCH_MAX))
 
     def describe(self) -> str:
@@ -145,6 +149,7 @@ class Master:
         self.peers: dict[bytes, Any] = {}  # routing id -> Session | Worker
         self.workers: dict[bytes, Worker] = {}
         self.functions: dict[str, bytes] = {}
+        self.runtimes: dict[str, float] = {}  # function hash -> smoothed job runtime
         self.queues: dict[Optional[str], Deque[Job]] = {None: collections.deque()}
         self.requires: dict[Optional[str], dict] = {None: {}}
         self.jobs: dict[int, Job] = {}  # every job without a result
@@ -202,7 +207,7 @@ class Master:
         next_timer = 0.0
         try:
             while not self.stopping.is_set():
-                if poller.poll(100):
+                if poller.poll(10 if self._dirty_sessions else 100):
                     n = 0
                     while n < _MAX_TURN:
                         try:
@@ -392,7 +397,7 @@ class Master:
 
     def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
         rows = []
-        total, count = 0.0, 0
+        runtimes = self.runtimes
         for (jid, status, runtime, err, tb), blob in zip(h["r"], blobs):
             job = w.running.pop(jid, None)
             if job is None:
@@ -400,14 +405,11 @@ class Master:
                 if job is None or job.worker is not None:
                     continue  # already finished (a duplicate after a requeue), or owned elsewhere
             if runtime is not None:
-                total += runtime
-                count += 1
+                old = runtimes.get(job.fn)
+                runtimes[job.fn] = runtime if old is None else 0.8 * old + 0.2 * runtime
             rows.append(self._finish(job, status, blob, err, tb, w.id, runtime, store=False))
         if rows:
             self.store.add_results(rows)
-        if count:
-            avg = total / count
-            w.avg_runtime = avg if w.avg_runtime is None else 0.7 * w.avg_runtime + 0.3 * avg
 
     def _finish(self, job: Job, status: int, blob: bytes, err, tb, wid, runtime, store=True):
         """Record a job's outcome and queue it for its client (sent after the commit)."""
@@ -425,44 +427,55 @@ class Master:
 
     # -- end of a turn: commit, then answer, then dispatch -----------------------
     def _end_turn(self) -> None:
+        """Commit, then put workers to work, then answer clients."""
         self.store.commit()
+        if self.workers and self.jobs:
+            self._dispatch()
         if self._dirty_sessions:
             now = time.monotonic()
+            keep = set()
             for s in self._dirty_sessions:
-                if s.ident is not None:
-                    if s.acks:
-                        self._send(s.ident, P.ACK, {"s": s.acks})
+                if s.ident is None:
+                    s.acks, s.results, s.blobs = [], [], []
+                elif s.results:
                     self._send_results(s)
                     s.last_sent = now
-                s.acks = []
-                s.results, s.blobs = [], []
-            self._dirty_sessions.clear()
-        if self.workers and len(self.jobs) > 0:
-            self._dispatch()
+                elif len(s.acks) >= defaults.BATCH_JOBS or now - s.last_sent >= _ACK_DELAY:
+                    self._send(s.ident, P.ACK, {"s": s.acks})
+                    s.acks, s.last_sent = [], now
+                else:  # acks alone wait a moment for a result to ride on
+                    keep.add(s)
+            self._dirty_sessions = keep
 
     def _send_results(self, s: Session) -> None:
+        """RESULT messages in batches; the first carries the pending acknowledgements."""
         i, n = 0, len(s.results)
         while i < n:
             j, size = i, 0
             while j < n and j - i < defaults.BATCH_JOBS and (size < defaults.BATCH_BYTES or j == i):
                 size += len(s.blobs[j])
                 j += 1
-            self._send(s.ident, P.RESULT, {"r": s.results[i:j]}, s.blobs[i:j])
+            header = {"r": s.results[i:j]}
+            if s.acks:
+                header["s"], s.acks = s.acks, []
+            self._send(s.ident, P.RESULT, header, s.blobs[i:j])
             i = j
+        s.results, s.blobs = [], []
 
     def _dispatch(self) -> None:
         queues = [(k, q) for k, q in self.queues.items() if q]
         if not queues:
             return
         now = time.monotonic()
+        queued = sum(len(q) for _, q in queues)
+        # fair share: a burst is spread over every worker, not swallowed by the first
+        share = -(-queued // len(self.workers))
         for w in self.workers.values():
-            free = w.limit - len(w.running)
-            if free <= 0:
-                continue
-            tasks, args, fns, ctxs, size = [], [], [], {}, 0
+            tasks, args, fns, ctxs, size, given = [], [], [], {}, 0, 0
             for rkey, q in queues:
                 if not q or not satisfies(w.caps, self.requires[rkey]):
                     continue
+                free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - given)
                 while q and free > 0:
                     job = q.popleft()
                     if job.id not in self.jobs:  # finished or cancelled while queued
@@ -486,6 +499,7 @@ class Master:
                     args.append(job.args)
                     size += len(job.args)
                     free -= 1
+                    given += 1
                     if len(tasks) >= defaults.BATCH_JOBS or size >= defaults.BATCH_BYTES:
                         self._send_tasks(w, tasks, args, fns, ctxs, now)
                         tasks, args, fns, ctxs, size = [], [], [], {}, 0

@@ -33,7 +33,7 @@ STATUS = b"STATUS"  # header: {} (request) or the status document (reply)
 BYE = b"BYE"  # header: {}; the sender is leaving
 # master -> client / worker
 WELCOME = b"WELCOME"  # header: {master, ...}; answer to HELLO
-ACK = b"ACK"  # header: {s: [seq, ...]}: these submissions are committed to the store
+ACK = b"ACK"  # header: {s: [seq, ...]}: committed submissions (RESULT may carry "s" too)
 TASKS = b"TASKS"  # header: {t: [[id, fn, ctx, timeout], ...], f: [fn, ...], c: {ctx: {...}}}
 REJECT = b"REJECT"  # UNSIGNED, header: {why}: the master could not verify a message
 # worker -> master, master -> client
