@@ -175,6 +175,23 @@ cli.add_command(master_cmd)
 cli.add_command(worker_cmd)
 
 
+def _add_launchers() -> None:
+    """`cw slurm ...` and `cw sge ...`: each launcher module exports a click group `cli`."""
+    import importlib
+
+    for name in ("slurm", "sge"):
+        try:
+            mod = importlib.import_module(f"cw.{name}")
+        except ImportError:
+            continue
+        group = getattr(mod, "cli", None)
+        if group is not None:
+            cli.add_command(group, name)
+
+
+_add_launchers()
+
+
 def main() -> None:
     cli(prog_name="cw")
 
