@@ -37,6 +37,7 @@ from .errors import (  # noqa: E402
     JobError,
     MessageTooLargeError,
     NoMasterError,
+    RemoteImportError,
     SerializationError,
     TimeoutError,
     WorkerLostError,
@@ -46,5 +47,5 @@ from .local import LocalCluster  # noqa: E402
 __all__ = [
     "Client", "ClientThread", "Executor", "Future", "LocalCluster", "as_completed",
     "AuthenticationError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",
-    "NoMasterError", "SerializationError", "TimeoutError", "WorkerLostError",
+    "NoMasterError", "RemoteImportError", "SerializationError", "TimeoutError", "WorkerLostError",
 ]  # fmt: skip

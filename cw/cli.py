@@ -91,18 +91,48 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
               help="Seconds of silence after which the master is presumed lost and we reconnect.")
 @click.option("--give-up", type=float, default=600.0, show_default=True,
               help="Exit after the master has been unreachable this many seconds.")
+@click.option("--grace", type=float, default=defaults.GRACE, show_default=True,
+              help="Seconds a draining worker lets running jobs finish before handing them back.")
+@click.option("--lifetime", default=None, metavar="DURATION",
+              help="Drain by itself after this long (e.g. 3:55:00, 90m, 3600).")
 @log_option
-def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_timeout, give_up, log_level):
-    """Run a worker for the master at HOST (default: the address in master.json)."""  # fmt: skip
+def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_timeout, give_up,
+               grace, lifetime, log_level):
+    """Run a worker for the master at HOST (default: the address in master.json).
+
+    SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 drain it: no new jobs, unstarted jobs go
+    back to the master at once, running ones get --grace seconds; a second signal
+    stops it at once. Jobs handed back are not charged an attempt.
+    """  # fmt: skip
     from .errors import CwError
     from .worker import run_worker
 
     _logging(log_level)
     try:
         run_worker(address=host, cluster=_cluster(cluster_name, cluster_dir), procs=procs,
-                   tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up)  # fmt: skip
+                   tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
+                   grace=grace, lifetime=parse_duration(lifetime) if lifetime else None)  # fmt: skip
     except CwError as e:
         raise click.ClickException(str(e)) from None
+
+
+def parse_duration(text: str) -> float:
+    """'90' (seconds), '90s', '30m', '2h', '1d', '4:00:00', '1-12:00:00' -> seconds."""
+    t = text.strip()
+    try:
+        if t[-1:] in "smhd" and t[:-1]:
+            return float(t[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[t[-1]]
+        days = 0.0
+        if "-" in t:
+            d, t = t.split("-", 1)
+            days = float(d)
+        parts = [float(x) for x in t.split(":")]
+        if len(parts) > 3:
+            raise ValueError
+        secs = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+        return days * 86400 + secs
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{text!r} is not a duration (try 3600, 90m, 4:00:00)") from None
 
 
 def query_status(address: str, key: bytes, timeout: float = 5.0) -> dict:

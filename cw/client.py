@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import zmq
 
-from . import defaults, protocol as P
+from . import defaults
+from . import protocol as P
 from .discovery import ClusterDir, resolve_address
 from .errors import (
     AuthenticationError,
@@ -32,11 +33,21 @@ from .errors import (
     JobError,
     MessageTooLargeError,
     NoMasterError,
+    RemoteImportError,
     SerializationError,
     TimeoutError,
     WorkerLostError,
 )
-from .serialize import dumps_args, dumps_function, dumps_result, job_key, loads, rebuild_exception
+from .serialize import (
+    dumps_args,
+    dumps_function,
+    dumps_result,
+    job_key,
+    loads,
+    rebuild_exception,
+    runtime_versions,
+)
+from .serialize import ship_modules as ship
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +55,24 @@ _OPTION_NAMES = ("key", "cache", "requires", "timeout", "max_retries")
 
 
 class Future(cf.Future):
-    """A ``concurrent.futures.Future`` that knows its job id."""
+    """A ``concurrent.futures.Future`` that knows its job id.
 
-    def __init__(self, jobid: int):
+    ``cancel()`` also cancels the job: dropped if still queued, killed if running.
+    """
+
+    def __init__(self, jobid: int, conn: _Connection | None = None):
         super().__init__()
         self.jobid = jobid
+        self._conn = conn
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            conn.futures.pop(self.jobid, None)
+            conn.cancel(self.jobid)
+        return True
 
     def __repr__(self) -> str:
         return f"<cw.Future job {self.jobid} {self._state.lower()}>"
@@ -58,6 +82,7 @@ def _error_for(status: int, err: str, tb: str, blob: bytes) -> BaseException:
     if status == P.RAISED:
         return rebuild_exception(blob, err, tb)
     cls = {
+        P.IMPORT: RemoteImportError,
         P.CRASHED: JobCrashedError,
         P.LOST: WorkerLostError,
         P.TIMEOUT: TimeoutError,
@@ -78,7 +103,13 @@ def _context(env: dict | None, env_from: Iterable[str] | None) -> dict:
 
 
 class _Connection:
-    """The I/O thread and socket shared by every client API."""
+    """The I/O thread and socket shared by every client API.
+
+    The link to the master may break (master restarted, network gone): the
+    I/O thread then reconnects with backoff, re-reading master.json, says
+    HELLO again with the same session, asks for the results that finished
+    meanwhile, and resends every submission the master had not acknowledged.
+    """
 
     def __init__(self, address: str, key: bytes, run: str | None, context: dict,
                  cluster: ClusterDir | None, explicit: str | None,
@@ -94,13 +125,17 @@ class _Connection:
         self.unacked_bytes = 0
         self.space = threading.Condition()
         self.cancels: list[int] = []
-        self.welcomed = threading.Event()
+        self.welcomed = threading.Event()  # the first WELCOME
+        self.linked = False  # the current connection has been welcomed
         self.error: BaseException | None = None
         self.closed = False
+        self.master_workers: int | None = None
+        self.master_queued = 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_pending = False
         self.ctx = zmq.Context()
+        self.sock = None
         self.thread = threading.Thread(target=self._run, name="cw-client-io", daemon=True)
         self.thread.start()
         if not self.welcomed.wait(connect_timeout) and self.error is None:
@@ -122,16 +157,20 @@ class _Connection:
         with self.space:
             while (len(self.unacked) >= defaults.MAX_UNACKED_JOBS
                    or self.unacked_bytes >= defaults.MAX_UNACKED_BYTES) and not self.closed:  # fmt: skip
-                self.space.wait(1.0)
+                self.space.wait(1.0)  # backpressure: the master has not caught up
             seq = next(self.seq)
-            fut = Future(seq)
+            fut = Future(seq, self)
             self.futures[seq] = fut
             sub = (seq, fn_hash, fn_blob, key, opts, args)
             self.unacked[seq] = sub
             self.unacked_bytes += len(args)
-        self.outq.append(sub)
+            self.outq.append(sub)
         self._wake()
         return fut
+
+    def cancel(self, seq: int) -> None:
+        self.cancels.append(seq)
+        self._wake()
 
     def _wake(self) -> None:
         if not self._wake_pending:
@@ -157,27 +196,40 @@ class _Connection:
 
     # -- the I/O thread -----------------------------------------------------------
     def _connect(self) -> None:
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(self.address)
+        self.poller.register(self.sock, zmq.POLLIN)
+        self._hello()
+
+    def _hello(self) -> None:
+        """(Re)introduce this session; after a break, ask for what finished meanwhile."""
+        self.linked = False
         self.sent_fns: set[str] = set()
-        self._send(P.HELLO, {"role": "client", "session": self.session, "run": self.run,
-                             "context": self.context})  # fmt: skip
+        header = {"role": "client", "session": self.session, "run": self.run,
+                  "context": self.context, "versions": runtime_versions()}  # fmt: skip
+        if self.welcomed.is_set():
+            with self.space:
+                header["waiting"] = [s for s in self.futures if s not in self.unacked]
+        self._send(P.HELLO, header)
 
     def _send(self, kind: bytes, header: Any = None, blobs=()) -> None:
         self.sock.send_multipart(P.pack(self.key, kind, header, blobs), copy=sum(map(len, blobs)) < 65536)
 
     def _run(self) -> None:
         try:
+            self.poller = zmq.Poller()
+            self.poller.register(self._wake_r, zmq.POLLIN)
             self._connect()
-            poller = zmq.Poller()
-            poller.register(self.sock, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
-            started = last_heard = time.monotonic()
-            while not self.closed:
-                events = dict(poller.poll(250))
+            started = self.last_heard = time.monotonic()
+            retry_at, backoff, idle_since = 0.0, 1.0, None
+            while not self.closed and self.error is None:
+                events = dict(self.poller.poll(250))
                 if self._wake_r.fileno() in events or self._wake_r in events:
                     try:
                         while self._wake_r.recv(4096):
@@ -187,16 +239,18 @@ class _Connection:
                     self._wake_pending = False
                 if self.sock in events:
                     self._read()
-                    last_heard = time.monotonic()
-                if self.welcomed.is_set():
+                    self.last_heard = time.monotonic()
+                    backoff = 1.0
+                if self.linked:
                     self._send_submissions()
-                elif self.error is None and time.monotonic() - started > self.connect_timeout:
-                    break
-                if self.error is not None:
-                    break
-                if time.monotonic() - last_heard > self.master_timeout and self.welcomed.is_set():
-                    log.warning("master at %s silent for %.0f s", self.address, time.monotonic() - last_heard)
-                    last_heard = time.monotonic()
+                now = time.monotonic()
+                if not self.welcomed.is_set():
+                    if now - started > self.connect_timeout:
+                        break  # the constructor raises NoMasterError
+                elif now - self.last_heard > self.master_timeout and now >= retry_at:
+                    self._reconnect(f"silent for {now - self.last_heard:.0f} s", backoff)
+                    retry_at, backoff = now + backoff, min(2 * backoff, 30.0)
+                idle_since = self._watch_workers(now, idle_since)
         except Exception as e:  # never die silently: fail every waiting future
             log.exception("cw client I/O thread failed")
             self.error = e
@@ -207,11 +261,31 @@ class _Connection:
                         fut.set_exception(self.error)
                 self.futures.clear()
             try:
-                if self.welcomed.is_set() and self.error is None:
+                if self.linked and self.error is None:
                     self._send(P.BYE)
-                self.sock.close(linger=1000)
+                if self.sock is not None:
+                    self.sock.close(linger=1000)
             finally:
                 self.ctx.term()
+
+    def _reconnect(self, why: str, backoff: float) -> None:
+        if self.explicit is None and self.cluster is not None:  # the master may have moved
+            self.address = resolve_address(None, self.cluster) or self.address
+        log.warning("master %s (%s): reconnecting to %s, next try in %.0f s",
+                    getattr(self, "master", "?"), why, self.address, backoff)  # fmt: skip
+        self._connect()
+
+    def _watch_workers(self, now: float, since: float | None) -> float | None:
+        """Warn (not fail) when jobs wait and the master has had no worker for a while."""
+        if self.master_workers != 0 or not self.futures or not self.master_queued:
+            return None
+        if since is None:
+            return now
+        if now - since >= defaults.NO_WORKERS_WARNING:
+            log.warning("%d jobs queued at master %s (%s), which has had no worker for %.0f s",
+                        self.master_queued, getattr(self, "master", "?"), self.address, now - since)  # fmt: skip
+            return now
+        return since
 
     def _send_submissions(self) -> None:
         q = self.outq
@@ -229,10 +303,26 @@ class _Connection:
             header = {"j": specs}
             if fns:
                 header["f"] = fns
+            if self.resend_below is not None and specs[0][0] < self.resend_below:
+                header["resend"] = True
             self._send(P.SUBMIT, header, [*args, *fn_blobs])
         if self.cancels:
             self._send(P.CANCEL, {"s": self.cancels})
             self.cancels = []
+
+    resend_below: int | None = None  # submissions under this seq may be a second copy
+
+    def _welcome(self, h: dict) -> None:
+        self.master = h.get("master")
+        if self.welcomed.is_set():  # back after a break: resend what was not acknowledged
+            with self.space:
+                self.outq.clear()
+                self.outq.extend(sorted(self.unacked.values()))
+                self.resend_below = max(self.unacked, default=-1) + 1
+            log.warning("reconnected to master %s at %s; resending %d submissions",
+                        self.master, self.address, len(self.outq))  # fmt: skip
+        self.linked = True
+        self.welcomed.set()
 
     def _read(self) -> None:
         while True:
@@ -260,9 +350,20 @@ class _Connection:
                 self._results(h["r"], blobs)
             elif kind == P.ACK:
                 self._acked(h["s"])
+            elif kind == P.HEARTBEAT:
+                self.master_workers = h.get("workers")
+                self.master_queued = h.get("queued", 0)
+                for text in h.get("notices", ()):
+                    log.warning("master %s: %s", getattr(self, "master", "?"), text)
             elif kind == P.WELCOME:
-                self.master = h.get("master")
-                self.welcomed.set()
+                self._welcome(h)
+            elif kind == P.BYE:
+                if h.get("rehello"):  # the master restarted and does not know us yet
+                    self._hello()
+                else:
+                    (log.error if h.get("fatal") else log.warning)("master %s: %s", getattr(self, "master", "?"), h.get("why"))
+                    self.linked = False
+                    self.last_heard = -1e9  # reconnect from the next turn on
 
     def _acked(self, seqs: list[int]) -> None:
         """The master committed these submissions: forget their bytes."""
@@ -311,6 +412,7 @@ class Client:
         n_workers: int | None = None,
         env: dict | None = None,
         env_from: Iterable[str] | None = None,
+        ship_modules: Iterable[Any] = (),
         timeout: float | None = None,
         max_retries: int | None = None,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
@@ -321,6 +423,8 @@ class Client:
         self.defaults = {"t": timeout, "m": max_retries}
         self._local = None
         self._conn: _Connection | None = None
+        if ship_modules:
+            ship(ship_modules)
         if serial:
             return
         cdir = _cluster_dir(cluster)
@@ -413,6 +517,12 @@ class Client:
             except cf.TimeoutError:
                 raise TimeoutError(f"gather: {len(futures) - len(out)} jobs unfinished after {timeout} s") from None
         return out
+
+    def cancel(self, futures: Iterable[cf.Future] | cf.Future) -> int:
+        """Cancel jobs: queued ones are dropped, running ones killed. How many were cancelled."""
+        if isinstance(futures, cf.Future):
+            futures = [futures]
+        return sum(bool(f.cancel()) for f in futures)
 
     def status(self) -> dict:
         """The master's view: workers, queued and running jobs."""

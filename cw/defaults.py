@@ -36,9 +36,15 @@ PREFETCH_SECONDS = 0.02
 #: ... and never more than this many jobs per slot.
 PREFETCH_MAX = 500
 
+#: The master holds at most this many unfinished jobs in memory; the rest wait in the store.
+QUEUE_WINDOW = 100_000
+
 #: Client backpressure: at most this many submitted but unacknowledged jobs, or bytes.
 MAX_UNACKED_JOBS = 100_000
 MAX_UNACKED_BYTES = 1024 * 1024 * 1024
+
+#: A client warns when its jobs have waited this many seconds at a master with no worker.
+NO_WORKERS_WARNING = 60.0
 
 #: Seconds between rate-limited log lines of the same kind (bad messages, rejected keys).
 LOG_EVERY = 10.0

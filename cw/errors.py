@@ -27,6 +27,10 @@ class SerializationError(CwError, TypeError):
     """A function, argument or result could not be pickled or unpickled."""
 
 
+class RemoteImportError(CwError, ImportError):
+    """A worker could not import the job's function, or a class its arguments need."""
+
+
 class MessageTooLargeError(CwError, ValueError):
     """A job's arguments or result exceed the largest message the cluster accepts."""
 
@@ -41,10 +45,6 @@ class WorkerLostError(CwError):
 
 class TimeoutError(CwError, TimeoutError):  # noqa: A001 - cw's typed subclass of the builtin
     """A job ran past its timeout and was killed, or a wait ran out."""
-
-
-class CancelledError(CwError):
-    """The job was cancelled before it finished."""
 
 
 class RemoteTraceback(Exception):

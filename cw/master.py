@@ -4,6 +4,9 @@ One thread, one ROUTER socket. Each turn of the loop drains what has arrived,
 writes it to the store in one transaction, commits, and only then answers:
 acknowledgements and results reach a client after their commit, and tasks
 go out in batches to workers with free capacity.
+
+The queue lives in the store: at most ``queue_window`` unfinished jobs are
+held in memory; the rest are read back from the store as the window drains.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import collections
 import json
 import logging
 import os
+import queue
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from typing import Any, Deque, Optional
 
 import zmq
 
-from . import defaults, protocol as P
+from . import defaults
+from . import protocol as P
 from .discovery import ClusterDir, advertised_host, master_info
 from .errors import ConfigError, ProtocolError
+from .serialize import incompatibility
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -34,24 +41,27 @@ _ACK_DELAY = 0.01  # seconds an acknowledgement may wait for a result to carry i
 class Job:
     __slots__ = (
         "id", "session", "seq", "fn", "args", "requires", "timeout",
-        "max_retries", "attempts", "hosts", "worker",
+        "max_retries", "attempts", "lost_on", "worker",
     )  # fmt: skip
 
     def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0):
         self.id, self.session, self.seq, self.fn, self.args = id, session, seq, fn, args
         self.requires, self.timeout, self.max_retries = requires, timeout, max_retries
-        self.attempts, self.hosts, self.worker = attempts, [], None
+        self.attempts, self.lost_on, self.worker = attempts, None, None
 
 
 class Session:
-    """A client session; it outlives its connection (the results wait in the store)."""
+    """A client session; it outlives its connection (its results wait in the store)."""
 
     def __init__(self, sid: str, run: str | None, context: dict):
         self.id, self.run, self.context = sid, run, context
+        self.versions: dict = {}
         self.ident: bytes | None = None
+        self.jobs: dict[int, Job] = {}  # seq -> unfinished job held in memory
         self.acks: list[int] = []
-        self.results: list[tuple] = []  # (seq, status, error, tb), blob
+        self.results: list[tuple] = []  # (seq, status, error, tb), sent with self.blobs
         self.blobs: list[bytes] = []
+        self.notices: list[str] = []
         self.last_sent = 0.0
 
 
@@ -66,6 +76,7 @@ class Worker:
         self.caps.setdefault("cpus", self.slots)
         self.caps.setdefault("host", self.host)
         self.info: dict = dict(hello.get("info") or {})
+        self.versions: dict = dict(hello.get("versions") or {})
         self.funcs: set[str] = set(hello.get("have") or ())
         self.ctxs: set[str] = set()
         self.running: dict[int, Job] = {}
@@ -88,7 +99,20 @@ class Worker:
         return self.slots * (1 + min(max(extra, 1), defaults.PREFETCH_MAX))
 
     def describe(self) -> str:
-        return f"{self.id} on {self.host} (pid {self.pid})"
+        where = batch_label(self.info)
+        return f"{self.id}{f' ({where})' if where else ''}"
+
+
+def batch_label(info: dict) -> str:
+    """'SLURM job 123_4' / 'SGE job 77.3' from a worker's batch info, or ''."""
+    if "SLURM_JOB_ID" in info:
+        if "SLURM_ARRAY_JOB_ID" in info:
+            return f"SLURM job {info['SLURM_ARRAY_JOB_ID']}_{info.get('SLURM_ARRAY_TASK_ID', '?')}"
+        return f"SLURM job {info['SLURM_JOB_ID']}"
+    if "JOB_ID" in info:
+        task = info.get("SGE_TASK_ID")
+        return f"SGE job {info['JOB_ID']}{f'.{task}' if task and task != 'undefined' else ''}"
+    return ""
 
 
 def satisfies(caps: dict, requires: dict | None) -> bool:
@@ -119,6 +143,7 @@ class Master:
         heartbeat: float = defaults.HEARTBEAT,
         worker_timeout: float = defaults.WORKER_TIMEOUT,
         max_message: int = defaults.MAX_MESSAGE,
+        queue_window: int = defaults.QUEUE_WINDOW,
         publish: bool = True,
     ):
         self.cluster = cluster
@@ -134,14 +159,14 @@ class Master:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message + 65536)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.port = self._bind(bind, port)
         self.host = advertised_host(host, interface)
-        self.address = f"tcp://{self.host}:{self.port}"
-        if bind.startswith("ipc://"):
-            self.address = bind
+        self.address = bind if bind.startswith("ipc://") else f"tcp://{self.host}:{self.port}"
+        # a peer's TCP connection closing makes silent workers suspect at once
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.disconnected_at = 0.0
         self.store = Store(cluster.store_path)
         self.publish = publish
         self.id = f"{socket.gethostname()}:{os.getpid()}"
@@ -152,13 +177,26 @@ class Master:
         self.runtimes: dict[str, float] = {}  # function hash -> smoothed job runtime
         self.queues: dict[Optional[str], Deque[Job]] = {None: collections.deque()}
         self.requires: dict[Optional[str], dict] = {None: {}}
-        self.jobs: dict[int, Job] = {}  # every job without a result
+        self.jobs: dict[int, Job] = {}  # unfinished jobs held in memory
+        self.window = queue_window
+        self.backlog_from: int | None = 0  # first job id known only to the store
+        self.backlog = 0  # how many jobs wait in the store only
         self.bad = P.RateLimited(log, "dropped unverifiable messages")
         self.stopping = threading.Event()
-        self._dirty_sessions: set[Session] = set()
+        self._dirty: set[Session] = set()
+        self._warned: set[tuple[str, str]] = set()
+        self.post_mortems: dict[str, str] = {}  # worker id -> what the batch system said
+        self._pm_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.started = time.time()
         self.done = 0
-        self._recover()
+        for sid, (run, ctx) in self.store.sessions().items():
+            self.sessions[sid] = Session(sid, run, ctx)
+        self._load_backlog()
+        if self.backlog_from is not None:
+            self.backlog = self.store.count_pending(self.backlog_from - 1)
+        if self.jobs:
+            log.warning("recovered %d unfinished jobs from %s", len(self.jobs) + self.backlog,
+                        self.store.path)  # fmt: skip
 
     # -- start-up ----------------------------------------------------------------
     def _bind(self, bind: str, port: int | None) -> int:
@@ -178,24 +216,6 @@ class Master:
         self.sock.bind(f"tcp://{bind}:{port}")
         return port
 
-    def _recover(self) -> None:
-        """Requeue every job of the store that has no result (a restart after a crash)."""
-        for sid, (run, ctx) in self.store.sessions().items():
-            self.sessions[sid] = Session(sid, run, ctx)
-        n, after = 0, 0
-        while True:
-            rows = self.store.pending(after)
-            if not rows:
-                break
-            for jid, sid, seq, fn, args, req, timeout, retries, attempts in rows:
-                job = Job(jid, self.sessions.get(sid), seq, fn, args,
-                          json.loads(req) if req else None, timeout, retries, attempts)  # fmt: skip
-                self._enqueue(job)
-                n += 1
-            after = rows[-1][0]
-        if n:
-            log.warning("recovered %d unfinished jobs from %s", n, self.store.path)
-
     # -- the loop ----------------------------------------------------------------
     def serve(self) -> None:
         if self.publish:
@@ -203,11 +223,13 @@ class Master:
         log.info("master %s listening on %s; published %s", self.id, self.address, self.cluster.master_json)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        sock, recv = self.sock, self.sock.recv_multipart
+        poller.register(self.monitor, zmq.POLLIN)
+        recv = self.sock.recv_multipart
         next_timer = 0.0
         try:
             while not self.stopping.is_set():
-                if poller.poll(10 if self._dirty_sessions else 100):
+                events = poller.poll(10 if self._dirty else 100)
+                if events:
                     n = 0
                     while n < _MAX_TURN:
                         try:
@@ -216,6 +238,8 @@ class Master:
                             break
                         self._handle(frames)
                         n += 1
+                    if len(events) > 1 or events[0][0] is self.monitor:
+                        self._drain_monitor()
                 self._end_turn()
                 now = time.monotonic()
                 if now >= next_timer:
@@ -223,7 +247,6 @@ class Master:
                     next_timer = now + min(self.heartbeat, self.worker_timeout) / 4
         finally:
             self.close()
-            del sock
 
     def stop(self) -> None:
         self.stopping.set()
@@ -236,10 +259,20 @@ class Master:
         finally:
             if self.publish:
                 self.cluster.unpublish(os.getpid())
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
             self.sock.close(linger=500)
             self.ctx.term()
             self.cluster.unlock()
             log.info("master %s stopped", self.id)
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.disconnected_at = time.monotonic()
 
     def _send(self, ident: bytes, kind: bytes, header: Any = None, blobs=()) -> None:
         frames = P.pack(self.key, kind, header, blobs)
@@ -270,8 +303,13 @@ class Master:
                     peer.counters = header
             elif kind == P.SUBMIT:
                 self._submit(peer, header, blobs)
+            elif kind == P.CANCEL:
+                self._cancel(peer, header["s"])
             elif kind == P.STATUS:
                 self._send(ident, P.STATUS, self.status())
+            elif kind == P.RETRY:
+                n = self._retry(str(header["run"]))
+                self._send(ident, P.STATUS, {"retried": n})
             elif kind == P.BYE:
                 self.peers.pop(ident, None)
                 peer.ident = None
@@ -300,15 +338,24 @@ class Master:
         if s.ident is not None and s.ident != ident:
             self.peers.pop(s.ident, None)
         s.ident = ident
+        s.versions = h.get("versions") or {}
         self.peers[ident] = s
         self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
         s.last_sent = time.monotonic()
+        waiting = h.get("waiting")
+        if waiting:  # a client back after a reconnect: what finished meanwhile
+            for seq, status, value, err, tb in self.store.session_results(sid, waiting):
+                s.results.append((seq, status, err, tb))
+                s.blobs.append(value or b"")
+            self._dirty.add(s)
 
     def _lose(self, w: Worker, why: str) -> None:
         """A worker is gone without handing its jobs back: requeue them, charging an attempt."""
         self.peers.pop(w.ident, None)
         self.workers.pop(w.ident, None)
         self.store.worker_left(w.id, why)
+        if w.info:
+            threading.Thread(target=self._post_mortem, args=(w,), daemon=True).start()
         jobs = list(w.running.values())
         w.running.clear()
         if jobs:
@@ -316,48 +363,87 @@ class Master:
         failed = 0
         for job in sorted(jobs, key=lambda j: -j.id):
             job.attempts += 1
-            job.hosts.append(w.host)
+            job.lost_on = (job.lost_on or []) + [w.describe()]
             job.worker = None
             if job.attempts > job.max_retries:
                 failed += 1
-                err = (
-                    f"job lost its worker {job.attempts} times (max_retries={job.max_retries});"
-                    f" hosts: {', '.join(job.hosts)}"
-                )
-                self._finish(job, P.LOST, b"", err, "", w.id, None)
+                self._finish(job, P.LOST, b"", self._lost_error(job), "", w.id, None)
             else:
                 self._enqueue(job, front=True)
-        log.warning("worker %s lost (%s): %d jobs requeued, %d failed", w.describe(), why,
-                    len(jobs) - failed, failed)  # fmt: skip
+        log.warning("worker %s on %s lost (%s): %d jobs requeued, %d failed", w.describe(), w.host,
+                    why, len(jobs) - failed, failed)  # fmt: skip
+
+    def _lost_error(self, job: Job) -> str:
+        lines = [f"job lost its worker {job.attempts} times (max_retries={job.max_retries}):"]
+        for d in job.lost_on or ():
+            wid = d.split(" ", 1)[0]
+            pm = self.post_mortems.get(wid)
+            lines.append(f"  {d}{f': {pm}' if pm else ''}")
+        return "\n".join(lines)
+
+    def _post_mortem(self, w: Worker) -> None:
+        """Ask the batch system what became of a lost worker (off the loop's thread)."""
+        try:
+            from .launcher import post_mortem
+        except ImportError:
+            return
+        try:
+            text = post_mortem(w.info)
+        except Exception as e:  # never let a post-mortem take the master down
+            text = f"post-mortem failed: {e!r}"
+        if text:
+            self._pm_queue.put((w.id, text))
 
     def _worker_bye(self, w: Worker, h: dict) -> None:
-        """A draining worker hands back jobs it did not start; they cost no attempt."""
+        """A draining worker hands back jobs it did not finish; they cost no attempt."""
         w.draining = True
         returned = [w.running.pop(j) for j in h.get("returned", ()) if j in w.running]
+        if h.get("final"):
+            returned += list(w.running.values())
+            w.running.clear()
         for job in sorted(returned, key=lambda j: -j.id):
             job.worker = None
             self._enqueue(job, front=True)
         if h.get("final"):
-            for job in sorted(w.running.values(), key=lambda j: -j.id):
-                job.worker = None
-                self._enqueue(job, front=True)
-            w.running.clear()
             self.peers.pop(w.ident, None)
             self.workers.pop(w.ident, None)
             self.store.worker_left(w.id, str(h.get("why", "left")))
-            log.info("worker %s left: %s", w.describe(), h.get("why", "drained"))
-        elif returned:
+            log.info("worker %s left (%s): %d jobs handed back", w.describe(), h.get("why", "drained"),
+                     len(returned))  # fmt: skip
+        else:
             log.info("worker %s draining: %d jobs handed back", w.describe(), len(returned))
 
     # -- jobs --------------------------------------------------------------------
     def _enqueue(self, job: Job, front: bool = False) -> None:
         self.jobs[job.id] = job
+        if job.session is not None:
+            job.session.jobs[job.seq] = job
         rkey = json.dumps(job.requires, sort_keys=True) if job.requires else None
         q = self.queues.get(rkey)
         if q is None:
             q = self.queues[rkey] = collections.deque()
             self.requires[rkey] = job.requires
         (q.appendleft if front else q.append)(job)
+
+    def _job_from_row(self, row: tuple) -> Job:
+        jid, sid, seq, fn, args, req, timeout, retries, attempts = row
+        return Job(jid, self.sessions.get(sid), seq, fn, args, json.loads(req) if req else None,
+                   timeout, retries, attempts)  # fmt: skip
+
+    def _load_backlog(self) -> None:
+        """Refill the in-memory window from jobs that so far live only in the store."""
+        want = self.window - len(self.jobs)
+        if self.backlog_from is None or want < self.window // 2:
+            return
+        rows = self.store.pending(self.backlog_from - 1, want)
+        for row in rows:
+            if row[0] not in self.jobs:
+                self._enqueue(self._job_from_row(row))
+        if len(rows) == want:
+            self.backlog_from = rows[-1][0] + 1
+            self.backlog = max(0, self.backlog - len(rows))
+        else:
+            self.backlog_from, self.backlog = None, 0
 
     def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:
         specs = h["j"]
@@ -370,6 +456,7 @@ class Master:
         seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
         now = time.time()
         rows, next_id = [], self.store.next_id
+        spill = self.backlog_from is not None or len(self.jobs) + n > self.window
         for spec, args in zip(specs, blobs):
             seq, fn, key, opts = spec
             s.acks.append(seq)
@@ -382,18 +469,52 @@ class Master:
                     status, value, err, tb = hit
                     s.results.append((seq, status, err, tb))
                     s.blobs.append(value or b"")
-                    self._dirty_sessions.add(s)
                     continue
             req = opts.get("r")
-            job = Job(next_id, s, seq, fn, args, req, opts.get("t"), opts.get("m", defaults.MAX_RETRIES))
-            rows.append((next_id, s.id, seq, s.run, key, fn, args,
-                         json.dumps(req) if req else None, job.timeout, job.max_retries, now))  # fmt: skip
+            retries = opts.get("m", defaults.MAX_RETRIES)
+            rows.append((next_id, s.id, seq, s.run, key, fn, args, json.dumps(req) if req else None,
+                         opts.get("t"), retries, now))  # fmt: skip
+            if spill:  # the window is full: this job waits in the store only
+                if self.backlog_from is None:
+                    self.backlog_from = next_id
+                self.backlog += 1
+            else:
+                self._enqueue(Job(next_id, s, seq, fn, args, req, opts.get("t"), retries))
             next_id += 1
-            self._enqueue(job)
         self.store.next_id = next_id
         if rows:
             self.store.add_jobs(rows)
-        self._dirty_sessions.add(s)
+        self._dirty.add(s)
+
+    def _cancel(self, s: Session, seqs: list[int]) -> None:
+        """Cancel jobs of a session: queued ones are dropped, running ones killed."""
+        by_worker: dict[Worker, list[int]] = {}
+        stored_only = []
+        for seq in seqs:
+            job = s.jobs.get(seq)
+            if job is None:
+                stored_only.append(seq)
+                continue
+            w = job.worker
+            if w is not None:
+                w.running.pop(job.id, None)
+                by_worker.setdefault(w, []).append(job.id)
+            self._finish(job, P.CANCELLED, b"", "cancelled", "", None, None)
+        for w, ids in by_worker.items():
+            self._send(w.ident, P.CANCEL, {"i": ids})
+        if stored_only:  # not in memory: waiting in the store, or already finished
+            ids = self.store.job_ids(s.id, stored_only)
+            now = time.time()
+            self.store.add_results([(i, P.CANCELLED, b"", "cancelled", "", None, None, now) for i in ids.values()])
+
+    def _retry(self, run: str) -> int:
+        """Requeue the failed jobs of a run, with fresh attempts."""
+        rows = self.store.retry_failed(run)
+        for row in rows:
+            if row[0] not in self.jobs:
+                self._enqueue(self._job_from_row(row))
+        log.info("run %s: %d failed jobs requeued", run, len(rows))
+        return len(rows)
 
     def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
         rows = []
@@ -420,21 +541,27 @@ class Master:
             self.store.add_results([row])
         s = job.session
         if s is not None:
+            s.jobs.pop(job.seq, None)
             s.results.append((job.seq, status, err, tb))
             s.blobs.append(blob)
-            self._dirty_sessions.add(s)
+            self._dirty.add(s)
         return row
 
-    # -- end of a turn: commit, then answer, then dispatch -----------------------
+    # -- end of a turn: commit, then put workers to work, then answer -------------
     def _end_turn(self) -> None:
-        """Commit, then put workers to work, then answer clients."""
-        self.store.commit()
+        try:
+            self.store.commit()
+        except sqlite3.OperationalError as e:
+            self._store_failed(e)
+            return
+        if self.backlog_from is not None:
+            self._load_backlog()
         if self.workers and self.jobs:
             self._dispatch()
-        if self._dirty_sessions:
+        if self._dirty:
             now = time.monotonic()
             keep = set()
-            for s in self._dirty_sessions:
+            for s in self._dirty:
                 if s.ident is None:
                     s.acks, s.results, s.blobs = [], [], []
                 elif s.results:
@@ -443,9 +570,26 @@ class Master:
                 elif len(s.acks) >= defaults.BATCH_JOBS or now - s.last_sent >= _ACK_DELAY:
                     self._send(s.ident, P.ACK, {"s": s.acks})
                     s.acks, s.last_sent = [], now
-                else:  # acks alone wait a moment for a result to ride on
+                elif s.acks:  # acks alone wait a moment for a result to ride on
                     keep.add(s)
-            self._dirty_sessions = keep
+            self._dirty = keep
+
+    def _store_failed(self, e: Exception) -> None:
+        """The store refused a commit (disk full, I/O error): nothing of this turn counts.
+
+        Nothing committed is lost. Submissions of this turn are not acknowledged
+        (clients resend them), results of this turn are dropped (their jobs run
+        again), and the master stops: it must not promise what it cannot keep.
+        """
+        log.critical("the store %s refused a commit (%s): stopping; nothing committed is lost",
+                     self.store.path, e)  # fmt: skip
+        self.store.rollback()
+        for s in self.sessions.values():
+            if s.ident is not None:
+                self._send(s.ident, P.BYE, {"why": f"the master's store failed: {e}", "fatal": True})
+            s.acks, s.results, s.blobs = [], [], []
+        self._dirty = set()
+        self.stop()
 
     def _send_results(self, s: Session) -> None:
         """RESULT messages in batches; the first carries the pending acknowledgements."""
@@ -462,6 +606,17 @@ class Master:
             i = j
         s.results, s.blobs = [], []
 
+    def _compatible(self, s: Session | None, w: Worker) -> bool:
+        if s is None or not s.versions or not w.versions:
+            return True
+        why = incompatibility(s.versions, w.versions)
+        if why and (s.id, w.id) not in self._warned:
+            self._warned.add((s.id, w.id))
+            text = f"worker {w.describe()} on {w.host} cannot run this client's jobs: {why}"
+            log.warning("session %s: %s", s.id[:8], text)
+            s.notices.append(text)
+        return why is None
+
     def _dispatch(self) -> None:
         queues = [(k, q) for k, q in self.queues.items() if q]
         if not queues:
@@ -476,9 +631,14 @@ class Master:
                 if not q or not satisfies(w.caps, self.requires[rkey]):
                     continue
                 free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - given)
+                skipped = []
                 while q and free > 0:
                     job = q.popleft()
                     if job.id not in self.jobs:  # finished or cancelled while queued
+                        continue
+                    s = job.session
+                    if not self._compatible(s, w):
+                        skipped.append(job)
                         continue
                     if job.fn not in w.funcs:
                         blob = self.functions.get(job.fn) or self.store.function(job.fn)
@@ -488,7 +648,6 @@ class Master:
                         self.functions[job.fn] = blob
                         fns.append((job.fn, blob))
                         w.funcs.add(job.fn)
-                    s = job.session
                     ctx = s.id if s is not None and s.context else None
                     if ctx is not None and ctx not in w.ctxs:
                         ctxs[ctx] = s.context
@@ -503,10 +662,9 @@ class Master:
                     if len(tasks) >= defaults.BATCH_JOBS or size >= defaults.BATCH_BYTES:
                         self._send_tasks(w, tasks, args, fns, ctxs, now)
                         tasks, args, fns, ctxs, size = [], [], [], {}, 0
+                q.extendleft(reversed(skipped))
             if tasks:
                 self._send_tasks(w, tasks, args, fns, ctxs, now)
-            if not any(q for _, q in queues):
-                break
 
     def _send_tasks(self, w, tasks, args, fns, ctxs, now) -> None:
         header = {"t": tasks, "f": [h for h, _ in fns]}
@@ -517,27 +675,44 @@ class Master:
 
     # -- timers ------------------------------------------------------------------
     def _timers(self, now: float) -> None:
+        # after a disconnect, a worker silent for two heartbeats is taken as gone
+        suspect = now - self.disconnected_at < self.worker_timeout
         for w in list(self.workers.values()):
-            if now - w.last_seen > self.worker_timeout:
-                self._lose(w, f"silent for {now - w.last_seen:.1f} s")
+            silent = now - w.last_seen
+            if silent > self.worker_timeout:
+                self._lose(w, f"silent for {silent:.1f} s")
+            elif suspect and silent > 2 * self.heartbeat + 0.5:
+                self._lose(w, f"disconnected, silent for {silent:.1f} s")
             elif now - w.last_sent >= self.heartbeat:
                 self._send(w.ident, P.HEARTBEAT)
                 w.last_sent = now
+        queued = len(self.jobs) - sum(len(w.running) for w in self.workers.values()) + self.backlog
         for s in self.sessions.values():
-            if s.ident is not None and now - s.last_sent >= self.heartbeat:
-                self._send(s.ident, P.HEARTBEAT)
+            if s.ident is not None and (now - s.last_sent >= self.heartbeat or s.notices):
+                hb = {"workers": len(self.workers), "queued": queued}
+                if s.notices:
+                    hb["notices"], s.notices = s.notices, []
+                self._send(s.ident, P.HEARTBEAT, hb)
                 s.last_sent = now
-        self.store.commit()
+        while not self._pm_queue.empty():
+            wid, text = self._pm_queue.get()
+            self.post_mortems[wid] = text
+            self.store.worker_left(wid, text)
+            log.warning("worker %s post-mortem: %s", wid, text)
+        try:
+            self.store.commit()
+        except sqlite3.OperationalError as e:
+            self._store_failed(e)
 
     def status(self) -> dict:
-        queued = sum(len(q) for q in self.queues.values())
+        running = sum(len(w.running) for w in self.workers.values())
         return {
             "master": self.id,
             "address": self.address,
             "store": str(self.store.path),
             "uptime": time.time() - self.started,
-            "queued": queued,
-            "running": sum(len(w.running) for w in self.workers.values()),
+            "queued": len(self.jobs) - running + self.backlog,
+            "running": running,
             "done": self.done,
             "bad_messages": self.bad.count,
             "sessions": sum(1 for s in self.sessions.values() if s.ident is not None),
@@ -545,7 +720,7 @@ class Master:
                 {
                     "id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "caps": w.caps,
                     "running": len(w.running), "draining": w.draining, "counters": w.counters,
-                    "info": w.info,
+                    "info": w.info, "versions": w.versions,
                 }  # fmt: skip
                 for w in self.workers.values()
             ],

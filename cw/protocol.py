@@ -30,6 +30,7 @@ HELLO = b"HELLO"  # header: {role, session, ...}; the first message of a client 
 SUBMIT = b"SUBMIT"  # header: {j: [[seq, fn, key, opts], ...], f: [fn, ...]}; blobs: args..., fns...
 CANCEL = b"CANCEL"  # header: {s: [seq, ...]} (client) or {i: [job id, ...]} (master -> worker)
 STATUS = b"STATUS"  # header: {} (request) or the status document (reply)
+RETRY = b"RETRY"  # header: {run}: requeue the run's failed jobs; answered by STATUS {retried}
 BYE = b"BYE"  # header: {}; the sender is leaving
 # master -> client / worker
 WELCOME = b"WELCOME"  # header: {master, ...}; answer to HELLO
@@ -41,7 +42,7 @@ RESULT = b"RESULT"  # header: {r: [[id, status, runtime, error, traceback], ...]
 # both ways
 HEARTBEAT = b"HEARTBEAT"  # header: {} or a worker's counters
 
-KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
+KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, RETRY, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
 
 # job / result status codes carried in RESULT
 OK = 0  # value blob is the pickled return value
@@ -50,7 +51,8 @@ CRASHED = 2  # the process running the job died; error names the signal or exit 
 LOST = 3  # the job lost its worker too many times
 TIMEOUT = 4  # the job ran past its timeout and was killed
 CANCELLED = 5  # the job was cancelled
-FAILED = 6  # the system could not run the job (unpickling failed, ...); error says why
+FAILED = 6  # the system could not run the job (result too large, ...); error says why
+IMPORT = 7  # the worker could not import the function or what its arguments need
 STATUS_NAMES = {
     OK: "done",
     RAISED: "error",
@@ -59,6 +61,7 @@ STATUS_NAMES = {
     TIMEOUT: "timeout",
     CANCELLED: "cancelled",
     FAILED: "failed",
+    IMPORT: "import-error",
 }
 
 _LEN = struct.Struct("!Q")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
+import sysconfig
+import threading
 import traceback
 from collections import OrderedDict
 from hashlib import blake2b
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any, Callable, Iterable
 
 import cloudpickle
 
@@ -15,6 +20,11 @@ from .errors import JobError, RemoteTraceback, SerializationError
 PROTOCOL = 5  # readable by every supported Python (3.8+)
 _FN_CACHE_SIZE = 256
 _fn_cache: OrderedDict[Any, tuple[str, bytes]] = OrderedDict()
+_by_value_lock = threading.Lock()
+_SYSTEM_DIRS = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
 
 
 def _describe(obj: Any) -> str:
@@ -22,8 +32,34 @@ def _describe(obj: Any) -> str:
     return f"{type(obj).__qualname__} {r[:60] + '...' if len(r) > 60 else r}"
 
 
+def user_module(fn: Callable) -> ModuleType | None:
+    """The module a function comes from, if it is the user's own: not __main__
+    (cloudpickle sends that by value anyway), not the standard library, not an
+    installed package."""
+    name = getattr(fn, "__module__", None)
+    if not name or name == "__main__":
+        return None
+    mod = sys.modules.get(name)
+    path = getattr(mod, "__file__", None)
+    if not path:
+        return None
+    return None if os.path.realpath(path).startswith(_SYSTEM_DIRS) else mod
+
+
+def ship_modules(modules: Iterable[ModuleType | str]) -> None:
+    """Send these modules' functions and classes by value from now on (no import on workers)."""
+    for m in modules:
+        cloudpickle.register_pickle_by_value(sys.modules[m] if isinstance(m, str) else m)
+    _fn_cache.clear()
+
+
 def dumps_function(fn: Callable) -> tuple[str, bytes]:
-    """(hash, bytes) of a function; pickled once per function object, like dask does."""
+    """(hash, bytes) of a function; pickled once per function object, like dask does.
+
+    A function from the user's own module travels by reference (the worker
+    imports it, so module state and classes stay the module's own), with a
+    by-value copy beside it for a worker that cannot import the module.
+    """
     if not callable(fn):
         raise SerializationError(f"cannot submit {_describe(fn)}: it is not callable")
     try:
@@ -32,11 +68,25 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
         hit = None
     if hit is not None:
         return hit
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', None) or _describe(fn)}"
     try:
-        blob = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        primary = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except Exception as e:
-        name = getattr(fn, "__qualname__", None) or _describe(fn)
         raise SerializationError(f"cannot pickle function {name}: {e}") from e
+    fallback = None
+    mod = user_module(fn)
+    if mod is not None:
+        with _by_value_lock:
+            already = mod.__name__ in getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+            if not already:
+                cloudpickle.register_pickle_by_value(mod)
+                try:
+                    fallback = cloudpickle.dumps(fn, protocol=PROTOCOL)
+                except Exception:
+                    fallback = None  # by reference only, then
+                finally:
+                    cloudpickle.unregister_pickle_by_value(mod)
+    blob = pickle.dumps((name, primary, fallback), protocol=PROTOCOL)
     out = (blake2b(blob, digest_size=16).hexdigest(), blob)
     try:
         _fn_cache[fn] = out
@@ -74,6 +124,28 @@ def job_key(fn_hash: str, args_blob: bytes) -> str:
 loads = pickle.loads  # cloudpickle output is plain pickle data
 
 
+def loads_function(blob: bytes) -> tuple[str, Callable]:
+    """(name, function) from dumps_function's bytes: by reference, else by value."""
+    name, primary, fallback = pickle.loads(blob)
+    try:
+        return name, pickle.loads(primary)
+    except (ImportError, AttributeError):
+        if fallback is None:
+            raise
+    return name, pickle.loads(fallback)
+
+
+def runtime_versions() -> dict:
+    """What must match between a client and a worker for pickles to travel."""
+    from . import __version__
+
+    return {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "cloudpickle": cloudpickle.__version__,
+        "cw": __version__,
+    }
+
+
 def dumps_result(value: Any) -> bytes:
     return cloudpickle.dumps(value, protocol=PROTOCOL)
 
@@ -100,3 +172,22 @@ def rebuild_exception(blob: bytes, error: str, tb: str) -> BaseException:
     if tb:
         exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+def incompatibility(client: dict, worker: dict) -> str | None:
+    """Why a worker cannot unpickle this client's jobs, or None.
+
+    Functions pickled by value carry bytecode, which only the same Python
+    minor version reads; cloudpickle's format changes between major versions.
+    """
+
+    def minor(v: str) -> str:
+        return ".".join(str(v).split(".")[:2])
+
+    cp, wp = client.get("python"), worker.get("python")
+    if cp and wp and minor(cp) != minor(wp):
+        return f"it runs Python {wp}, this client Python {cp}: pickled functions need the same Python minor version"
+    cc, wc = client.get("cloudpickle"), worker.get("cloudpickle")
+    if cc and wc and str(cc).split(".")[0] != str(wc).split(".")[0]:
+        return f"it has cloudpickle {wc}, this client cloudpickle {cc}: install the same version on both"
+    return None

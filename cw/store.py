@@ -133,6 +133,11 @@ class Store:
             self.conn.execute("BEGIN IMMEDIATE")
             self._in_tx = True
 
+    def rollback(self) -> None:
+        if self._in_tx:
+            self.conn.execute("ROLLBACK")
+            self._in_tx = False
+
     def commit(self) -> bool:
         """Commit what this turn wrote; True if there was anything."""
         if self._in_tx:
@@ -230,6 +235,44 @@ class Store:
             " ORDER BY id LIMIT ?",
             (after, limit),
         ).fetchall()
+
+    def count_pending(self, after: int = 0) -> int:
+        return self.conn.execute(
+            "SELECT count(*) FROM jobs WHERE id > ?"
+            " AND NOT EXISTS (SELECT 1 FROM results WHERE job = jobs.id)",
+            (after,),
+        ).fetchone()[0]
+
+    def session_results(self, session: str, seqs: Sequence[int]) -> list[tuple]:
+        """(seq, status, value, error, traceback) of this session's finished jobs among seqs."""
+        out: list[tuple] = []
+        seqs = list(seqs)
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i : i + 500]
+            out += self.conn.execute(
+                "SELECT j.seq, r.status, r.value, r.error, r.traceback FROM jobs j"
+                " JOIN results r ON r.job = j.id"
+                f" WHERE j.session = ? AND j.seq IN ({','.join('?' * len(chunk))})",
+                (session, *chunk),
+            ).fetchall()
+        return out
+
+    def retry_failed(self, run: str) -> list[tuple]:
+        """Forget the failed results of a run; its jobs, as rows for the queue."""
+        self._begin()
+        failed = "SELECT job FROM results r JOIN jobs j ON j.id = r.job WHERE j.run IS ? AND r.status != 0"
+        ids = [r[0] for r in self.conn.execute(failed, (run,))]
+        self.conn.executemany("DELETE FROM results WHERE job = ?", [(i,) for i in ids])
+        self.conn.executemany("UPDATE jobs SET attempts = 0 WHERE id = ?", [(i,) for i in ids])
+        return [
+            row
+            for i in ids
+            for row in self.conn.execute(
+                "SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts"
+                " FROM jobs WHERE id = ?",
+                (i,),
+            )
+        ]
 
     def sessions(self) -> dict[str, tuple[str | None, dict]]:
         return {

@@ -21,10 +21,11 @@ from typing import Any, Deque
 
 import zmq
 
-from . import __version__, defaults, protocol as P
+from . import defaults
+from . import protocol as P
 from .discovery import ClusterDir, resolve_address
 from .errors import ConfigError, ProtocolError
-from .serialize import dumps_exception, dumps_result, loads
+from .serialize import dumps_exception, dumps_result, loads, loads_function, runtime_versions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def _child_main(conn) -> None:
     """Run batches of tasks sent by the agent; answer one message per job."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
     entered = False
@@ -72,8 +76,17 @@ def _child_main(conn) -> None:
             try:
                 fn = funcs.get(fn_hash)
                 if fn is None:
-                    fn = funcs[fn_hash] = loads(blobs.pop(fn_hash))
-                args, kwargs = loads(args_blob)
+                    try:
+                        fn = funcs[fn_hash] = loads_function(blobs[fn_hash])[1]
+                    except (ImportError, AttributeError) as e:
+                        what = f"the function {pickle.loads(blobs[fn_hash])[0]}"
+                        send(_import_failure(jid, what, e, t0))
+                        continue
+                try:
+                    args, kwargs = loads(args_blob)
+                except (ImportError, AttributeError) as e:
+                    send(_import_failure(jid, f"the arguments of job {jid}", e, t0))
+                    continue
                 value = fn(*args, **kwargs)
                 out = (jid, P.OK, time.perf_counter() - t0, None, None, dumps_result(value))
             except BaseException as e:  # noqa: B036 - a job's SystemExit is its failure too
@@ -85,6 +98,26 @@ def _child_main(conn) -> None:
                 out = (jid, P.FAILED, out[2], f"cannot pickle the result of job {jid}: {e}", None, b"")
                 data = pickle.dumps(out, protocol=5)
             send(data)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the agent dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> bytes:
+    """An IMPORT result naming what could not be imported, where, and from which path."""
+    err = (
+        f"cannot import {what} on {socket.gethostname()}: {type(e).__name__}: {e}."
+        f" The worker's sys.path: {sys.path}. Make the module importable there"
+        " (a shared path), or send it by value: Client(ship_modules=[module])"
+    )
+    return pickle.dumps((jid, P.IMPORT, time.perf_counter() - t0, err, None, b""), protocol=5)
 
 
 class _Child:
@@ -162,6 +195,8 @@ class Agent:
         master_timeout: float = defaults.MASTER_TIMEOUT,
         give_up: float = 600.0,
         max_message: int = defaults.MAX_MESSAGE,
+        grace: float = defaults.GRACE,
+        lifetime: float | None = None,
     ):
         self.cluster = cluster or ClusterDir()
         self.explicit_address = address
@@ -182,8 +217,19 @@ class Agent:
         self.counters = {"fn_received": 0, "tasks": 0, "results": 0, "crashes": 0}
         self.avg_runtime = 0.0
         self.draining = False
+        self.drain_requested: str | None = None
+        self.drain_started = 0.0
+        self.grace = grace
         self.stopping = False
+        self.cancelled: set[int] = set()
         self.ctx = self.sock = None
+        # drain by itself: at --lifetime, or early enough before the batch
+        # allocation ends that running jobs still get their grace period
+        deadlines = [time.time() + lifetime] if lifetime else []
+        end = _batch_deadline()
+        if end:
+            deadlines.append(end - grace - 2 * heartbeat)
+        self.deadline = min(deadlines) if deadlines else None
 
     # -- connection --------------------------------------------------------------
     def _connect(self) -> None:
@@ -208,7 +254,7 @@ class Agent:
         self._send(P.HELLO, {
             "role": "worker", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "procs": self.procs, "caps": self.caps, "have": list(self.fn_blobs),
-            "info": batch_info(), "versions": versions(),
+            "info": batch_info(), "versions": runtime_versions(),
         })  # fmt: skip
         self.welcomed = False
 
@@ -226,7 +272,7 @@ class Agent:
             self.poller.register(c.conn.fileno(), zmq.POLLIN)
         self._connect()
         self.last_heard = time.monotonic()
-        lost_since = None
+        lost_since, retry_at, backoff = None, 0.0, 1.0
         try:
             while not self.stopping:
                 events = dict(self.poller.poll(100))
@@ -234,27 +280,36 @@ class Agent:
                 if self.sock in events:
                     self._read_master()
                     self.last_heard = now
-                    lost_since = None
+                    lost_since, backoff = None, 1.0
                 for c in list(self.children):
                     if c.conn.fileno() in events:
                         self._read_child(c)
+                if self.cancelled:
+                    self._cancel()
                 self._feed_children()
                 self._flush()
                 now = time.monotonic()
                 self._check_timeouts(now)
+                if self.drain_requested and not self.draining:
+                    self._begin_drain(self.drain_requested)
+                elif self.deadline is not None and time.time() >= self.deadline and not self.draining:
+                    self._begin_drain("lifetime reached")
                 if now - self.last_sent >= self.heartbeat:
                     self._send(P.HEARTBEAT, self.counters)
-                if now - self.last_heard > self.master_timeout:
+                if now - self.last_heard > self.master_timeout and now >= retry_at:
                     lost_since = lost_since or self.last_heard
                     if now - lost_since > self.give_up:
                         log.error("master %s unreachable for %.0f s: giving up", self.address, now - lost_since)
                         break
-                    log.warning("master %s silent for %.1f s: reconnecting", self.address, now - self.last_heard)
+                    log.warning("master %s silent for %.0f s: reconnecting (next try in %.0f s)",
+                                self.address, now - lost_since, backoff)  # fmt: skip
                     self.pending.clear()  # the master requeues what we had not started
                     self._connect()
-                    self.last_heard = now
-                if self.draining and not self.pending and not any(c.inflight for c in self.children):
-                    break
+                    retry_at, backoff = now + backoff, min(backoff * 2, 30.0)
+                if self.draining:
+                    busy = any(c.inflight for c in self.children)
+                    if not busy or now - self.drain_started > self.grace:
+                        break
         finally:
             self._shutdown()
 
@@ -281,6 +336,8 @@ class Agent:
                 for (jid, fn, ctx, timeout), args in zip(tasks, blobs):
                     self.pending.append((jid, fn, ctx, timeout, args))
                 self.counters["tasks"] += n
+            elif kind == P.CANCEL:
+                self.cancelled.update(h["i"])
             elif kind == P.WELCOME:
                 self.welcomed = True
             elif kind == P.BYE:
@@ -350,6 +407,25 @@ class Agent:
         self.poller.register(new.conn.fileno(), zmq.POLLIN)
         return new
 
+    def _cancel(self) -> None:
+        """Drop cancelled jobs not started; kill the process running a cancelled one."""
+        ids, self.cancelled = self.cancelled, set()
+        kept = collections.deque(t for t in self.pending if t[0] not in ids)
+        for t in self.pending:
+            if t[0] in ids:
+                self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
+        self.pending = kept
+        for c in list(self.children):
+            hit = [t for t in c.inflight if t[0] in ids]
+            if not hit:
+                continue
+            for t in hit:
+                c.inflight.remove(t)
+                self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
+            self.pending.extendleft(reversed(c.inflight))
+            c.inflight.clear()
+            self._respawn(c)
+
     def _check_timeouts(self, now: float) -> None:
         for c in list(self.children):
             if c.inflight:
@@ -381,48 +457,54 @@ class Agent:
             self.outbox, self.outblobs = [], []
 
     # -- stopping ----------------------------------------------------------------
-    def drain(self, *_: Any) -> None:
-        """Take no new jobs, hand back the ones not started, finish the running ones."""
-        if self.draining:
-            self.stopping = True  # a second signal: stop now
-            return
+    def drain(self, signum: int | None = None, _frame: Any = None) -> None:
+        """Signal handler: drain (a second signal stops at once). The loop does the work."""
+        if self.drain_requested:
+            self.stopping = True
+        name = signal.Signals(signum).name if signum else "request"
+        self.drain_requested = f"{name} received"
+
+    def _begin_drain(self, why: str) -> None:
+        """Take no new jobs, hand back the ones not started, let the running ones finish."""
         self.draining = True
+        self.drain_started = time.monotonic()
         returned = [t[0] for t in self.pending]
         self.pending.clear()
-        log.warning("worker %s draining: %d jobs handed back", self.id, len(returned))
-        if self.sock is not None:
-            self._send(P.BYE, {"returned": returned, "why": "draining"})
+        log.warning("worker %s draining (%s): %d jobs handed back, %d running get %.0f s",
+                    self.id, why, len(returned), sum(len(c.inflight) for c in self.children), self.grace)  # fmt: skip
+        self._send(P.BYE, {"returned": returned, "why": f"draining: {why}"})
 
     def _shutdown(self) -> None:
+        """Kill the children; every job not finished goes back to the master uncharged."""
         for c in self.children:
             c.kill()
         if self.sock is not None:
-            returned = [t[0] for t in self.pending] + [
-                t[0] for c in self.children for t in c.inflight
-            ]
+            returned = [t[0] for t in self.pending] + [t[0] for c in self.children for t in c.inflight]
             self._flush()
-            self._send(P.BYE, {"returned": returned, "final": True, "why": "worker stopped"})
+            self._send(P.BYE, {"returned": returned, "final": True, "why": self.drain_requested or "stopped"})
             self.sock.close(linger=2000)
         if self.ctx is not None:
             self.ctx.term()
         log.info("worker %s stopped", self.id)
 
 
-def versions() -> dict:
-    import cloudpickle
-
-    return {
-        "python": "%d.%d.%d" % sys.version_info[:3],
-        "cloudpickle": cloudpickle.__version__,
-        "cw": __version__,
-    }
+def _batch_deadline() -> float | None:
+    """When the batch allocation running us ends (epoch seconds), if a launcher knows."""
+    try:
+        from .launcher import batch_deadline
+    except ImportError:
+        return None
+    try:
+        return batch_deadline()
+    except Exception:  # a post-mortem helper must never stop a worker from starting
+        return None
 
 
 def run_worker(**kwargs) -> None:
     agent = Agent(**kwargs)
-    signal.signal(signal.SIGTERM, agent.drain)
-    signal.signal(signal.SIGINT, agent.drain)
-    signal.signal(signal.SIGUSR1, agent.drain)
+    # scancel, qdel -notify (SIGUSR2), preemption and Ctrl-C all drain
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, agent.drain)
     agent.run()
 
 
