@@ -65,16 +65,24 @@ def cli() -> None:
               help="Seconds between heartbeats on an idle link.")
 @click.option("--worker-timeout", type=float, default=defaults.WORKER_TIMEOUT, show_default=True,
               help="Seconds of silence after which a worker is lost and its jobs requeued.")
+@click.option("--queue-window", type=int, default=defaults.QUEUE_WINDOW, show_default=True,
+              help="Unfinished jobs held in memory; the rest wait in the store.")
 @log_option
-def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout, log_level):
-    """Run a master: accept clients, hand their jobs to workers, store everything."""  # fmt: skip
+def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout,
+               queue_window, log_level):
+    """Run a master: accept clients, hand their jobs to workers, store everything.
+
+    On a cluster directory whose store holds unfinished jobs (a master that
+    crashed or was stopped), it requeues them and carries on.
+    """  # fmt: skip
     from .errors import CwError
     from .master import run_master
 
     _logging(log_level)
     try:
         run_master(cluster=_cluster(cluster_name, cluster_dir), bind=bind, port=port, host=host,
-                   interface=interface, heartbeat=heartbeat, worker_timeout=worker_timeout)  # fmt: skip
+                   interface=interface, heartbeat=heartbeat, worker_timeout=worker_timeout,
+                   queue_window=queue_window)  # fmt: skip
     except CwError as e:
         raise click.ClickException(str(e)) from None
 
@@ -137,26 +145,37 @@ def parse_duration(text: str) -> float:
 
 def query_status(address: str, key: bytes, timeout: float = 5.0) -> dict:
     """Ask a live master for its status document."""
+    from . import protocol as P
+
+    return _ask(address, key, P.STATUS, {}, timeout)
+
+
+def _ask(address: str, key: bytes, kind: bytes, header: dict, timeout: float = 5.0) -> dict:
+    """One request to a live master, answered by a STATUS message."""
     import zmq
 
     from . import protocol as P
-    from .errors import NoMasterError
+    from .errors import AuthenticationError, NoMasterError
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(address)
-        sock.send_multipart(P.pack(key, P.HELLO, {"role": "client", "session": f"status-{os.getpid()}-{time.time()}"}))
-        sock.send_multipart(P.pack(key, P.STATUS))
+        sock.send_multipart(P.pack(key, P.HELLO, {"role": "client", "session": f"cli-{os.getpid()}-{time.time()}"}))
+        sock.send_multipart(P.pack(key, kind, header))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if sock.poll(100):
-                kind, h, _ = P.unpack(key, sock.recv_multipart())
-                if kind == P.STATUS:
+                frames = sock.recv_multipart()
+                why = P.is_reject(frames)
+                if why:
+                    raise AuthenticationError(f"the master at {address} rejected our key: {why}")
+                got, h, _ = P.unpack(key, frames)
+                if got == P.STATUS:
                     sock.send_multipart(P.pack(key, P.BYE))
                     return h
-        raise NoMasterError(f"no status from a master at {address} within {timeout} s")
+        raise NoMasterError(f"no answer from a master at {address} within {timeout} s")
     finally:
         sock.close()
         ctx.term()
@@ -199,6 +218,84 @@ def status_cmd(cluster_name, cluster_dir, as_json):
         for run, states in sorted(doc["runs"].items()):
             parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
             click.echo(f"  run {run or '(none)'}: {parts}")
+
+
+# SQL for `cw results`; cw_value() is defined for sqlite-utils by _VALUE_FUNCTION
+_RESULTS_SQL = """
+SELECT j.id AS job, j.seq, j.run, r.status, cw_value(r.status, r.value) AS value,
+       r.error, r.worker, round(r.runtime, 6) AS runtime
+FROM jobs j JOIN results r ON r.job = j.id
+WHERE j.run IS :run {failed}
+ORDER BY j.id
+"""
+_VALUE_FUNCTION = """
+def cw_value(status, value):
+    import pickle
+    if status != 0 or value is None:
+        return None
+    try:
+        return repr(pickle.loads(value))
+    except Exception as e:
+        return f"<cannot unpickle here: {e!r}>"
+"""
+
+
+@cli.command("results")
+@click.argument("run", required=False)
+@cluster_options
+@click.option("--failed", is_flag=True, help="Only jobs that did not succeed.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True, help="Output format (sqlite-utils does the export).")
+def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
+    """Finished jobs of RUN (default: jobs submitted without a run name), from the store.
+
+    Reads the SQLite file directly: it works with or without a live master.
+    """  # fmt: skip
+    import sqlite_utils.cli
+
+    from .protocol import OK, STATUS_NAMES
+
+    cluster = _cluster(cluster_name, cluster_dir)
+    if not cluster.store_path.exists():
+        raise click.ClickException(f"no store at {cluster.store_path}")
+    names = " ".join(f"WHEN {k} THEN '{v}'" for k, v in STATUS_NAMES.items())
+    sql = _RESULTS_SQL.replace("r.status,", f"CASE r.status {names} END AS status,", 1).format(
+        failed=f"AND r.status != {OK}" if failed else ""
+    )
+    args = [str(cluster.store_path), sql, "-p", "run", run or "", "--functions", _VALUE_FUNCTION]
+    if not run:  # jobs without a run name are stored with run NULL
+        args[1] = args[1].replace("j.run IS :run", "(j.run IS NULL OR j.run = :run)")
+    args += {"table": ["--table"], "csv": ["--csv"], "json": []}[fmt]
+    sqlite_utils.cli.query.main(args, prog_name="cw results", standalone_mode=True)
+
+
+@cli.command("retry")
+@click.argument("run")
+@cluster_options
+@click.option("--failed", is_flag=True, required=True, help="Requeue the jobs that did not succeed.")
+def retry_cmd(run, cluster_name, cluster_dir, failed):
+    """Run the failed jobs of RUN again (through the live master, else in the store)."""
+    from . import protocol as P
+    from .discovery import resolve_address
+    from .errors import CwError
+
+    cluster = _cluster(cluster_name, cluster_dir)
+    address = resolve_address(None, cluster)
+    if address:
+        try:
+            doc = _ask(address, cluster.key(), P.RETRY, {"run": run})
+            click.echo(f"{doc['retried']} failed jobs of run {run} requeued by the master at {address}")
+            return
+        except CwError as e:
+            click.echo(f"master at {address} did not answer ({e}); changing the store", err=True)
+    from .store import Store
+
+    if not cluster.store_path.exists():
+        raise click.ClickException(f"no store at {cluster.store_path}")
+    store = Store(cluster.store_path)
+    n = len(store.retry_failed(run))
+    store.close()
+    click.echo(f"{n} failed jobs of run {run} will run when a master starts on {cluster.path}")
 
 
 cli.add_command(master_cmd)

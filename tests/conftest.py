@@ -48,7 +48,7 @@ class Procs:
         for _, p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for name, p in reversed(self.procs):
+        for _, p in reversed(self.procs):
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
@@ -85,7 +85,7 @@ def master(cw_home, procs):
 
 def start_workers(procs: Procs, n: int = 2, *extra: str, address: str | None = None):
     ps = []
-    for i in range(n):
+    for _ in range(n):
         args = ["-m", "cw.worker", *([address] if address else []), "--heartbeat", "0.2", *extra]
         ps.append(procs.start(f"worker-{len(procs.procs)}", *args))
     return ps

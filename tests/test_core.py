@@ -14,12 +14,12 @@ import time
 
 import pytest
 import zmq
+from conftest import start_workers, wait_for
 
 import cw
 import cw.client
 from cw import protocol as P
 from cw.discovery import ClusterDir
-from conftest import start_workers, wait_for
 
 
 def square(x):

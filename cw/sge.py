@@ -1,0 +1,298 @@
+"""``python -m cw.sge up | status | down``: a pool of cw workers on Grid Engine.
+
+The master runs as its own job (or here, with ``--master-here``); the workers
+are ONE array job, ``qsub -t 1-N -tc M``, each task running ``python -m
+cw.worker`` with the slots it was given (``--pe smp C``). Grid Engine's
+habits, all followed here:
+
+- always ``-N`` (a bad or missing job name fails obscurely) and ``-terse``
+  (the job id alone on stdout);
+- scripts run by ``-S /bin/bash`` with the interpreter's absolute path: jobs
+  do not inherit the submitter's environment (what cw needs is passed with
+  ``-v``), and jobs of root lose TMPDIR and LD_*;
+- ``-notify``: qdel sends SIGUSR2, then SIGKILL after the queue's notify time;
+  the worker drains on SIGUSR2. With ``--time``, ``s_rt`` sends SIGUSR1 (drain)
+  before ``h_rt`` kills;
+- ``qacct -j`` for the post-mortem (exit status, failed code, maxvmem).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shlex
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from .launcher import (
+    COMMAND_TIMEOUT,
+    ENDED,
+    PENDING,
+    PROBE_TIMEOUT,
+    QUERY_TIMEOUT,
+    RUNNING,
+    JobSpec,
+    Scheduler,
+    SchedulerError,
+    Task,
+    command,
+    first_line,
+    make_cli,
+)
+
+
+def seconds(text: str | None) -> float | None:
+    """A Grid Engine time ('3600', '1:00:00', '0:90:0') in seconds; None if unlimited."""
+    if not text or text.strip().upper() in ("INFINITY", "UNLIMITED"):
+        return None
+    parts = [float(x or 0) for x in text.strip().split(":")]
+    if len(parts) > 3:
+        raise ValueError(text)
+    return float(sum(v * 60**i for i, v in enumerate(reversed(parts))))
+
+
+def _hms(secs: float) -> str:
+    s = int(secs)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def indices(text: str | None) -> list[int | None]:
+    """qstat's task column: '' (not an array), '3', '2-8:1', '1,4-6:1'."""
+    if not text:
+        return [None]
+    out: list[int | None] = []
+    for part in text.split(","):
+        rng, _, step = part.partition(":")
+        lo, _, hi = rng.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1, int(step or 1)))
+    return out
+
+
+def _state(code: str) -> str:
+    """PENDING / RUNNING / ENDED from qstat's state letters (qw, hqw, r, t, dr, Eqw, ...)."""
+    if "E" in code:
+        return ENDED  # an error state: the task will never run by itself
+    if "d" in code:  # being deleted: it holds its slot until the notify time is up
+        return RUNNING if any(c in code for c in "rtRsST") else ENDED
+    if "q" in code or "w" in code:
+        return PENDING
+    return RUNNING
+
+
+class SGE(Scheduler):
+    name = "sge"
+    title = "Grid Engine"
+    first_index = 1
+
+    # -- submission ---------------------------------------------------------------
+    def _qsub(self, flags: list[str], script: Path) -> str:
+        rc, out, err = command(["qsub", "-terse", *flags, str(script)], COMMAND_TIMEOUT)
+        if rc != 0:
+            raise SchedulerError(f"qsub failed: {err or out or f'exit code {rc}'}")
+        job = out.strip().split(".")[0]  # '12' or, for an array, '12.1-4:1'
+        if not job.isdigit():
+            raise SchedulerError(f"qsub printed no job id: {out.strip()!r}")
+        return job
+
+    def _common(self, spec: JobSpec) -> list[str]:
+        o = spec.options
+        flags = ["-N", spec.name, "-S", "/bin/bash", "-wd", spec.workdir, "-j", "y", "-notify"]
+        env = self.passed_env()
+        bad = [k for k, v in env.items() if "," in v]
+        env = {k: v for k, v in env.items() if k not in bad}  # -v splits on commas
+        if env:
+            flags += ["-v", ",".join(f"{k}={v}" for k, v in env.items())]
+        if o.get("queue"):
+            flags += ["-q", o["queue"]]
+        return flags
+
+    def submit_master(self, script: Path, spec: JobSpec) -> str:
+        o = spec.options
+        flags = self._common(spec) + ["-o", f"{spec.logs}/master.$JOB_ID.out"]
+        if o.get("time"):  # else the queue's h_rt: the longest it allows
+            flags += ["-l", f"h_rt={o['time']}"]
+        flags += shlex.split(o.get("extra") or "")
+        return self._qsub(flags, script)
+
+    def submit_workers(self, script: Path, count: int, spec: JobSpec) -> str:
+        o = spec.options
+        flags = self._common(spec) + ["-t", f"1-{count}", "-o", f"{spec.logs}/worker.$JOB_ID.$TASK_ID.out"]
+        if o.get("array_parallelism"):
+            flags += ["-tc", str(o["array_parallelism"])]
+        if o.get("pe"):
+            flags += ["-pe", o["pe"][0], str(o["pe"][1])]
+        resources = []
+        if o.get("time"):
+            limit = seconds(o["time"])
+            resources.append(f"h_rt={o['time']}")
+            if limit:  # SIGUSR1 this long before h_rt: the worker drains
+                resources.append(f"s_rt={_hms(limit - self.drain_before(limit))}")
+        if o.get("mem"):
+            resources.append(f"h_vmem={o['mem']}")
+        if resources:
+            flags += ["-l", ",".join(resources)]
+        flags += shlex.split(o.get("extra") or "")
+        return self._qsub(flags, script)
+
+    def procs(self, options: dict) -> int:
+        pe = options.get("pe")
+        return int(pe[1]) if pe else 1
+
+    # -- watching -----------------------------------------------------------------
+    def tasks(self, jobs: Sequence[str]) -> list[Task] | None:
+        if not jobs:
+            return []
+        # one qstat for all of this user's jobs; ours are picked out here.
+        # Grid Engine lists no finished task: those are ENDED by absence
+        rc, out, _ = command(["qstat", "-xml", "-u", getpass.getuser()], QUERY_TIMEOUT)
+        if rc != 0:
+            return None
+        try:
+            root = ET.fromstring(out)
+        except ET.ParseError:
+            return None
+        wanted = set(jobs)
+        found = []
+        for j in root.iter("job_list"):
+            job = (j.findtext("JB_job_number") or "").strip()
+            if job not in wanted:
+                continue
+            code = (j.findtext("state") or "").strip()
+            host = (j.findtext("queue_name") or "").partition("@")[2]
+            try:
+                idx = indices((j.findtext("tasks") or "").strip())
+            except ValueError:
+                continue
+            for i in idx:
+                found.append(Task(job, i, _state(code), code, "", host))
+        return found
+
+    def task_name(self, job: str, index: int | None) -> str:
+        return job if index is None else f"{job}.{index}"
+
+    def cancel(self, jobs: Sequence[str]) -> None:
+        whole = [j for j in jobs if "." not in j]
+        calls = [whole] if whole else []
+        calls += [[j.split(".")[0], "-t", j.split(".")[1]] for j in jobs if "." in j]
+        for args in calls:
+            rc, out, err = command(["qdel", *args], COMMAND_TIMEOUT)
+            text = f"{out} {err}"
+            if rc != 0 and "does not exist" not in text and "has already been deleted" not in text:
+                raise SchedulerError(f"qdel {' '.join(args)} failed: {err or out}")
+
+    # -- inside a job -------------------------------------------------------------
+    @classmethod
+    def inside(cls, env: dict) -> bool:
+        return "JOB_ID" in env and ("SGE_TASK_ID" in env or "SGE_ROOT" in env or "SGE_O_WORKDIR" in env)
+
+    @classmethod
+    def owns(cls, info: dict) -> bool:
+        return "JOB_ID" in info and "SLURM_JOB_ID" not in info
+
+    def deadline(self) -> float | None:
+        jid = os.environ.get("JOB_ID", "")
+        if not jid.isdigit():
+            return None
+        rc, out, _ = command(["qstat", "-xml", "-j", jid], PROBE_TIMEOUT)
+        if rc != 0:
+            return None
+        try:
+            root = ET.fromstring(out)
+        except ET.ParseError:
+            return None
+        limit = None
+        for req in root.iter("qstat_l_requests"):
+            if req.findtext("CE_name") == "h_rt":
+                limit = float(req.findtext("CE_doubleval") or 0) or None
+        if limit is None:
+            limit = self._queue_limit(os.environ.get("QUEUE"))
+        if limit is None:
+            return None
+        task = os.environ.get("SGE_TASK_ID", "")
+        starts = {}
+        for t in root.iter("ulong_sublist"):
+            n, start = t.findtext("JAT_task_number"), t.findtext("JAT_start_time")
+            if n and start and start.isdigit():
+                starts[n] = float(start)
+        start = starts.get(task) or (min(starts.values()) if starts else None)
+        return None if not start else start + limit
+
+    def _queue_limit(self, queue: str | None) -> float | None:
+        if not queue:
+            return None
+        rc, out, _ = command(["qconf", "-sq", queue], PROBE_TIMEOUT)
+        for line in out.splitlines() if rc == 0 else ():
+            key, _, value = line.partition(" ")
+            if key == "h_rt":
+                try:
+                    return seconds(value.strip())
+                except ValueError:
+                    return None
+        return None
+
+    def post_mortem(self, info: dict) -> str | None:
+        jid = info.get("JOB_ID")
+        if not jid:
+            return None
+        task = info.get("SGE_TASK_ID")
+        task = task if task and task != "undefined" else None
+        label = f"SGE job {jid}{f'.{task}' if task else ''}"
+        rc, out, err = command(["qacct", "-j", jid, *(["-t", task] if task else [])], PROBE_TIMEOUT)
+        if rc != 0 or "exit_status" not in out:
+            return f"{label}: no accounting record (qacct: {first_line(err or out) or f'exit code {rc}'})"
+        rec: dict[str, str] = {}
+        for line in out.splitlines():
+            if line.startswith("====") and rec:
+                break  # the first record is enough
+            key, _, value = line.partition(" ")
+            if key and value.strip():
+                rec.setdefault(key, " ".join(value.split()))
+        text = f"{label}: exit status {rec.get('exit_status', '?')}, failed {rec.get('failed', '?')}"
+        if rec.get("maxvmem"):
+            text += f", maxvmem {rec['maxvmem']}"
+        if rec.get("ru_wallclock"):
+            text += f", after {rec['ru_wallclock']}"
+        if rec.get("hostname"):
+            text += f" on {rec['hostname']}"
+        return text
+
+
+SCHEDULER = SGE
+
+
+def _options(values: dict) -> dict:
+    out = {k: v for k, v in values.items() if v is not None and k != "extra_qsub"}
+    if values.get("extra_qsub"):
+        out["extra"] = values["extra_qsub"]
+    if out.get("pe"):
+        out["pe"] = list(out["pe"])
+    if out.get("time"):
+        try:
+            seconds(out["time"])
+        except ValueError:
+            raise click.BadParameter(f"{out['time']!r} is not a Grid Engine time (e.g. 4:00:00 or 14400)",
+                                     param_hint="--time") from None  # fmt: skip
+    return out
+
+
+cli = make_cli(
+    SGE,
+    [
+        click.option("--queue", "-q", default=None, help="Queue of the jobs (default: the cluster's)."),
+        click.option("--pe", nargs=2, type=(str, click.IntRange(min=1)), default=None, metavar="NAME SLOTS",
+                     help="Parallel environment and slots per worker, e.g. --pe smp 4; the worker"
+                          " runs as many executor processes."),
+        click.option("--time", default=None, help="h_rt of each worker task, e.g. 4:00:00."),
+        click.option("--mem", default=None, help="h_vmem of each worker task, e.g. 4G."),
+        click.option("--extra-qsub", default=None, metavar="FLAGS",
+                     help="More qsub flags for every job, e.g. \"-P myproject -l arch=lx-amd64\"."),
+    ],
+    _options,
+)  # fmt: skip
+
+
+if __name__ == "__main__":
+    cli(prog_name="python -m cw.sge")

@@ -1,0 +1,196 @@
+"""Crash safety and re-runs: kill -9 the master, the client, re-run a script."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+
+import pytest
+from conftest import start_workers, wait_for
+
+import cw
+from cw.discovery import ClusterDir
+
+
+def nap(seconds, x=None):
+    time.sleep(seconds)
+    return x
+
+
+def flaky(marker):
+    """Fails on its first run, succeeds later."""
+    first = not os.path.exists(marker)
+    open(marker, "a").close()
+    if first:
+        raise RuntimeError("first run fails")
+    return "ok"
+
+
+def start_master(procs, name="master", *extra):
+    cluster = ClusterDir()
+    p = procs.start(name, "-m", "cw.master", "--port", "0", "--heartbeat", "0.2", "--worker-timeout", "3", *extra)
+    wait_for(lambda: (cluster.read_master() or {}).get("pid") == p.pid or p.poll() is not None, what="master.json")
+    assert p.poll() is None, procs.log(name)
+    return p
+
+
+def cw_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cw", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_master_kill9_and_restart_loses_nothing(cw_home, procs):
+    m1 = start_master(procs, "m1")
+    start_workers(procs, 2, "--master-timeout", "2")
+    counts: Counter = Counter()
+    lock = threading.Lock()
+
+    def done(f):
+        with lock:
+            counts[f.jobid] += 1
+
+    with cw.Client(master_timeout=2) as c:
+        futs = [c.submit(nap, 0.004, i) for i in range(2000)]
+        for f in futs:
+            f.add_done_callback(done)
+        wait_for(lambda: sum(counts.values()) >= 400, timeout=60, what="400 results")
+        m1.kill()  # kill -9
+        m1.wait()
+        start_master(procs, "m2")
+        results = [f.result(120) for f in futs]
+    assert results == list(range(2000))
+    assert len(counts) == 2000 and set(counts.values()) == {1}
+    db = sqlite3.connect(ClusterDir().store_path)
+    assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 2000
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2000
+
+
+SCRIPT = """
+import os, sys, time, uuid
+import cw
+
+def mark(x, where):
+    open(os.path.join(where, f"{x}-{uuid.uuid4().hex}"), "w").close()
+    time.sleep(0.01)
+    return x * 10
+
+with cw.Client(run="sweep-1") as c:
+    futs = c.map(mark, range(500), [sys.argv[1]] * 500)
+    for f in cw.as_completed(futs):
+        print("R", f.result() // 10, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_rerun_returns_stored_results_without_running_again(master, workers, tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    execs = tmp_path / "execs"
+    execs.mkdir()
+    p = subprocess.Popen([sys.executable, str(script), str(execs)], stdout=subprocess.PIPE, text=True)
+    first = set()
+    for line in p.stdout:
+        first.add(int(line.split()[1]))
+        if len(first) >= 250:
+            break
+    p.kill()  # killed half-way
+    p.wait()
+    out = subprocess.run([sys.executable, str(script), str(execs)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    second = [int(line.split()[1]) for line in out.stdout.splitlines()]
+    assert sorted(second) == list(range(500))  # every result comes back
+    runs = Counter(name.split("-")[0] for name in os.listdir(execs))
+    assert all(runs[str(x)] == 1 for x in first), "a finished job ran again"
+
+
+def test_killed_client_jobs_still_finish(master, workers, tmp_path):
+    script = tmp_path / "fire.py"
+    script.write_text(textwrap.dedent("""
+        import time, cw
+        def nap(s, x):
+            time.sleep(s)
+            return x
+        c = cw.Client(run="orphans")
+        futs = [c.submit(nap, 0.5, i) for i in range(10)]
+        print("submitted", flush=True)
+        time.sleep(60)
+    """))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "submitted"
+    db = sqlite3.connect(master.store_path)
+    wait_for(lambda: db.execute("SELECT count(*) FROM jobs WHERE run = 'orphans'").fetchone()[0] == 10,
+             what="jobs stored")  # fmt: skip
+    p.kill()
+    p.wait()
+    wait_for(lambda: db.execute("SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job"
+                                " WHERE j.run = 'orphans' AND r.status = 0").fetchone()[0] == 10,
+             timeout=30, what="results of the dead client")  # fmt: skip
+    out = cw_cli("results", "orphans", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.strip().splitlines()[1:]
+    assert len(rows) == 10 and sorted(int(r.split(",")[4]) for r in rows) == list(range(10))
+
+
+def test_status_and_results_without_a_master(master, workers, procs):
+    with cw.Client(run="offline") as c:
+        c.gather(c.map(nap, [0] * 5, range(5)))
+        c.submit(flaky, str(procs.tmp / "never-there") + "/x").exception(30)
+    procs.stop()  # master and workers gone
+    st = cw_cli("status")
+    assert st.returncode == 0, st.stderr
+    assert "no master running" in st.stdout and "run offline: 5 done, 1 error" in st.stdout
+    res = cw_cli("results", "offline", "--format", "json")
+    assert res.returncode == 0 and res.stdout.count('"status": "done"') == 5
+    failed = cw_cli("results", "offline", "--failed")
+    assert "FileNotFoundError" in failed.stdout and "done" not in failed.stdout
+
+
+def test_retry_failed_through_the_live_master(master, workers, tmp_path):
+    marker = str(tmp_path / "flaky")
+    with cw.Client(run="again") as c:
+        with pytest.raises(RuntimeError, match="first run fails"):
+            c.submit(flaky, marker).result(30)
+    out = cw_cli("retry", "again", "--failed")
+    assert out.returncode == 0 and "1 failed jobs of run again requeued by the master" in out.stdout
+    db = sqlite3.connect(master.store_path)
+    wait_for(lambda: db.execute("SELECT r.status FROM results r").fetchall() == [(0,)], what="retried job done")
+    assert cw_cli("results", "again", "--failed", "--format", "csv").stdout.strip().count("\n") == 0
+
+
+def test_retry_failed_in_the_store_runs_at_next_start(cw_home, procs, tmp_path):
+    marker = str(tmp_path / "flaky")
+    m = start_master(procs, "m1")
+    start_workers(procs, 1, "--master-timeout", "1", "--give-up", "60")
+    with cw.Client(run="later") as c:
+        c.submit(flaky, marker).exception(30)
+    m.send_signal(signal.SIGTERM)
+    m.wait(10)
+    out = cw_cli("retry", "later", "--failed")
+    assert out.returncode == 0 and "will run when a master starts" in out.stdout, out.stdout + out.stderr
+    start_master(procs, "m2")
+    db = sqlite3.connect(ClusterDir().store_path)
+    wait_for(lambda: db.execute("SELECT status FROM results").fetchall() == [(0,)], timeout=30,
+             what="retried job done after restart")  # fmt: skip
+
+
+def test_second_master_refuses(master, procs):
+    p = procs.start("m2", "-m", "cw.master", "--port", "0")
+    assert p.wait(20) != 0
+    log = procs.log("m2")
+    assert "already running" in log and str(master.path) in log
+
+
+def test_queue_spills_to_the_store(cw_home, procs):
+    start_master(procs, "m", "--queue-window", "50")
+    start_workers(procs, 2)
+    with cw.Client() as c:
+        futs = c.map(nap, [0] * 600, range(600))
+        assert c.gather(futs, timeout=60) == list(range(600))
