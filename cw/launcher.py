@@ -96,6 +96,7 @@ class Task:
     detail: str = ""  #: the scheduler's own word: COMPLETED, OUT_OF_MEMORY, hqw, Eqw, ...
     reason: str = ""  #: why it pends or ended, where the scheduler says
     host: str = ""
+    leaving: bool = False  #: RUNNING, but cancelled or finished: on its way out
 
 
 @dataclass
@@ -428,7 +429,7 @@ class Pool:
             tasks = self.scheduler.tasks([m["job"]])
             if tasks is None:
                 return RUNNING  # the scheduler did not answer: do not start a second master
-        states = [t.state for t in tasks if t.job == m["job"]]
+        states = [ENDED if t.leaving else t.state for t in tasks if t.job == m["job"]]
         return states[0] if states else ENDED
 
     def _wait_master(self, rec: dict, stale: dict | None, wait: float, echo: Callable) -> str:
@@ -452,10 +453,9 @@ class Pool:
                         f"the master ended before it published itself: see {self.logs}"
                     )
                 t = next((t for t in tasks or () if t.index is None), None)
-                if t and t.state == PENDING and t.detail + t.reason != said:
-                    said = t.detail + t.reason
-                    echo(f"master {self.scheduler.describe(t.job)} is pending"
-                         f"{f' ({t.reason})' if t.reason else ''}")  # fmt: skip
+                if t and t.state == PENDING and t.reason and t.reason != said:
+                    said = t.reason
+                    echo(f"master {self.scheduler.describe(t.job)} is pending ({t.reason})")
             if now > deadline:
                 raise click.ClickException(
                     f"no master published itself in {self.cluster.path} within {wait:.0f} s; its"
@@ -635,7 +635,7 @@ class Keeper(threading.Thread):
         super().__init__(name="cw-keeper", daemon=True)
         self.pool = pool
         self.poll = poll
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.streak = 0  # heals in a row
         self.next_heal = 0.0
         self.full_since: float | None = None
@@ -644,10 +644,10 @@ class Keeper(threading.Thread):
         self._quiet_until = 0.0
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval()):
+        while not self._halt.wait(self.interval()):
             try:
                 self.tick()
             except Exception:

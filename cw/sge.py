@@ -167,7 +167,7 @@ class SGE(Scheduler):
             except ValueError:
                 continue
             for i in idx:
-                found.append(Task(job, i, _state(code), code, "", host))
+                found.append(Task(job, i, _state(code), code, "", host, "d" in code))
         return found
 
     def task_name(self, job: str, index: int | None) -> str:

@@ -183,7 +183,7 @@ class Slurm(Scheduler):
                     lo = int(rng[0])
                     idx = list(range(lo, int(rng[1]) + 1)) if len(rng) > 1 else [lo]
                 for i in idx:
-                    out_tasks.append(Task(main, i, kind, base, reason, node))
+                    out_tasks.append(Task(main, i, kind, base, reason, node, base == "COMPLETING"))
         return out_tasks
 
     def cancel(self, jobs: Sequence[str]) -> None:
@@ -238,7 +238,7 @@ class Slurm(Scheduler):
                 return f"{label}: {line}"
         acct = first_line(err or out) or "no record"
         # without accounting, slurmctld still knows a job for MinJobAge after it ended
-        rc2, out2, err2 = command(["squeue", "-h", "-t", "all", "-j", jid or name, "-o", "%T|%r|%N|%M"],
+        rc2, out2, err2 = command(["squeue", "-h", "-t", "all", "-j", name, "-o", "%T|%r|%N|%M"],
                                   PROBE_TIMEOUT)  # fmt: skip
         if rc2 == 0 and out2.strip():
             state, reason, node, elapsed = (out2.strip().splitlines()[0].split("|") + ["", "", ""])[:4]
