@@ -197,12 +197,14 @@ def status_cmd(cluster_name, cluster_dir, as_json):
             doc = {"live": True, **query_status(address, cluster.key())}
         except CwError as e:
             click.echo(f"master at {address} did not answer ({e}); reading the store", err=True)
-    if doc is None:
-        from .store import connect, summary
+    from .store import connect, summary
 
+    if doc is None:
         if not cluster.store_path.exists():
             raise click.ClickException(f"no master running and no store at {cluster.store_path}")
         doc = {"live": False, "store": str(cluster.store_path), **summary(connect(cluster.store_path, readonly=True))}
+    elif cluster.store_path.exists():  # WAL: reading beside the live master is safe
+        doc["runs"] = summary(connect(cluster.store_path, readonly=True))["runs"]
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
         return
@@ -211,13 +213,14 @@ def status_cmd(cluster_name, cluster_dir, as_json):
         click.echo(f"jobs: {doc['queued']} queued, {doc['running']} running, {doc['done']} done since start")
         click.echo(f"workers: {len(doc['workers'])}")
         for w in doc["workers"]:
+            where = " ".join(f"{k}={v}" for k, v in w.get("info", {}).items())
             click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running"
-                       f"{'  draining' if w['draining'] else ''}")  # fmt: skip
+                       f"{'  draining' if w['draining'] else ''}  {where}")  # fmt: skip
     else:
         click.echo(f"no master running; store {doc['store']}")
-        for run, states in sorted(doc["runs"].items()):
-            parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-            click.echo(f"  run {run or '(none)'}: {parts}")
+    for run, states in sorted(doc.get("runs", {}).items()):
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        click.echo(f"  run {run or '(none)'}: {parts}")
 
 
 # SQL for `cw results`; cw_value() is defined for sqlite-utils by _VALUE_FUNCTION

@@ -97,8 +97,18 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
     return out
 
 
+_PLAIN = (int, float, str, bytes, bool, type(None), complex, bytearray)
+
+
 def dumps_args(args: tuple, kwargs: dict) -> bytes:
-    """Pickled (args, kwargs); names the argument that cannot be pickled."""
+    """Pickled (args, kwargs); names the argument that cannot be pickled.
+
+    Plain values (numbers, strings, bytes) take the C pickler directly, several
+    times faster than cloudpickle's; anything else goes through cloudpickle,
+    which sends what lives in ``__main__`` by value.
+    """
+    if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+        return pickle.dumps((args, kwargs), protocol=PROTOCOL)
     try:
         return cloudpickle.dumps((args, kwargs), protocol=PROTOCOL)
     except Exception as e:
@@ -147,6 +157,8 @@ def runtime_versions() -> dict:
 
 
 def dumps_result(value: Any) -> bytes:
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, protocol=PROTOCOL)
     return cloudpickle.dumps(value, protocol=PROTOCOL)
 
 

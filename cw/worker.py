@@ -24,7 +24,7 @@ import zmq
 from . import defaults
 from . import protocol as P
 from .discovery import ClusterDir, resolve_address
-from .errors import ConfigError, ProtocolError
+from .errors import AuthenticationError, ConfigError, ProtocolError
 from .serialize import dumps_exception, dumps_result, loads, loads_function, runtime_versions
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,7 @@ class Agent:
         self.outbox: list[tuple] = []  # result headers
         self.outblobs: list[bytes] = []
         self.counters = {"fn_received": 0, "tasks": 0, "results": 0, "crashes": 0}
+        self.bad = P.RateLimited(log, "dropped bad messages from the master")
         self.avg_runtime = 0.0
         self.draining = False
         self.drain_requested: str | None = None
@@ -323,8 +324,12 @@ class Agent:
                 kind, h, blobs = P.unpack(self.key, frames)
             except ProtocolError as e:
                 why = P.is_reject(frames)
-                log.error("master at %s %s", self.address,
-                          f"rejected our key: {why}" if why else f"sent a bad message: {e}")  # fmt: skip
+                if why is not None:
+                    raise AuthenticationError(
+                        f"the master at {self.address} rejected this worker's key ({why}): use the"
+                        f" master's cluster directory ({self.cluster.path}) or its CW_KEY"
+                    ) from None
+                self.bad(str(e))
                 continue
             if kind == P.TASKS:
                 tasks = h["t"]

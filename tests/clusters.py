@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,14 @@ def queued(scheduler: str, jobs: list[str]) -> list[str]:
         if p.returncode != 0 and "Invalid job id" not in p.stderr:
             raise AssertionError(f"squeue failed: {p.stderr}")
         return p.stdout.split()
-    p = run(["qstat"])
+    p = run(["qstat", "-xml"])
     assert p.returncode == 0, p.stderr
-    rows = [line.split() for line in p.stdout.splitlines()[2:]]
-    return [f"{r[0]}.{r[-1]}" if len(r) > 8 else r[0] for r in rows if r and r[0] in jobs]
+    out = []
+    for j in ET.fromstring(p.stdout).iter("job_list"):
+        job, tasks = j.findtext("JB_job_number"), j.findtext("tasks")
+        if job in jobs:
+            out.append(f"{job}.{tasks}" if tasks else job)
+    return out
 
 
 def cancel(scheduler: str, jobs: list[str]) -> None:
@@ -206,8 +211,6 @@ class Launched:
             p = run(["squeue", "-h", "-o", "%i %j"])
             return [i.split("_")[0] for i, n in (line.split(None, 1) for line in p.stdout.splitlines()) if n.startswith(tag)]
         p = run(["qstat", "-xml"])
-        import xml.etree.ElementTree as ET
-
         try:
             root = ET.fromstring(p.stdout)
         except ET.ParseError:

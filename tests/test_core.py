@@ -155,6 +155,12 @@ def test_wrong_key_is_reported_fast(master, workers, monkeypatch):
     assert time.monotonic() - t0 < 5
 
 
+def test_worker_with_the_wrong_key_exits_clearly(master, procs):
+    p = procs.start("bad-worker", "-m", "cw.worker", env={"CW_KEY": "cd" * 32})
+    assert p.wait(20) != 0
+    assert "rejected this worker's key" in procs.log("bad-worker")
+
+
 def test_no_master_names_the_address(cw_home):
     ClusterDir().key(create=True)
     with pytest.raises(cw.NoMasterError, match="tcp://127.0.0.1:1"):
