@@ -336,8 +336,8 @@ class _Connection:
                 header["resend"] = True
             self._send(P.SUBMIT, header, [*args, *fn_blobs])
         if self.cancels:
-            self._send(P.CANCEL, {"s": self.cancels})
-            self.cancels = []
+            cancels, self.cancels = self.cancels, []  # user threads append to the new list
+            self._send(P.CANCEL, {"s": cancels})
 
     resend_below: int | None = None  # submissions under this seq may be a second copy
 

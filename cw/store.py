@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -97,6 +98,35 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+class _Checkpointer(threading.Thread):
+    """Copies the write-ahead log into the database, off the master's thread."""
+
+    EVERY = 1.0  # seconds between looks at the log
+    BYTES = 32 * 1024 * 1024  # checkpoint once the log is this large
+
+    def __init__(self, path: Path):
+        super().__init__(name="cw-checkpoint", daemon=True)
+        self.path, self.wal = path, Path(f"{path}-wal")
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        conn = connect(self.path)
+        try:
+            while not self._halt.wait(self.EVERY):
+                try:
+                    if self.wal.stat().st_size >= self.BYTES:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except (OSError, sqlite3.Error) as e:
+                    log.debug("checkpoint skipped: %s", e)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
 class Store:
     """The master's store. Not thread-safe: only the master's loop calls it."""
 
@@ -113,8 +143,10 @@ class Store:
         # NORMAL in WAL: a commit survives the death of any process; only a power
         # loss or OS crash may take the last transactions back.
         self.conn.execute("PRAGMA synchronous = NORMAL")
-        # each checkpoint syncs the disk: checkpoint every ~64 MB, not every 4 MB
-        self.conn.execute("PRAGMA wal_autocheckpoint = 4096")
+        # a checkpoint copies the log into the database and syncs the disk: a
+        # thread of its own does it, so the master's loop never waits for it
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._checkpointer = _Checkpointer(self.path)
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             _create_schema(self.conn)
@@ -125,6 +157,8 @@ class Store:
 
     def close(self) -> None:
         self.commit()
+        self._checkpointer.stop()
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
 
     # -- transactions: one per turn of the master's loop -------------------------

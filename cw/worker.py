@@ -154,6 +154,8 @@ def describe_exit(code: int | None) -> str:
 
 
 # ---------------------------------------------------------------- the agent
+_AHEAD_BYTES = 64 * 1024  # a child's next batch is sent ahead only below this size
+
 def default_procs() -> int:
     for var in ("SLURM_CPUS_PER_TASK", "NSLOTS"):
         v = os.environ.get(var, "")
@@ -355,29 +357,41 @@ class Agent:
 
     # -- children ----------------------------------------------------------------
     def _feed_children(self) -> None:
+        """Hand tasks to children: a batch to an idle child, and the next small batch
+        to a child on its last task, so it goes from one job to the next without
+        waiting for this loop (the pipe holds it)."""
         if not self.pending or self.draining:
             return
-        idle = [c for c in self.children if not c.inflight]
-        if not idle:
+        ready = [c for c in self.children if len(c.inflight) <= 1]
+        if not ready:
             return
         per = max(1, min(len(self.pending) // len(self.children),
                          int(0.005 / self.avg_runtime) if self.avg_runtime > 0 else 1, 200))  # fmt: skip
         now = time.monotonic()
-        for c in idle:
+        for c in sorted(ready, key=lambda c: len(c.inflight)):
             if not self.pending:
                 break
             ctx = self.pending[0][2]
             if c.used and c.ctx != ctx:  # another client's job: start from a clean process
+                if c.inflight:
+                    continue
                 c = self._respawn(c)
-            batch, new_funcs = [], []
+            ahead = bool(c.inflight)
+            batch, new_funcs, size = [], [], 0
             while self.pending and len(batch) < per and self.pending[0][2] == ctx:
+                if ahead and size + len(self.pending[0][4]) > _AHEAD_BYTES:
+                    break  # a large batch could fill the pipe while the child is busy
                 jid, fn, _, timeout, args = task = self.pending.popleft()
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
                 batch.append((jid, fn, args))
                 c.inflight.append(task)
-            c.head_started = now
+                size += len(args)
+            if not batch:
+                continue
+            if not ahead:
+                c.head_started = now
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None), protocol=5))
             c.ctx, c.used = ctx, True
 
