@@ -312,7 +312,8 @@ def _add_launchers() -> None:
     for name in ("slurm", "sge"):
         try:
             mod = importlib.import_module(f"cw.{name}")
-        except ImportError:
+        except Exception as e:  # a broken launcher must not take every other command down
+            logging.getLogger(__name__).warning("cw %s is unavailable: %r", name, e)
             continue
         group = getattr(mod, "cli", None)
         if group is not None:

@@ -50,3 +50,29 @@ NO_WORKERS_WARNING = 60.0
 LOG_EVERY = 10.0
 #: Seconds a draining worker lets running jobs finish before handing them back.
 GRACE = 30.0
+
+# -- launchers (SLURM, Grid Engine) ---------------------------------------------
+#: Seconds between the keeper's looks at the scheduler (one batched query each).
+POLL = 20.0
+#: Pause after a heal before the next one; it doubles with each heal in a row.
+HEAL_BACKOFF = 10.0
+#: ... up to this; a pool that stays full this long starts again from HEAL_BACKOFF.
+HEAL_BACKOFF_MAX = 600.0
+#: Tasks the keeper may resubmit over the pool's life, per worker of its size.
+HEALS_PER_WORKER = 10
+#: Seconds a submission or cancel command may take.
+COMMAND_TIMEOUT = 60.0
+#: Seconds a query (squeue, qstat) may take.
+QUERY_TIMEOUT = 20.0
+#: Seconds each command of batch_deadline() and post_mortem() may take.
+PROBE_TIMEOUT = 5.0
+#: batch_deadline() asks the scheduler again after this many seconds.
+DEADLINE_CACHE = 60.0
+#: The scheduler signals a worker this many seconds before its time limit, so that
+#: it drains (capped at a third of the limit, for short limits).
+DRAIN_BEFORE = 90.0
+#: Seconds `up` waits for the master to publish itself.
+UP_WAIT = 600.0
+#: Seconds `down` waits for the workers to drain and the jobs to leave the queue.
+DOWN_WAIT = 150.0
+

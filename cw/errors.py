@@ -62,5 +62,9 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
+class SchedulerError(CwError):
+    """A scheduler command failed or could not be run (sbatch, qsub, ...)."""
+
+
 class JobError(CwError):
     """A job raised an exception that could not be re-created on the client."""

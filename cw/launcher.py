@@ -47,43 +47,27 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import click
 
+from .defaults import (
+    COMMAND_TIMEOUT,
+    DEADLINE_CACHE,
+    DOWN_WAIT,
+    DRAIN_BEFORE,
+    HEAL_BACKOFF,
+    HEAL_BACKOFF_MAX,
+    HEALS_PER_WORKER,
+    POLL,
+    QUERY_TIMEOUT,
+    UP_WAIT,
+)
 from .discovery import ClusterDir
-from .errors import CwError
+from .errors import CwError, SchedulerError
 
 log = logging.getLogger(__name__)
 
 #: The launcher modules, by command name: ``cw.<name>`` exports ``SCHEDULER`` and ``cli``.
 SCHEDULERS = ("slurm", "sge")
 
-#: Seconds between the keeper's looks at the scheduler (one batched query each).
-POLL = 20.0
-#: Pause after a heal before the next one; it doubles with each heal in a row.
-HEAL_BACKOFF = 10.0
-#: ... up to this; a pool that stays full this long starts again from HEAL_BACKOFF.
-HEAL_BACKOFF_MAX = 600.0
-#: Tasks the keeper may resubmit over the pool's life, per worker of its size.
-HEALS_PER_WORKER = 10
-#: Seconds a submission or cancel command may take.
-COMMAND_TIMEOUT = 60.0
-#: Seconds a query (squeue, qstat) may take.
-QUERY_TIMEOUT = 20.0
-#: Seconds each command of batch_deadline() and post_mortem() may take.
-PROBE_TIMEOUT = 5.0
-#: batch_deadline() asks the scheduler again after this many seconds.
-DEADLINE_CACHE = 60.0
-#: The scheduler signals a worker this many seconds before its time limit, so that
-#: it drains (capped at a third of the limit, for short limits).
-DRAIN_BEFORE = 90.0
-#: Seconds `up` waits for the master to publish itself.
-UP_WAIT = 600.0
-#: Seconds `down` waits for the workers to drain and the jobs to leave the queue.
-DOWN_WAIT = 150.0
-
 PENDING, RUNNING, ENDED = "pending", "running", "ended"
-
-
-class SchedulerError(CwError):
-    """A scheduler command failed or could not be run (sbatch, qsub, ...)."""
 
 
 @dataclass(frozen=True)
@@ -186,11 +170,13 @@ class Scheduler(abc.ABC):
 
     # -- helpers for subclasses -----------------------------------------------------
     @staticmethod
-    def drain_before(limit: float | None) -> int:
-        """Seconds before a time limit at which a worker is signalled to drain."""
+    def drain_before(limit: float | None, grace: float | None = None) -> int:
+        """Seconds before a time limit at which a worker is signalled to drain:
+        enough for its running jobs' grace, at most a third of a short limit."""
+        ahead = max(DRAIN_BEFORE, (grace or 0) + 30)
         if limit is None:
-            return int(DRAIN_BEFORE)
-        return int(max(5.0, min(DRAIN_BEFORE, limit / 3)))
+            return int(ahead)
+        return int(max(5.0, min(ahead, limit / 3)))
 
     @staticmethod
     def passed_env() -> dict[str, str]:
@@ -376,6 +362,8 @@ class Pool:
         argv = [rec.get("python") or sys.executable, "-m", "cw.worker",
                 "--cluster-dir", str(self.cluster.path),
                 "--procs", str(self.scheduler.procs(options))]  # fmt: skip
+        if options.get("grace") is not None:
+            argv += ["--grace", str(options["grace"])]
         script = self._script("workers", argv, "one cw worker; each task of the array runs one")
         job = self.scheduler.submit_workers(script, count, self._spec(rec, "workers", options))
         rec.setdefault("arrays", []).append({"job": job, "tasks": count, "submitted": time.time()})
@@ -486,6 +474,8 @@ class Pool:
             address = self.answering_master()
             if address:
                 echo(f"master already running at {address}")
+                if not rec.get("master") and heal:
+                    echo(f"it was not started by `cw {self.scheduler.name} up`: nothing will heal the pool")
             elif rec.get("master") and self.master_state(rec) != ENDED:
                 echo("master already submitted; waiting for it")
             else:
@@ -807,6 +797,9 @@ def make_cli(cls: type[Scheduler], up_options: list, to_options: Callable[[dict]
     @_with(up_options)
     @click.option("--array-parallelism", type=click.IntRange(min=1), default=None,
                   help="At most this many worker tasks run at once (default: all).")
+    @click.option("--grace", type=click.FloatRange(min=0), default=None,
+                  help="Seconds a draining worker lets its running jobs finish before it hands"
+                       " them back (default: the worker's).")
     @click.option("--master-here", is_flag=True,
                   help="Run the master as a process on this host instead of as a batch job.")
     @click.option("--master-time", default=None,
@@ -822,13 +815,15 @@ def make_cli(cls: type[Scheduler], up_options: list, to_options: Callable[[dict]
     @click.option("--interface", default=None,
                   help="Publish the master's address on this network interface (e.g. ib0).")
     @_with(_common)
-    def up_cmd(workers, array_parallelism, master_here, master_time, heal, max_heals, poll, wait,
+    def up_cmd(workers, array_parallelism, grace, master_here, master_time, heal, max_heals, poll, wait,
                interface, cluster_name, cluster_dir, log_level, **sched_opts):  # fmt: skip
-        """Start a master and WORKERS workers as one array job; return once the master is published."""
+        """Start a master and --workers N workers as ONE array job; return once the master is published."""
         _logging(log_level)
         options = to_options(sched_opts)
         if array_parallelism:
             options["array_parallelism"] = array_parallelism
+        if grace is not None:
+            options["grace"] = grace
         master_options = {k: v for k, v in options.items() if k in MASTER_KEYS}
         if master_time:
             master_options["time"] = master_time

@@ -732,7 +732,8 @@ def run_master(**kwargs) -> None:
     m = Master(**kwargs)
     print(f"cw master listening on {m.address}", flush=True)
     print(f"published {m.cluster.master_json}", flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR1/SIGUSR2: the warning a batch system sends before a kill (qdel -notify)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, lambda *_: m.stop())
     m.serve()
 

@@ -27,16 +27,14 @@ from typing import Sequence
 
 import click
 
+from .defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
+from .errors import SchedulerError
 from .launcher import (
-    COMMAND_TIMEOUT,
     ENDED,
     PENDING,
-    PROBE_TIMEOUT,
-    QUERY_TIMEOUT,
     RUNNING,
     JobSpec,
     Scheduler,
-    SchedulerError,
     Task,
     command,
     first_line,
@@ -129,7 +127,7 @@ class SGE(Scheduler):
             limit = seconds(o["time"])
             resources.append(f"h_rt={o['time']}")
             if limit:  # SIGUSR1 this long before h_rt: the worker drains
-                resources.append(f"s_rt={_hms(limit - self.drain_before(limit))}")
+                resources.append(f"s_rt={_hms(limit - self.drain_before(limit, o.get('grace')))}")
         if o.get("mem"):
             resources.append(f"h_vmem={o['mem']}")
         if resources:

@@ -22,16 +22,14 @@ from typing import Sequence
 
 import click
 
+from .defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
+from .errors import SchedulerError
 from .launcher import (
-    COMMAND_TIMEOUT,
     ENDED,
     PENDING,
-    PROBE_TIMEOUT,
-    QUERY_TIMEOUT,
     RUNNING,
     JobSpec,
     Scheduler,
-    SchedulerError,
     Task,
     command,
     first_line,
@@ -76,8 +74,12 @@ def _clean_env() -> dict:
     A job submitted from a job (the keeper, beside the master) would otherwise
     inherit its allocation's settings, e.g. SLURM_CPUS_PER_TASK or
     SLURM_MEM_PER_NODE (submitit.helpers.clean_env does the same, in place).
+    SLURM_CONF stays: it tells sbatch where the cluster is.
     """
-    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SLURMD_", "SRUN_"))}
+    if "SLURM_JOB_ID" not in os.environ:
+        return dict(os.environ)
+    return {k: v for k, v in os.environ.items()
+            if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SLURMD_", "SRUN_"))}  # fmt: skip
 
 
 class Slurm(Scheduler):
@@ -124,7 +126,7 @@ class Slurm(Scheduler):
             f"--output={spec.logs}/worker-%A_%a.out",
             f"--cpus-per-task={self.procs(o)}",
             # B: the batch shell, which exec's the worker: it drains on USR1
-            f"--signal=B:USR1@{self.drain_before(seconds(o.get('time')))}",
+            f"--signal=B:USR1@{self.drain_before(seconds(o.get('time')), o.get('grace'))}",
         ]
         if o.get("time"):
             flags.append(f"--time={o['time']}")

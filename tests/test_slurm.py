@@ -31,7 +31,7 @@ from clusters import (
     worker_of,
 )
 
-from cw import launcher
+from cw import defaults, launcher
 from cw.discovery import ClusterDir
 from cw.launcher import ENDED, PENDING, RUNNING, Keeper, Pool, Scheduler, Task, post_mortem
 from cw.slurm import _sacct_line, seconds
@@ -92,7 +92,8 @@ def test_scancel_of_a_task_mid_job_requeues_its_job_and_the_pool_heals(pool: Lau
     pool.up("--workers", "4", "--time", "10")
     pool.wait_workers(4)  # then the 4 jobs go one to each
     c = pool.client()
-    # longer than KillWait (5 s): the cancelled worker is killed with its job
+    # longer than KillWait (5 s): the cancelled worker is killed with its job, and the
+    # master requeues it as a lost worker's (the drain that hands it back is on Grid Engine)
     futures = c.map(slow, range(4), [8.0] * 4)
     workers = wait_for(lambda: (lambda ws: ws if len(ws) == 4 and all(w["running"] for w in ws) else None)(
         pool.connected()), timeout=60, interval=0.2, what="a job on each of 4 workers")  # fmt: skip
@@ -298,11 +299,11 @@ def test_keeper_fills_then_heals_with_backoff_up_to_its_cap(tmp_path):
     assert keeper.tick(now=2) == 1  # healed at once ...
     sched.arrays["100"][2] = ENDED
     assert keeper.tick(now=3) == 0  # ... the next heal waits HEAL_BACKOFF
-    assert keeper.tick(now=2 + launcher.HEAL_BACKOFF) == 1
+    assert keeper.tick(now=2 + defaults.HEAL_BACKOFF) == 1
     sched.arrays["100"][0] = ENDED
     sched.arrays["101"][0] = ENDED
-    assert keeper.tick(now=2 + launcher.HEAL_BACKOFF) == 0  # backoff doubled
-    assert keeper.tick(now=2 + 3 * launcher.HEAL_BACKOFF) == 2  # the cap: 4 heals in all
+    assert keeper.tick(now=2 + defaults.HEAL_BACKOFF) == 0  # backoff doubled
+    assert keeper.tick(now=2 + 3 * defaults.HEAL_BACKOFF) == 2  # the cap: 4 heals in all
     sched.arrays["103"][0] = ENDED
     assert keeper.tick(now=1e6) == 0
     rec = pool.read()
@@ -344,5 +345,5 @@ def test_serve_master_stops_on_the_schedulers_signals(tmp_path, procs):
         wait_for(lambda p=p: cluster.master_address() or p.poll() is not None, what="master.json")
         assert p.poll() is None, procs.log(f"serve-{sig.name}")
         p.send_signal(sig)
-        assert p.wait(15) == 0
-        assert not cluster.master_json.exists()
+        assert p.wait(15) == 0, procs.log(f"serve-{sig.name}")
+        assert not cluster.master_json.exists(), procs.log(f"serve-{sig.name}")
