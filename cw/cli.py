@@ -67,9 +67,11 @@ def cli() -> None:
               help="Seconds of silence after which a worker is lost and its jobs requeued.")
 @click.option("--queue-window", type=int, default=defaults.QUEUE_WINDOW, show_default=True,
               help="Unfinished jobs held in memory; the rest wait in the store.")
+@click.option("--watch-pid", type=int, default=None, metavar="PID",
+              help="Stop when process PID ends (LocalCluster's processes end with their owner).")
 @log_option
 def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout,
-               queue_window, log_level):
+               queue_window, watch_pid, log_level):
     """Run a master: accept clients, hand their jobs to workers, store everything.
 
     On a cluster directory whose store holds unfinished jobs (a master that
@@ -82,7 +84,7 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
     try:
         run_master(cluster=_cluster(cluster_name, cluster_dir), bind=bind, port=port, host=host,
                    interface=interface, heartbeat=heartbeat, worker_timeout=worker_timeout,
-                   queue_window=queue_window)  # fmt: skip
+                   queue_window=queue_window, watch_pid=watch_pid)  # fmt: skip
     except CwError as e:
         raise click.ClickException(str(e)) from None
 
@@ -103,9 +105,11 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
               help="Seconds a draining worker lets running jobs finish before handing them back.")
 @click.option("--lifetime", default=None, metavar="DURATION",
               help="Drain by itself after this long (e.g. 3:55:00, 90m, 3600).")
+@click.option("--watch-pid", type=int, default=None, metavar="PID",
+              help="Drain when process PID ends (LocalCluster's processes end with their owner).")
 @log_option
 def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_timeout, give_up,
-               grace, lifetime, log_level):
+               grace, lifetime, watch_pid, log_level):
     """Run a worker for the master at HOST (default: the address in master.json).
 
     SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 drain it: no new jobs, unstarted jobs go
@@ -119,7 +123,8 @@ def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_t
     try:
         run_worker(address=host, cluster=_cluster(cluster_name, cluster_dir), procs=procs,
                    tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
-                   grace=grace, lifetime=parse_duration(lifetime) if lifetime else None)  # fmt: skip
+                   grace=grace, lifetime=parse_duration(lifetime) if lifetime else None,
+                   watch_pid=watch_pid)  # fmt: skip
     except CwError as e:
         raise click.ClickException(str(e)) from None
 
@@ -162,7 +167,6 @@ def _ask(address: str, key: bytes, kind: bytes, header: dict, timeout: float = 5
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(address)
-        sock.send_multipart(P.pack(key, P.HELLO, {"role": "client", "session": f"cli-{os.getpid()}-{time.time()}"}))
         sock.send_multipart(P.pack(key, kind, header))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -173,7 +177,6 @@ def _ask(address: str, key: bytes, kind: bytes, header: dict, timeout: float = 5
                     raise AuthenticationError(f"the master at {address} rejected our key: {why}")
                 got, h, _ = P.unpack(key, frames)
                 if got == P.STATUS:
-                    sock.send_multipart(P.pack(key, P.BYE))
                     return h
         raise NoMasterError(f"no answer from a master at {address} within {timeout} s")
     finally:
@@ -295,9 +298,14 @@ def retry_cmd(run, cluster_name, cluster_dir, failed):
 
     if not cluster.store_path.exists():
         raise click.ClickException(f"no store at {cluster.store_path}")
-    store = Store(cluster.store_path)
-    n = len(store.retry_failed(run))
-    store.close()
+    if not cluster.lock():  # the store has one writer: a master that is alive but silent
+        raise click.ClickException(f"a master holds {cluster.path} but does not answer; try again")
+    try:
+        store = Store(cluster.store_path)
+        n = len(store.retry_failed(run))
+        store.close()
+    finally:
+        cluster.unlock()
     click.echo(f"{n} failed jobs of run {run} will run when a master starts on {cluster.path}")
 
 

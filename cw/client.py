@@ -70,7 +70,6 @@ class Future(cf.Future):
             return False
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            conn.futures.pop(self.jobid, None)
             conn.cancel(self.jobid)
         return True
 
@@ -88,6 +87,9 @@ class _Delivery:
 
     def done(self) -> bool:
         return self.finished
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.finished
 
     def set_result(self, value: Any) -> None:
         self.finished = True
@@ -198,7 +200,9 @@ class _Connection:
         return fut
 
     def cancel(self, seq: int) -> None:
-        self.cancels.append(seq)
+        with self.space:
+            self.futures.pop(seq, None)
+            self.cancels.append(seq)
         self._wake()
 
     def _wake(self) -> None:
@@ -244,11 +248,15 @@ class _Connection:
                   "context": self.context, "versions": runtime_versions()}  # fmt: skip
         if self.welcomed.is_set():
             with self.space:
-                header["waiting"] = [s for s in self.futures if s not in self.unacked]
+                header["waiting"] = [s for s in list(self.futures) if s not in self.unacked]
         self._send(P.HELLO, header)
 
     def _send(self, kind: bytes, header: Any = None, blobs=()) -> None:
         self.sock.send_multipart(P.pack(self.key, kind, header, blobs), copy=sum(map(len, blobs)) < 65536)
+        self.last_sent = time.monotonic()
+
+    last_sent = 0.0
+    heartbeat = defaults.HEARTBEAT
 
     def _run(self) -> None:
         try:
@@ -273,6 +281,8 @@ class _Connection:
                 if self.linked:
                     self._send_submissions()
                 now = time.monotonic()
+                if self.linked and now - self.last_sent >= self.heartbeat:
+                    self._send(P.HEARTBEAT)  # a restarted master answers: say HELLO again
                 if not self.welcomed.is_set():
                     if now - started > self.connect_timeout:
                         break  # the constructor raises NoMasterError
@@ -320,7 +330,11 @@ class _Connection:
         q = self.outq
         while q:
             specs, args, fns, fn_blobs, size = [], [], [], [], 0
-            while q and len(specs) < defaults.BATCH_JOBS and size < defaults.BATCH_BYTES:
+            while q and len(specs) < defaults.BATCH_JOBS:
+                nxt = q[0]
+                grow = len(nxt[5]) + (len(nxt[2]) if nxt[1] not in self.sent_fns else 0)
+                if specs and size + grow > defaults.BATCH_BYTES:
+                    break  # a message never outgrows what the master accepts
                 seq, fn_hash, fn_blob, key, opts, a = q.popleft()
                 if fn_hash not in self.sent_fns:
                     self.sent_fns.add(fn_hash)
@@ -328,7 +342,7 @@ class _Connection:
                     fn_blobs.append(fn_blob)
                 specs.append((seq, fn_hash, key, opts))
                 args.append(a)
-                size += len(a)
+                size += grow
             header = {"j": specs}
             if fns:
                 header["f"] = fns
@@ -336,13 +350,15 @@ class _Connection:
                 header["resend"] = True
             self._send(P.SUBMIT, header, [*args, *fn_blobs])
         if self.cancels:
-            cancels, self.cancels = self.cancels, []  # user threads append to the new list
+            with self.space:
+                cancels, self.cancels = self.cancels, []
             self._send(P.CANCEL, {"s": cancels})
 
     resend_below: int | None = None  # submissions under this seq may be a second copy
 
     def _welcome(self, h: dict) -> None:
         self.master = h.get("master")
+        self.heartbeat = float(h.get("heartbeat") or defaults.HEARTBEAT)
         if self.welcomed.is_set():  # back after a break: resend what was not acknowledged
             with self.space:
                 self.outq.clear()
@@ -407,7 +423,8 @@ class _Connection:
         futures = self.futures
         for (seq, status, err, tb), blob in zip(rows, blobs):
             fut = futures.pop(seq, None)
-            if fut is None or fut.done():
+            # RUNNING from here on: a user's cancel() can no longer race set_result()
+            if fut is None or not fut.set_running_or_notify_cancel():
                 continue
             if status == P.OK:
                 try:
@@ -416,8 +433,8 @@ class _Connection:
                     fut.set_exception(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"))
                     continue
                 fut.set_result(value)
-            elif status == P.CANCELLED:
-                fut.cancel()
+            elif status == P.CANCELLED:  # by another client API, or a retry of the run
+                fut.set_exception(cf.CancelledError(f"job {seq} was cancelled"))
             else:
                 fut.set_exception(_error_for(status, err, tb, blob))
 
@@ -484,25 +501,33 @@ class Client:
     # -- submission ---------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, key: str | None = None, cache: bool = True,
                requires: dict | None = None, timeout: float | None = None,
-               max_retries: int | None = None, _sink: Callable | None = None, **kwargs: Any) -> Future:  # fmt: skip
+               max_retries: int | None = None, **kwargs: Any) -> Future:  # fmt: skip
         """Run ``fn(*args, **kwargs)`` on the cluster; return its future at once.
 
         ``key``, ``cache``, ``requires``, ``timeout`` and ``max_retries`` are
-        cw's own options and are not passed to ``fn``.
+        cw's own options and are not passed to ``fn`` (``Executor`` and
+        ``ClientThread`` pass every keyword to the function).
         """
+        return self._submit(fn, args, kwargs, key=key, cache=cache, requires=requires,
+                            timeout=timeout, max_retries=max_retries)  # fmt: skip
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, key: str | None = None,
+                cache: bool = True, requires: dict | None = None, timeout: float | None = None,
+                max_retries: int | None = None, sink: Callable | None = None) -> Future:  # fmt: skip
         fn_hash, fn_blob = dumps_function(fn)
         args_blob = dumps_args(args, kwargs)
-        if len(args_blob) > defaults.MAX_MESSAGE:
-            raise MessageTooLargeError(
-                f"the arguments of {getattr(fn, '__qualname__', fn)} pickle to {len(args_blob)} bytes,"
-                f" more than the largest message ({defaults.MAX_MESSAGE} bytes); put large data"
-                " on the shared filesystem and pass its path"
-            )
+        for what, blob in (("arguments", args_blob), ("function", fn_blob)):
+            if len(blob) > defaults.MAX_MESSAGE:
+                raise MessageTooLargeError(
+                    f"the {what} of {getattr(fn, '__qualname__', fn)} pickle to {len(blob)} bytes, more"
+                    f" than the largest message ({defaults.MAX_MESSAGE} bytes); put large data on the"
+                    " shared filesystem and pass its path"
+                )
         if self.serial:
             fut = self._run_serial(fn, args_blob)
-            if _sink is not None:
+            if sink is not None:
                 exc = fut.exception()
-                _sink(fut.jobid, fut.result() if exc is None else exc, exc is not None)
+                sink(fut.jobid, fut.result() if exc is None else exc, exc is not None)
             return fut
         if key is None and self.run is not None and cache:
             key = job_key(fn_hash, args_blob)
@@ -517,7 +542,7 @@ class Client:
         m = max_retries if max_retries is not None else self.defaults["m"]
         if m is not None:
             opts["m"] = int(m)
-        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, _sink)
+        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink)
 
     _serial_seq = itertools.count()
 
@@ -618,7 +643,7 @@ class Executor(cf.Executor):
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        fut = self.client.submit(fn, *args, **kwargs)
+        fut = self.client._submit(fn, args, kwargs)  # every keyword is the function's, as in the pool
         self._futures.add(fut)
         fut.add_done_callback(self._futures.discard)
         return fut
@@ -681,7 +706,7 @@ class ClientThread(threading.Thread):
         with self._idle:
             self._outstanding += 1
         try:
-            return self.client.submit(func, *args, _sink=self._deliver, **kwargs).jobid
+            return self.client._submit(func, args, kwargs, sink=self._deliver).jobid
         except BaseException:
             with self._idle:
                 self._outstanding -= 1

@@ -38,6 +38,8 @@ PREFETCH_MAX = 500
 
 #: The master holds at most this many unfinished jobs in memory; the rest wait in the store.
 QUEUE_WINDOW = 100_000
+#: ... and at most this many bytes of their arguments.
+QUEUE_WINDOW_BYTES = 1024 * 1024 * 1024
 
 #: Client backpressure: at most this many submitted but unacknowledged jobs, or bytes.
 MAX_UNACKED_JOBS = 100_000

@@ -68,7 +68,7 @@ class ClusterDir:
                     f"no key at {self.key_path}: start a master on this cluster directory "
                     "first, or set CW_HOME / CW_CLUSTER / CW_KEY to the master's"
                 ) from None
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         text = secrets.token_hex(32)
         tmp = self.key_path.with_name(f".key.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -83,9 +83,16 @@ class ClusterDir:
         return self.key(create=False)
 
     # -- master.json ------------------------------------------------------------
+    def make(self) -> None:
+        """Create the directory, readable by its owner only: it holds the key and
+        the store (every job's arguments and results)."""
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700, exist_ok=True)
+
     def publish(self, info: dict[str, Any]) -> None:
         """Write master.json atomically (readers never see half a file)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         tmp = self.master_json.with_name(f".master.json.{os.getpid()}")
         tmp.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, self.master_json)
@@ -107,14 +114,14 @@ class ClusterDir:
         info = self.read_master()
         if not info or "address" not in info:
             return None
-        if info.get("host") == socket.gethostname() and not _pid_alive(info.get("pid")):
+        if info.get("host") == socket.gethostname() and not pid_alive(info.get("pid")):
             return None
         return str(info["address"])
 
     # -- the single-master lock -------------------------------------------------
     def lock(self) -> bool:
         """Take the master lock; False if a live master holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         fd = os.open(self.path / "master.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,7 +147,7 @@ def _parse_key(text: str, where: str) -> bytes:
     return key
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -59,7 +59,7 @@ from .defaults import (
     QUERY_TIMEOUT,
     UP_WAIT,
 )
-from .discovery import ClusterDir
+from .discovery import ClusterDir, pid_alive
 from .errors import CwError, SchedulerError
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ class Pool:
         if m.get("here"):
             if m.get("host") != socket.gethostname():
                 return RUNNING  # another host's process: we cannot tell, assume it runs
-            return RUNNING if _pid_alive(m.get("pid")) else ENDED
+            return RUNNING if pid_alive(m.get("pid")) else ENDED
         if not m.get("job"):
             return ENDED
         if tasks is None:
@@ -560,9 +560,9 @@ class Pool:
             echo(f"cancelled worker arrays {', '.join(arrays)}: draining")
             self._wait_gone(arrays, deadline)
         if master.get("here"):
-            if master.get("host") == socket.gethostname() and _pid_alive(master.get("pid")):
+            if master.get("host") == socket.gethostname() and pid_alive(master.get("pid")):
                 os.kill(int(master["pid"]), signal.SIGTERM)
-                while _pid_alive(master["pid"]) and time.monotonic() < deadline:
+                while pid_alive(master["pid"]) and time.monotonic() < deadline:
                     time.sleep(0.2)
             elif master.get("host") != socket.gethostname():
                 echo(f"the master runs on {master.get('host')} (pid {master.get('pid')}): stop it there")
@@ -595,16 +595,6 @@ class Pool:
             if time.monotonic() > deadline:
                 return left
             time.sleep(1.0)
-
-
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------ the keeper

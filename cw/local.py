@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -16,13 +15,6 @@ from pathlib import Path
 from .discovery import ClusterDir
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:  # runs in the child before exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _free_port() -> int:
@@ -71,9 +63,12 @@ class LocalCluster:
         env = dict(os.environ)
         env.pop("CW_ADDRESS", None)
         env.pop("CW_KEY", None)
-        with open(self.logs / f"{name}.log", "ab") as out:
-            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 env=env, preexec_fn=_die_with_parent)  # fmt: skip
+        fd = os.open(self.logs / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as out:
+            # --watch-pid: each process ends when this one does (a parent-death signal
+            # would fire when the creating *thread* ends)
+            p = subprocess.Popen([*cmd, "--watch-pid", str(os.getpid())], stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
         self.procs.append(p)
         return p
 

@@ -27,7 +27,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .discovery import ClusterDir, advertised_host, master_info
+from .discovery import ClusterDir, advertised_host, master_info, pid_alive
 from .errors import ConfigError, ProtocolError
 from .serialize import incompatibility
 from .store import Store
@@ -145,6 +145,7 @@ class Master:
         max_message: int = defaults.MAX_MESSAGE,
         queue_window: int = defaults.QUEUE_WINDOW,
         publish: bool = True,
+        watch_pid: int | None = None,
     ):
         self.cluster = cluster
         if not cluster.lock():
@@ -179,8 +180,11 @@ class Master:
         self.requires: dict[Optional[str], dict] = {None: {}}
         self.jobs: dict[int, Job] = {}  # unfinished jobs held in memory
         self.window = queue_window
+        self.watch_pid = watch_pid
         self.backlog_from: int | None = 0  # first job id known only to the store
         self.backlog = 0  # how many jobs wait in the store only
+        self.mem_bytes = 0  # argument bytes of the jobs held in memory
+        self.unschedulable: dict[Optional[str], float] = {}  # requirement -> since when
         self.bad = P.RateLimited(log, "dropped unverifiable messages")
         self.stopping = threading.Event()
         self._dirty: set[Session] = set()
@@ -284,15 +288,22 @@ class Master:
             kind, header, blobs = P.unpack(self.key, frames[1:])
         except ProtocolError as e:
             self.bad(f"from peer {ident.hex()}: {e}")
-            if len(frames) >= 3 and frames[1] == P.VERSION:  # a cw peer with the wrong key
+            if isinstance(e, P.BadMAC):  # a cw peer with another key: tell it
                 self.sock.send_multipart([ident, *P.reject(str(e))])
             return
         peer = self.peers.get(ident)
         try:
             if kind == P.HELLO:
                 self._hello(ident, header)
+            elif kind == P.STATUS:  # any key holder may ask; no session needed
+                self._send(ident, P.STATUS, self.status())
+            elif kind == P.RETRY:
+                self._send(ident, P.STATUS, {"retried": self._retry(str(header["run"]))})
             elif peer is None:  # we restarted, or it timed out: it must say HELLO again
-                self._send(ident, P.BYE, {"why": "unknown peer, say HELLO", "rehello": True})
+                if kind == P.RESULT:  # what it computed meanwhile still counts
+                    self._orphan_results(header, blobs)
+                if kind != P.BYE:
+                    self._send(ident, P.BYE, {"why": "unknown peer, say HELLO", "rehello": True})
             elif isinstance(peer, Worker):
                 peer.last_seen = time.monotonic()
                 if kind == P.RESULT:
@@ -305,30 +316,19 @@ class Master:
                 self._submit(peer, header, blobs)
             elif kind == P.CANCEL:
                 self._cancel(peer, header["s"])
-            elif kind == P.STATUS:
-                self._send(ident, P.STATUS, self.status())
-            elif kind == P.RETRY:
-                n = self._retry(str(header["run"]))
-                self._send(ident, P.STATUS, {"retried": n})
             elif kind == P.BYE:
                 self.peers.pop(ident, None)
                 peer.ident = None
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except sqlite3.Error as e:
+            self._store_failed(e)
+        except Exception as e:
             # signed by a key holder, yet malformed: a bug or version skew, not an attack
             log.error("malformed %s message from %r: %r", kind.decode(), peer or ident.hex(), e)
 
     # -- peers -------------------------------------------------------------------
     def _hello(self, ident: bytes, h: dict) -> None:
         if h.get("role") == "worker":
-            w = Worker(ident, h)
-            old = self.peers.get(ident)
-            if isinstance(old, Worker):
-                self._lose(old, "re-registered")
-            self.peers[ident] = self.workers[ident] = w
-            self.store.worker_joined(w.id, w.host, w.pid, w.caps)
-            log.info("worker %s joined with %d slots %s", w.describe(), w.slots, w.caps)
-            self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
-            w.last_sent = time.monotonic()
+            self._worker_hello(ident, h)
             return
         sid = str(h["session"])
         s = self.sessions.get(sid)
@@ -344,24 +344,79 @@ class Master:
         s.last_sent = time.monotonic()
         waiting = h.get("waiting")
         if waiting:  # a client back after a reconnect: what finished meanwhile
-            for seq, status, value, err, tb in self.store.session_results(sid, waiting):
-                s.results.append((seq, status, err, tb))
-                s.blobs.append(value or b"")
-            self._dirty.add(s)
+            self._stored_results(s, waiting)
+
+    def _stored_results(self, s: Session, seqs: list[int]) -> None:
+        for seq, status, value, err, tb in self.store.session_results(s.id, seqs):
+            s.results.append((seq, status, err, tb))
+            s.blobs.append(value or b"")
+        self._dirty.add(s)
+
+    def _worker_hello(self, ident: bytes, h: dict) -> None:
+        """A worker joins, or comes back (new connection, or a master that restarted).
+
+        The jobs it says it still holds stay with it; jobs we thought it had and
+        it does not hold were lost in transit, not by its fault: requeued uncharged.
+        """
+        w = Worker(ident, h)
+        old = self.peers.get(ident)
+        if not isinstance(old, Worker) or old.id != w.id:
+            old = next((x for x in self.workers.values() if x.id == w.id), None)
+        if old is not None:
+            self.peers.pop(old.ident, None)
+            self.workers.pop(old.ident, None)
+            w.running = old.running
+        holding = set(h.get("holding") or ())
+        for jid in list(w.running):
+            if jid not in holding:
+                self._requeue(w.running.pop(jid))
+        for jid in holding - set(w.running):  # after our restart: claim what it runs
+            job = self.jobs.get(jid)
+            if job is not None and job.worker is None:
+                job.worker = w
+                w.running[jid] = job
+        self.peers[ident] = self.workers[ident] = w
+        self.store.worker_joined(w.id, w.host, w.pid, w.caps)
+        log.info("worker %s %s with %d slots %s", w.describe(), "rejoined" if old else "joined",
+                 w.slots, w.caps)  # fmt: skip
+        self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+        w.last_sent = time.monotonic()
+
+    def _requeue(self, job: Job) -> None:
+        job.worker = None
+        self._enqueue(job, front=True)
+
+    def _orphan_results(self, h: dict, blobs: list[bytes]) -> None:
+        """Results from a worker we do not know (yet): keep those of jobs still unfinished."""
+        rows = []
+        for (jid, status, runtime, err, tb), blob in zip(h["r"], blobs):
+            job = self.jobs.get(jid)
+            if job is not None and job.worker is None:
+                rows.append(self._finish(job, status, blob, err, tb, None, runtime, store=False))
+        if rows:
+            self.store.add_results(rows)
 
     def _lose(self, w: Worker, why: str) -> None:
-        """A worker is gone without handing its jobs back: requeue them, charging an attempt."""
+        """A worker is gone without handing its jobs back: requeue them.
+
+        Only the jobs it was likely running are charged an attempt: the oldest
+        `slots` it was given (a worker runs its jobs in the order it got them);
+        the ones waiting behind them never started.
+        """
         self.peers.pop(w.ident, None)
         self.workers.pop(w.ident, None)
         self.store.worker_left(w.id, why)
         if w.info:
             threading.Thread(target=self._post_mortem, args=(w,), daemon=True).start()
-        jobs = list(w.running.values())
+        jobs = list(w.running.values())  # in the order they were given
         w.running.clear()
-        if jobs:
-            self.store.count_attempt([j.id for j in jobs])
+        charged, spared = jobs[: w.slots], jobs[w.slots :]
+        if charged:
+            self.store.count_attempt([j.id for j in charged])
         failed = 0
-        for job in sorted(jobs, key=lambda j: -j.id):
+        for job in reversed(spared):
+            self._requeue(job)
+        for job in reversed(charged):
             job.attempts += 1
             job.lost_on = (job.lost_on or []) + [w.describe()]
             job.worker = None
@@ -370,8 +425,8 @@ class Master:
                 self._finish(job, P.LOST, b"", self._lost_error(job), "", w.id, None)
             else:
                 self._enqueue(job, front=True)
-        log.warning("worker %s on %s lost (%s): %d jobs requeued, %d failed", w.describe(), w.host,
-                    why, len(jobs) - failed, failed)  # fmt: skip
+        log.warning("worker %s on %s lost (%s): %d jobs requeued (%d charged an attempt), %d failed",
+                    w.describe(), w.host, why, len(jobs) - failed, len(charged) - failed, failed)  # fmt: skip
 
     def _lost_error(self, job: Job) -> str:
         lines = [f"job lost its worker {job.attempts} times (max_retries={job.max_retries}):"]
@@ -401,9 +456,8 @@ class Master:
         if h.get("final"):
             returned += list(w.running.values())
             w.running.clear()
-        for job in sorted(returned, key=lambda j: -j.id):
-            job.worker = None
-            self._enqueue(job, front=True)
+        for job in reversed(returned):
+            self._requeue(job)
         if h.get("final"):
             self.peers.pop(w.ident, None)
             self.workers.pop(w.ident, None)
@@ -415,6 +469,8 @@ class Master:
 
     # -- jobs --------------------------------------------------------------------
     def _enqueue(self, job: Job, front: bool = False) -> None:
+        if job.id not in self.jobs:
+            self.mem_bytes += len(job.args)
         self.jobs[job.id] = job
         if job.session is not None:
             job.session.jobs[job.seq] = job
@@ -430,10 +486,27 @@ class Master:
         return Job(jid, self.sessions.get(sid), seq, fn, args, json.loads(req) if req else None,
                    timeout, retries, attempts)  # fmt: skip
 
+    def _blocked(self) -> int:
+        """Jobs in memory that no connected worker can run (their requirements)."""
+        if not self.workers:
+            return 0
+        return sum(
+            len(q) for rkey, q in self.queues.items()
+            if rkey is not None and q and not any(satisfies(w.caps, self.requires[rkey]) for w in self.workers.values())
+        )  # fmt: skip
+
+    def _window_full(self, extra: int = 0) -> bool:
+        held = len(self.jobs) - self._blocked() + extra
+        return held > self.window or self.mem_bytes > defaults.QUEUE_WINDOW_BYTES or len(self.jobs) >= 4 * self.window
+
     def _load_backlog(self) -> None:
-        """Refill the in-memory window from jobs that so far live only in the store."""
-        want = self.window - len(self.jobs)
-        if self.backlog_from is None or want < self.window // 2:
+        """Refill the in-memory window from jobs that so far live only in the store.
+
+        Jobs no connected worker can run do not count against the window, so
+        they cannot keep runnable jobs waiting in the store.
+        """
+        want = self.window - (len(self.jobs) - self._blocked())
+        if self.backlog_from is None or want < self.window // 2 or self._window_full():
             return
         rows = self.store.pending(self.backlog_from - 1, want)
         for row in rows:
@@ -456,7 +529,7 @@ class Master:
         seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
         now = time.time()
         rows, next_id = [], self.store.next_id
-        spill = self.backlog_from is not None or len(self.jobs) + n > self.window
+        spill = self.backlog_from is not None or self._window_full(n)
         for spec, args in zip(specs, blobs):
             seq, fn, key, opts = spec
             s.acks.append(seq)
@@ -484,6 +557,8 @@ class Master:
         self.store.next_id = next_id
         if rows:
             self.store.add_jobs(rows)
+        if seen:  # resent because the ack was lost: the result may be lost with it
+            self._stored_results(s, [q for q in seen if q not in s.jobs])
         self._dirty.add(s)
 
     def _cancel(self, s: Session, seqs: list[int]) -> None:
@@ -506,6 +581,10 @@ class Master:
             ids = self.store.job_ids(s.id, stored_only)
             now = time.time()
             self.store.add_results([(i, P.CANCELLED, b"", "cancelled", "", None, None, now) for i in ids.values()])
+            for seq in ids:
+                s.results.append((seq, P.CANCELLED, "cancelled", ""))
+                s.blobs.append(b"")
+            self._dirty.add(s)
 
     def _retry(self, run: str) -> int:
         """Requeue the failed jobs of a run, with fresh attempts."""
@@ -534,7 +613,8 @@ class Master:
 
     def _finish(self, job: Job, status: int, blob: bytes, err, tb, wid, runtime, store=True):
         """Record a job's outcome and queue it for its client (sent after the commit)."""
-        self.jobs.pop(job.id, None)
+        if self.jobs.pop(job.id, None) is not None:
+            self.mem_bytes -= len(job.args)
         self.done += 1
         row = (job.id, status, blob, err, tb, wid, runtime, time.time())
         if store:
@@ -596,7 +676,7 @@ class Master:
         i, n = 0, len(s.results)
         while i < n:
             j, size = i, 0
-            while j < n and j - i < defaults.BATCH_JOBS and (size < defaults.BATCH_BYTES or j == i):
+            while j < n and j - i < defaults.BATCH_JOBS and (j == i or size + len(s.blobs[j]) <= defaults.BATCH_BYTES):
                 size += len(s.blobs[j])
                 j += 1
             header = {"r": s.results[i:j]}
@@ -634,18 +714,24 @@ class Master:
                 skipped = []
                 while q and free > 0:
                     job = q.popleft()
-                    if job.id not in self.jobs:  # finished or cancelled while queued
-                        continue
+                    if self.jobs.get(job.id) is not job or job.worker is not None:
+                        continue  # finished, cancelled or placed since it was queued
                     s = job.session
                     if not self._compatible(s, w):
                         skipped.append(job)
                         continue
+                    blob = None
                     if job.fn not in w.funcs:
                         blob = self.functions.get(job.fn) or self.store.function(job.fn)
                         if blob is None:
                             self._finish(job, P.FAILED, b"", f"function {job.fn} is not in the store", "", None, None)
                             continue
                         self.functions[job.fn] = blob
+                    grow = len(job.args) + (len(blob) if blob else 0)
+                    if tasks and size + grow > defaults.BATCH_BYTES:  # never outgrow a message
+                        self._send_tasks(w, tasks, args, fns, ctxs, now)
+                        tasks, args, fns, ctxs, size = [], [], [], {}, 0
+                    if blob is not None:
                         fns.append((job.fn, blob))
                         w.funcs.add(job.fn)
                     ctx = s.id if s is not None and s.context else None
@@ -656,10 +742,10 @@ class Master:
                     w.running[job.id] = job
                     tasks.append((job.id, job.fn, ctx, job.timeout))
                     args.append(job.args)
-                    size += len(job.args)
+                    size += grow
                     free -= 1
                     given += 1
-                    if len(tasks) >= defaults.BATCH_JOBS or size >= defaults.BATCH_BYTES:
+                    if len(tasks) >= defaults.BATCH_JOBS:
                         self._send_tasks(w, tasks, args, fns, ctxs, now)
                         tasks, args, fns, ctxs, size = [], [], [], {}, 0
                 q.extendleft(reversed(skipped))
@@ -675,25 +761,30 @@ class Master:
 
     # -- timers ------------------------------------------------------------------
     def _timers(self, now: float) -> None:
-        # after a disconnect, a worker silent for two heartbeats is taken as gone
+        # after a connection closed, a worker silent for three heartbeats (at
+        # least 3 s) is taken as gone, without waiting for the full timeout
         suspect = now - self.disconnected_at < self.worker_timeout
         for w in list(self.workers.values()):
             silent = now - w.last_seen
             if silent > self.worker_timeout:
                 self._lose(w, f"silent for {silent:.1f} s")
-            elif suspect and silent > 2 * self.heartbeat + 0.5:
+            elif suspect and silent > max(3 * self.heartbeat, 3.0):
                 self._lose(w, f"disconnected, silent for {silent:.1f} s")
             elif now - w.last_sent >= self.heartbeat:
                 self._send(w.ident, P.HEARTBEAT)
                 w.last_sent = now
         queued = len(self.jobs) - sum(len(w.running) for w in self.workers.values()) + self.backlog
-        for s in self.sessions.values():
-            if s.ident is not None and (now - s.last_sent >= self.heartbeat or s.notices):
+        for s in [p for p in self.peers.values() if isinstance(p, Session)]:
+            if now - s.last_sent >= self.heartbeat or s.notices:
                 hb = {"workers": len(self.workers), "queued": queued}
                 if s.notices:
                     hb["notices"], s.notices = s.notices, []
                 self._send(s.ident, P.HEARTBEAT, hb)
                 s.last_sent = now
+        self._check_unschedulable(now)
+        if self.watch_pid and not pid_alive(self.watch_pid):
+            log.info("process %d ended: stopping", self.watch_pid)
+            self.stop()
         while not self._pm_queue.empty():
             wid, text = self._pm_queue.get()
             self.post_mortems[wid] = text
@@ -704,6 +795,25 @@ class Master:
         except sqlite3.OperationalError as e:
             self._store_failed(e)
 
+    def _check_unschedulable(self, now: float) -> None:
+        """Tell clients whose jobs require what no connected worker has (a warning:
+        a worker that has it may still join)."""
+        for rkey, q in self.queues.items():
+            if rkey is None or not q or not self.workers or any(
+                satisfies(w.caps, self.requires[rkey]) for w in self.workers.values()
+            ):
+                self.unschedulable.pop(rkey, None)
+                continue
+            since = self.unschedulable.setdefault(rkey, now)
+            if now - since < defaults.NO_WORKERS_WARNING:
+                continue
+            self.unschedulable[rkey] = now  # again after another interval
+            text = (f"{len(q)} jobs require {rkey}, which none of the {len(self.workers)} connected"
+                    f" workers offers (they offer: {[w.caps for w in list(self.workers.values())[:3]]})")  # fmt: skip
+            log.warning(text)
+            for s in {j.session for j in list(q)[:1000] if j.session is not None}:
+                s.notices.append(text)
+
     def status(self) -> dict:
         running = sum(len(w.running) for w in self.workers.values())
         return {
@@ -712,6 +822,7 @@ class Master:
             "store": str(self.store.path),
             "uptime": time.time() - self.started,
             "queued": len(self.jobs) - running + self.backlog,
+            "in_memory": len(self.jobs),
             "running": running,
             "done": self.done,
             "bad_messages": self.bad.count,

@@ -98,14 +98,20 @@ def unpack(key: bytes, frames: Sequence[bytes]) -> tuple[bytes, Any, list[bytes]
         raise ProtocolError(f"protocol version {bytes(version[:16])!r}, expected {VERSION!r}")
     blobs = list(frames[4:])
     if not hmac.compare_digest(mac, _mac(key, (version, kind, h, *blobs))):
-        raise ProtocolError("bad MAC (wrong key, or a corrupted message)")
+        raise BadMAC("bad MAC (wrong key, or a corrupted message)")
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {bytes(kind[:16])!r}")
     try:
         header = json.loads(h)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ProtocolError(f"signed header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"signed header is a {type(header).__name__}, not an object")
     return kind, header, blobs
+
+
+class BadMAC(ProtocolError):
+    """The MAC does not verify: the sender's key is not ours (or the bytes were changed)."""
 
 
 def reject(why: str) -> list[bytes]:
@@ -118,8 +124,8 @@ def is_reject(frames: Sequence[bytes]) -> str | None:
     """The reason, if frames are an (unsigned) REJECT from a master."""
     if len(frames) == 4 and frames[0] == VERSION and frames[1] == REJECT and frames[2] == b"":
         try:
-            return str(json.loads(frames[3]).get("why", "rejected"))
-        except (ValueError, AttributeError):
+            return str(json.loads(frames[3]).get("why", "rejected"))[:200]
+        except Exception:  # unsigned bytes: anything may be in them
             return "rejected"
     return None
 

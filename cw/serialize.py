@@ -8,6 +8,7 @@ import sys
 import sysconfig
 import threading
 import traceback
+import types
 from collections import OrderedDict
 from hashlib import blake2b
 from types import ModuleType
@@ -62,10 +63,11 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
     """
     if not callable(fn):
         raise SerializationError(f"cannot submit {_describe(fn)}: it is not callable")
-    try:
-        hit = _fn_cache.get(fn)
-    except TypeError:  # unhashable callable object: pickle it every time
-        hit = None
+    # Only plain functions are cached: a bound method or callable object carries
+    # state that may change between submits. (A function's globals are captured
+    # when it is first pickled: pass what changes as arguments.)
+    cacheable = isinstance(fn, types.FunctionType)
+    hit = _fn_cache.get(fn) if cacheable else None
     if hit is not None:
         return hit
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', None) or _describe(fn)}"
@@ -88,12 +90,10 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
                     cloudpickle.unregister_pickle_by_value(mod)
     blob = pickle.dumps((name, primary, fallback), protocol=PROTOCOL)
     out = (blake2b(blob, digest_size=16).hexdigest(), blob)
-    try:
+    if cacheable:
         _fn_cache[fn] = out
         if len(_fn_cache) > _FN_CACHE_SIZE:
             _fn_cache.popitem(last=False)
-    except TypeError:
-        pass
     return out
 
 

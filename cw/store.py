@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():  # owner only; SQLite gives its -wal and -shm the same mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.conn = connect(self.path)
         # 16 KiB pages: large argument and result blobs take a quarter of the page
         # writes (applies to a new store only)
@@ -255,11 +258,6 @@ class Store:
             (run, key),
         ).fetchone()
 
-    def result(self, job_id: int) -> tuple | None:
-        return self.conn.execute(
-            "SELECT status, value, error, traceback FROM results WHERE job = ?", (job_id,)
-        ).fetchone()
-
     def pending(self, after: int = 0, limit: int = 10000) -> list[tuple]:
         """Jobs without a result, in id order: (id, session, seq, fn, args, requires,
         timeout, max_retries, attempts)."""
@@ -331,33 +329,3 @@ def summary(conn: sqlite3.Connection) -> dict[str, Any]:
         for row in conn.execute("SELECT id, host, pid, joined, left, reason FROM workers")
     ]
     return {"runs": runs, "workers": workers}
-
-
-def iter_results(conn: sqlite3.Connection, run: str | None, failed: bool) -> Iterator[dict]:
-    """Rows for `cw results`: one per finished job of a run."""
-    from .protocol import OK, STATUS_NAMES
-
-    sql = (
-        "SELECT j.id, j.run, j.key, j.seq, r.status, r.value, r.error, r.worker, r.runtime"
-        " FROM jobs j JOIN results r ON r.job = j.id WHERE 1"
-    )
-    params: list[Any] = []
-    if run is not None:
-        sql += " AND j.run IS ?"
-        params.append(run or None)
-    if failed:
-        sql += f" AND r.status != {OK}"
-    for jid, run_, key, seq, status, value, error, worker, runtime in conn.execute(
-        sql + " ORDER BY j.id", params
-    ):
-        yield {
-            "job": jid,
-            "run": run_,
-            "key": key,
-            "seq": seq,
-            "status": STATUS_NAMES.get(status, str(status)),
-            "value": value,
-            "error": error,
-            "worker": worker,
-            "runtime": runtime,
-        }

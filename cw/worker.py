@@ -23,7 +23,7 @@ import zmq
 
 from . import defaults
 from . import protocol as P
-from .discovery import ClusterDir, resolve_address
+from .discovery import ClusterDir, pid_alive, resolve_address
 from .errors import AuthenticationError, ConfigError, ProtocolError
 from .serialize import dumps_exception, dumps_result, loads, loads_function, runtime_versions
 
@@ -52,10 +52,10 @@ def _enter_context(ctx: dict | None) -> None:
 
 def _child_main(conn) -> None:
     """Run batches of tasks sent by the agent; answer one message per job."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when we stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
+    # the agent decides when we stop. A Python handler, not SIG_IGN: programs a
+    # job starts get the default actions back (an ignored signal would stay ignored)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, _ignore)
     _die_with_parent()
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
@@ -98,6 +98,10 @@ def _child_main(conn) -> None:
                 out = (jid, P.FAILED, out[2], f"cannot pickle the result of job {jid}: {e}", None, b"")
                 data = pickle.dumps(out, protocol=5)
             send(data)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
 
 
 def _die_with_parent() -> None:
@@ -154,7 +158,6 @@ def describe_exit(code: int | None) -> str:
 
 
 # ---------------------------------------------------------------- the agent
-_AHEAD_BYTES = 64 * 1024  # a child's next batch is sent ahead only below this size
 
 def default_procs() -> int:
     for var in ("SLURM_CPUS_PER_TASK", "NSLOTS"):
@@ -199,6 +202,7 @@ class Agent:
         max_message: int = defaults.MAX_MESSAGE,
         grace: float = defaults.GRACE,
         lifetime: float | None = None,
+        watch_pid: int | None = None,
     ):
         self.cluster = cluster or ClusterDir()
         self.explicit_address = address
@@ -218,13 +222,15 @@ class Agent:
         self.outblobs: list[bytes] = []
         self.counters = {"fn_received": 0, "tasks": 0, "results": 0, "crashes": 0}
         self.bad = P.RateLimited(log, "dropped bad messages from the master")
-        self.avg_runtime = 0.0
+        self.runtimes: dict[str, float] = {}  # function hash -> smoothed runtime
         self.draining = False
         self.drain_requested: str | None = None
         self.drain_started = 0.0
         self.grace = grace
         self.stopping = False
         self.cancelled: set[int] = set()
+        self.welcomed = self.ever_welcomed = False
+        self.watch_pid = watch_pid
         self.ctx = self.sock = None
         # drain by itself: at --lifetime, or early enough before the batch
         # allocation ends that running jobs still get their grace period
@@ -254,9 +260,15 @@ class Agent:
         log.info("worker %s connecting to %s with %d procs", self.id, address, self.procs)
 
     def _hello(self) -> None:
+        """Introduce ourselves; `holding` names the jobs our children still have.
+
+        Tasks not yet given to a child are dropped: the master requeues them.
+        """
+        self.pending.clear()
         self._send(P.HELLO, {
             "role": "worker", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "procs": self.procs, "caps": self.caps, "have": list(self.fn_blobs),
+            "holding": [t[0] for c in self.children for t in c.inflight],
             "info": batch_info(), "versions": runtime_versions(),
         })  # fmt: skip
         self.welcomed = False
@@ -293,6 +305,8 @@ class Agent:
                 self._flush()
                 now = time.monotonic()
                 self._check_timeouts(now)
+                if self.watch_pid and not pid_alive(self.watch_pid) and not self.drain_requested:
+                    self.drain_requested = f"process {self.watch_pid} ended"
                 if self.drain_requested and not self.draining:
                     self._begin_drain(self.drain_requested)
                 elif self.deadline is not None and time.time() >= self.deadline and not self.draining:
@@ -306,7 +320,6 @@ class Agent:
                         break
                     log.warning("master %s silent for %.0f s: reconnecting (next try in %.0f s)",
                                 self.address, now - lost_since, backoff)  # fmt: skip
-                    self.pending.clear()  # the master requeues what we had not started
                     self._connect()
                     retry_at, backoff = now + backoff, min(backoff * 2, 30.0)
                 if self.draining:
@@ -326,11 +339,15 @@ class Agent:
                 kind, h, blobs = P.unpack(self.key, frames)
             except ProtocolError as e:
                 why = P.is_reject(frames)
-                if why is not None:
+                if why is not None and not self.ever_welcomed:
                     raise AuthenticationError(
                         f"the master at {self.address} rejected this worker's key ({why}): use the"
                         f" master's cluster directory ({self.cluster.path}) or its CW_KEY"
                     ) from None
+                if why is not None:  # another master took the address: find ours again
+                    log.warning("master at %s rejects our key now (%s): reconnecting", self.address, why)
+                    self.last_heard = -1e9
+                    return
                 self.bad(str(e))
                 continue
             if kind == P.TASKS:
@@ -346,52 +363,51 @@ class Agent:
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
             elif kind == P.WELCOME:
-                self.welcomed = True
+                self.welcomed = self.ever_welcomed = True
             elif kind == P.BYE:
                 if h.get("rehello"):
-                    self.pending.clear()
-                    self._hello()
+                    if self.welcomed:  # one HELLO at a time: later BYEs answer queued messages
+                        self._hello()
                 else:
                     log.warning("master says: %s", h.get("why", "bye"))
             # HEARTBEAT: hearing from the master is all it is for
 
     # -- children ----------------------------------------------------------------
     def _feed_children(self) -> None:
-        """Hand tasks to children: a batch to an idle child, and the next small batch
-        to a child on its last task, so it goes from one job to the next without
-        waiting for this loop (the pipe holds it)."""
+        """Hand a batch of tasks to each idle child.
+
+        Only idle children get work: a task given to a busy child could wait
+        behind a long job while a sibling frees up, and a drain or a cancel
+        could not take it back. Batches (sized to ~5 ms of work) keep short
+        jobs flowing.
+        """
         if not self.pending or self.draining:
             return
-        ready = [c for c in self.children if len(c.inflight) <= 1]
-        if not ready:
+        idle = [c for c in self.children if not c.inflight]
+        if not idle:
             return
-        per = max(1, min(len(self.pending) // len(self.children),
-                         int(0.005 / self.avg_runtime) if self.avg_runtime > 0 else 1, 200))  # fmt: skip
         now = time.monotonic()
-        for c in sorted(ready, key=lambda c: len(c.inflight)):
+        for c in idle:
             if not self.pending:
                 break
+            # batches only from a backlog (a quarter of each child's share), sized to
+            # ~5 ms of work by the runtime measured for this function
+            rt = self.runtimes.get(self.pending[0][1])
+            per = max(1, min(len(self.pending) // (4 * len(self.children)), int(0.005 / rt) if rt else 1, 200))
             ctx = self.pending[0][2]
             if c.used and c.ctx != ctx:  # another client's job: start from a clean process
-                if c.inflight:
-                    continue
                 c = self._respawn(c)
-            ahead = bool(c.inflight)
-            batch, new_funcs, size = [], [], 0
+            batch, new_funcs = [], []
             while self.pending and len(batch) < per and self.pending[0][2] == ctx:
-                if ahead and size + len(self.pending[0][4]) > _AHEAD_BYTES:
-                    break  # a large batch could fill the pipe while the child is busy
+                if batch and self.pending[0][1] != batch[0][1]:
+                    break  # one function per batch: its runtime sized the batch
                 jid, fn, _, timeout, args = task = self.pending.popleft()
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
                 batch.append((jid, fn, args))
                 c.inflight.append(task)
-                size += len(args)
-            if not batch:
-                continue
-            if not ahead:
-                c.head_started = now
+            c.head_started = now
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None), protocol=5))
             c.ctx, c.used = ctx, True
 
@@ -399,10 +415,11 @@ class Agent:
         try:
             while c.conn.poll():
                 jid, status, runtime, err, tb, blob = pickle.loads(c.conn.recv_bytes())
-                c.inflight.popleft()
+                fn = c.inflight.popleft()[1]
                 c.head_started = time.monotonic()
                 self._result(jid, status, runtime, err, tb, blob)
-                self.avg_runtime = 0.9 * self.avg_runtime + 0.1 * runtime if self.avg_runtime else runtime
+                old = self.runtimes.get(fn)
+                self.runtimes[fn] = runtime if old is None else 0.8 * old + 0.2 * runtime
         except (EOFError, OSError):
             c.proc.join(1)
             self._replace(c, f"the process running the job {describe_exit(c.proc.exitcode)}", P.CRASHED)
@@ -467,7 +484,7 @@ class Agent:
         i, n = 0, len(self.outbox)
         while i < n:
             j, size = i, 0
-            while j < n and j - i < defaults.BATCH_JOBS and (size < defaults.BATCH_BYTES or j == i):
+            while j < n and j - i < defaults.BATCH_JOBS and (j == i or size + len(self.outblobs[j]) <= defaults.BATCH_BYTES):
                 size += len(self.outblobs[j])
                 j += 1
             self._send(P.RESULT, {"r": self.outbox[i:j]}, self.outblobs[i:j])

@@ -55,7 +55,11 @@ def test_master_prints_address_and_publishes(cw_home, procs):
     assert f"listening on {info['address']}" in out
     assert str(cluster.master_json) in out
     assert info["pid"] == p.pid and info["address"].startswith("tcp://")
+    # owner only: the key, and the store with every job's arguments and results
     assert oct(cluster.key_path.stat().st_mode & 0o777) == "0o600"
+    assert oct(cluster.path.stat().st_mode & 0o777) == "0o700"
+    wait_for(cluster.store_path.exists, what="the store")
+    assert oct(cluster.store_path.stat().st_mode & 0o777) == "0o600"
 
 
 def test_client_thread_seed_usage(master, procs):
@@ -96,9 +100,10 @@ def test_futures_api(master, workers):
         assert c.gather(futs) == [2 * i for i in range(100)]
         done = [f.result() for f in cw.as_completed(c.map(square, range(20)), timeout=30)]
         assert sorted(done) == [i * i for i in range(20)]
-        # the work really is spread over both worker processes
+        # a burst is shared by both workers
+        wait_for(lambda: len(c.status()["workers"]) == 2, what="2 workers")
         pids = {p for p, _ in c.gather([c.submit(where) for _ in range(200)])}
-        assert len(pids) >= 1
+        assert len(pids) == 2
 
 
 def test_executor_is_a_concurrent_futures_executor(master, workers):
@@ -275,4 +280,79 @@ def test_cw_worker_cli_joins(master, procs):
     with cw.Client() as c:
         ws = wait_for(lambda: c.status()["workers"], what="worker")
         assert ws[0]["slots"] == 2
+        assert c.submit(square, 4).result(30) == 16
+
+
+class Scaler:
+    def __init__(self, k):
+        self.k = k
+
+    def scale(self, x):
+        return self.k * x
+
+
+def takes_options(x, timeout=None, key=None, max_retries=None):
+    return (x, timeout, key, max_retries)
+
+
+def test_executor_and_client_thread_pass_every_keyword_to_the_function(master, workers):
+    with cw.Executor() as ex:
+        assert ex.submit(takes_options, 1, timeout=2, key="k", max_retries=5).result(30) == (1, 2, "k", 5)
+    got = []
+    t = cw.ClientThread(lambda j, r: got.append(r))
+    t.start()
+    t.submit(takes_options, 1, timeout=3, key="q")
+    assert t.wait(30)
+    t.stop()
+    assert got == [(1, 3, "q", None)]
+
+
+def test_a_bound_method_travels_with_its_current_state(master, workers):
+    s = Scaler(2)
+    with cw.Client() as c:
+        assert c.submit(s.scale, 10).result(30) == 20
+        s.k = 3
+        assert c.submit(s.scale, 10).result(30) == 30
+
+
+def sigterm_in_a_subprocess():
+    code = "import signal; print(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def test_programs_a_job_starts_get_default_signal_handling(master, workers):
+    with cw.Client() as c:
+        assert c.submit(sigterm_in_a_subprocess).result(30) == "True"
+
+
+def agent_pid():
+    return os.getppid()
+
+
+def test_requirements_choose_the_worker(master, procs):
+    plain, tagged = start_workers(procs, 1)[0], start_workers(procs, 1, "--tag", "special", "--procs", "2")[0]
+    with cw.Client() as c:
+        wait_for(lambda: len(c.status()["workers"]) == 2, what="2 workers")
+        on_tag = {f.result(30) for f in [c.submit(agent_pid, requires={"tags": ["special"]}) for _ in range(20)]}
+        on_cpus = {f.result(30) for f in [c.submit(agent_pid, requires={"cpus": 2}) for _ in range(20)]}
+        anywhere = {f.result(30) for f in [c.submit(agent_pid) for _ in range(100)]}
+    assert on_tag == {tagged.pid} and on_cpus == {tagged.pid}
+    assert plain.pid in anywhere
+
+
+def test_cancelling_while_results_arrive_never_breaks_the_client(master, workers):
+    with cw.Client() as c:
+        for _ in range(20):
+            futs = c.map(square, range(200))
+            for f in futs[::2]:
+                f.cancel()
+            for f in futs[1::2]:
+                assert f.result(30) in {i * i for i in range(200)}
+        assert c.submit(square, 9).result(30) == 81
+        for f in cw.as_completed(c.map(square, range(50)), timeout=30):
+            f.result()
+        with cw.Executor() as ex:  # closing map() early cancels the rest
+            it = ex.map(square, range(500))
+            assert next(it) == 0
+            it.close()
         assert c.submit(square, 4).result(30) == 16

@@ -188,9 +188,97 @@ def test_second_master_refuses(master, procs):
     assert "already running" in log and str(master.path) in log
 
 
-def test_queue_spills_to_the_store(cw_home, procs):
+def test_queue_spills_to_the_store_and_comes_back(cw_home, procs, tmp_path):
     start_master(procs, "m", "--queue-window", "50")
-    start_workers(procs, 2)
     with cw.Client() as c:
         futs = c.map(nap, [0] * 600, range(600))
+        st = wait_for(lambda: (lambda s: s if s["queued"] == 600 else None)(c.status()), what="600 queued")
+        assert st["in_memory"] <= 50  # the rest waits in the store
+        # cancel jobs that live only in the store
+        marker = str(tmp_path / "ran")
+        late = [c.submit(touch, marker + str(i)) for i in range(5)]
+        assert all(f.cancel() for f in late)
+        start_workers(procs, 2)
         assert c.gather(futs, timeout=60) == list(range(600))
+        assert all(f.cancelled() for f in late)
+    assert not any(os.path.exists(marker + str(i)) for i in range(5))
+    db = sqlite3.connect(ClusterDir().store_path)
+    assert db.execute("SELECT count(*) FROM results WHERE status = 5").fetchone()[0] == 5
+
+
+def touch(path):
+    open(path, "w").close()
+
+
+@pytest.mark.timeout(120)
+def test_master_restart_on_the_same_port_charges_nothing(cw_home, procs):
+    port = _free_port()
+    m1 = start_master(procs, "m1", "--port", str(port))
+    start_workers(procs, 2, "--master-timeout", "3")
+    with cw.Client(master_timeout=3) as c:
+        wait_for(lambda: len(c.status()["workers"]) == 2, what="2 workers")
+        futs = c.map(nap, [0.5] * 40, range(40))
+        wait_for(lambda: sum(f.done() for f in futs) >= 4, what="some results")
+        m1.kill()
+        m1.wait()
+        start_master(procs, "m2", "--port", str(port))
+        assert c.gather(futs, timeout=90) == list(range(40))
+    db = sqlite3.connect(ClusterDir().store_path)
+    assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 40
+    assert db.execute("SELECT max(attempts) FROM jobs").fetchone()[0] == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lost_ack_and_result_are_answered_on_resend(master, workers):
+    """The link breaks after the commit: ack and result are lost; the resend brings the result."""
+    import zmq
+
+    from cw import protocol as P
+    from cw.serialize import dumps_args, dumps_function
+
+    key = master.key()
+    fn, blob = dumps_function(nap)
+    ctx = zmq.Context()
+
+    def connect():
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(master.master_address())
+        s.send_multipart(P.pack(key, P.HELLO, {"role": "client", "session": "s-lost", "run": None, "context": {}}))
+        return s
+
+    def read(s, want, timeout=10.0):
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            if s.poll(100):
+                kind, h, blobs = P.unpack(key, s.recv_multipart())
+                if kind == want:
+                    return h, blobs
+        return None
+
+    try:
+        s1 = connect()
+        assert read(s1, P.WELCOME)
+        s1.send_multipart(P.pack(key, P.SUBMIT, {"j": [[0, fn, None, None]], "f": [fn]}, [dumps_args((0, "v"), {}), blob]))
+        assert read(s1, P.RESULT)  # ...which this client never sees: its link breaks
+        s1.close()
+        s2 = connect()  # the same session again; seq 0 was never acknowledged to it
+        assert read(s2, P.WELCOME)
+        s2.send_multipart(P.pack(key, P.SUBMIT, {"j": [[0, fn, None, None]], "f": [fn], "resend": True},
+                                 [dumps_args((0, "v"), {}), blob]))  # fmt: skip
+        got = read(s2, P.RESULT)
+        assert got, "the stored result never came back"
+        h, blobs = got
+        assert h["r"][0][:2] == [0, P.OK] and cw.serialize.loads(blobs[0]) == "v"
+        s2.close()
+    finally:
+        ctx.term()
+    db = sqlite3.connect(master.store_path)
+    assert db.execute("SELECT count(*) FROM jobs WHERE session = 's-lost'").fetchone()[0] == 1
