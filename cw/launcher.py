@@ -61,6 +61,7 @@ from .defaults import (
 )
 from .discovery import ClusterDir, pid_alive
 from .errors import CwError, SchedulerError
+from .master import batch_label
 
 log = logging.getLogger(__name__)
 
@@ -738,26 +739,6 @@ def serve_master(scheduler: Scheduler, cluster: ClusterDir, *, port: int | None 
 
 
 # ------------------------------------------------------------------- the commands
-def _cluster(cluster_name: str | None, cluster_dir: str | None) -> ClusterDir:
-    return ClusterDir(path=cluster_dir) if cluster_dir else ClusterDir(name=cluster_name)
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
-
-
-_common = [
-    click.option("--cluster", "cluster_name", default=None, metavar="NAME",
-                 help="Cluster name: the folder under $CW_HOME (default: $CW_CLUSTER or 'default')."),
-    click.option("--cluster-dir", default=None, type=click.Path(file_okay=False),
-                 help="The cluster directory itself (overrides --cluster and $CW_HOME)."),
-    click.option("--log-level", default=lambda: os.environ.get("CW_LOG_LEVEL", "INFO"), show_default="INFO",
-                 type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-                 help="Logging threshold (also $CW_LOG_LEVEL)."),
-]  # fmt: skip
-
-
 def _with(options: list) -> Callable:
     def deco(f: Callable) -> Callable:
         for opt in reversed(options):
@@ -770,10 +751,15 @@ def _with(options: list) -> Callable:
 def make_cli(cls: type[Scheduler], up_options: list, to_options: Callable[[dict], dict]) -> click.Group:
     """The `up | status | down` commands for one scheduler.
 
+    The cluster and logging options, and their handling, are `cw`'s own (cli.py).
+
     ``up_options`` are the scheduler's own click options of `up`;
     ``to_options`` turns their values into the options dict its
     :meth:`Scheduler.submit_workers` reads.
     """
+    from .cli import _cluster, _cluster_options, _logging, log_option
+
+    _common = [*_cluster_options, log_option]
     n = cls.name
 
     @click.group(name=n, help=f"A pool of cw workers on {cls.title}: up, status, down.",
@@ -909,18 +895,7 @@ def _format_status(sched: Scheduler, doc: dict) -> str:
                      f" jobs {conn['queued']} queued, {conn['running']} running, {conn['done']} done")  # fmt: skip
         for w in ws:
             info = w.get("info") or {}
-            label = _task_label(info)
+            label = batch_label(info, scheduler=False) or "-"
             lines.append(f"  {w['id']:<28} {label:<18} {w['slots']:>3} slots {w['running']:>5} running"
                          f"{'  draining' if w.get('draining') else ''}")  # fmt: skip
     return "\n".join(lines)
-
-
-def _task_label(info: dict) -> str:
-    if "SLURM_ARRAY_JOB_ID" in info:
-        return f"{info['SLURM_ARRAY_JOB_ID']}_{info.get('SLURM_ARRAY_TASK_ID', '?')}"
-    if "SLURM_JOB_ID" in info:
-        return info["SLURM_JOB_ID"]
-    if "JOB_ID" in info:
-        task = info.get("SGE_TASK_ID")
-        return f"{info['JOB_ID']}.{task}" if task and task != "undefined" else info["JOB_ID"]
-    return "-"

@@ -103,15 +103,18 @@ class Worker:
         return f"{self.id}{f' ({where})' if where else ''}"
 
 
-def batch_label(info: dict) -> str:
-    """'SLURM job 123_4' / 'SGE job 77.3' from a worker's batch info, or ''."""
+def batch_label(info: dict, scheduler: bool = True) -> str:
+    """'SLURM job 123_4' / 'SGE job 77.3' (or '123_4' / '77.3') from a worker's batch info, or ''."""
     if "SLURM_JOB_ID" in info:
         if "SLURM_ARRAY_JOB_ID" in info:
-            return f"SLURM job {info['SLURM_ARRAY_JOB_ID']}_{info.get('SLURM_ARRAY_TASK_ID', '?')}"
-        return f"SLURM job {info['SLURM_JOB_ID']}"
+            job = f"{info['SLURM_ARRAY_JOB_ID']}_{info.get('SLURM_ARRAY_TASK_ID', '?')}"
+        else:
+            job = str(info["SLURM_JOB_ID"])
+        return f"SLURM job {job}" if scheduler else job
     if "JOB_ID" in info:
         task = info.get("SGE_TASK_ID")
-        return f"SGE job {info['JOB_ID']}{f'.{task}' if task and task != 'undefined' else ''}"
+        job = f"{info['JOB_ID']}{f'.{task}' if task and task != 'undefined' else ''}"
+        return f"SGE job {job}" if scheduler else job
     return ""
 
 
