@@ -701,59 +701,65 @@ class Master:
         return why is None
 
     def _dispatch(self) -> None:
-        queues = [(k, q) for k, q in self.queues.items() if q]
-        if not queues:
-            return
+        """Jobs to workers: first into idle slots, least-loaded workers first; then
+        prefetch. A burst is shared out evenly, never swallowed by the first worker."""
+        for prefetch in (False, True):
+            queues = [(k, q) for k, q in self.queues.items() if q]
+            if not queues:
+                return
+            queued = sum(len(q) for _, q in queues)
+            share = -(-queued // len(self.workers))
+            for w in sorted(self.workers.values(), key=lambda w: len(w.running) / w.slots):
+                self._dispatch_to(w, queues, share, prefetch)
+
+    def _dispatch_to(self, w: Worker, queues: list, share: int, prefetch: bool) -> None:
         now = time.monotonic()
-        queued = sum(len(q) for _, q in queues)
-        # fair share: a burst is spread over every worker, not swallowed by the first
-        share = -(-queued // len(self.workers))
-        for w in self.workers.values():
-            tasks, args, fns, ctxs, size, given = [], [], [], {}, 0, 0
-            for rkey, q in queues:
-                if not q or not satisfies(w.caps, self.requires[rkey]):
+        tasks, args, fns, ctxs, size, given = [], [], [], {}, 0, 0
+        for rkey, q in queues:
+            if not q or not satisfies(w.caps, self.requires[rkey]):
+                continue
+            cap = w.limit(self.runtimes.get(q[0].fn)) if prefetch else (0 if w.draining else w.slots)
+            free = min(cap - len(w.running), share - given)
+            skipped = []
+            while q and free > 0:
+                job = q.popleft()
+                if self.jobs.get(job.id) is not job or job.worker is not None:
+                    continue  # finished, cancelled or placed since it was queued
+                s = job.session
+                if not self._compatible(s, w):
+                    skipped.append(job)
                     continue
-                free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - given)
-                skipped = []
-                while q and free > 0:
-                    job = q.popleft()
-                    if self.jobs.get(job.id) is not job or job.worker is not None:
-                        continue  # finished, cancelled or placed since it was queued
-                    s = job.session
-                    if not self._compatible(s, w):
-                        skipped.append(job)
+                blob = None
+                if job.fn not in w.funcs:
+                    blob = self.functions.get(job.fn) or self.store.function(job.fn)
+                    if blob is None:
+                        self._finish(job, P.FAILED, b"", f"function {job.fn} is not in the store", "", None, None)
                         continue
-                    blob = None
-                    if job.fn not in w.funcs:
-                        blob = self.functions.get(job.fn) or self.store.function(job.fn)
-                        if blob is None:
-                            self._finish(job, P.FAILED, b"", f"function {job.fn} is not in the store", "", None, None)
-                            continue
-                        self.functions[job.fn] = blob
-                    grow = len(job.args) + (len(blob) if blob else 0)
-                    if tasks and size + grow > defaults.BATCH_BYTES:  # never outgrow a message
-                        self._send_tasks(w, tasks, args, fns, ctxs, now)
-                        tasks, args, fns, ctxs, size = [], [], [], {}, 0
-                    if blob is not None:
-                        fns.append((job.fn, blob))
-                        w.funcs.add(job.fn)
-                    ctx = s.id if s is not None and s.context else None
-                    if ctx is not None and ctx not in w.ctxs:
-                        ctxs[ctx] = s.context
-                        w.ctxs.add(ctx)
-                    job.worker = w
-                    w.running[job.id] = job
-                    tasks.append((job.id, job.fn, ctx, job.timeout))
-                    args.append(job.args)
-                    size += grow
-                    free -= 1
-                    given += 1
-                    if len(tasks) >= defaults.BATCH_JOBS:
-                        self._send_tasks(w, tasks, args, fns, ctxs, now)
-                        tasks, args, fns, ctxs, size = [], [], [], {}, 0
-                q.extendleft(reversed(skipped))
-            if tasks:
-                self._send_tasks(w, tasks, args, fns, ctxs, now)
+                    self.functions[job.fn] = blob
+                grow = len(job.args) + (len(blob) if blob else 0)
+                if tasks and size + grow > defaults.BATCH_BYTES:  # never outgrow a message
+                    self._send_tasks(w, tasks, args, fns, ctxs, now)
+                    tasks, args, fns, ctxs, size = [], [], [], {}, 0
+                if blob is not None:
+                    fns.append((job.fn, blob))
+                    w.funcs.add(job.fn)
+                ctx = s.id if s is not None and s.context else None
+                if ctx is not None and ctx not in w.ctxs:
+                    ctxs[ctx] = s.context
+                    w.ctxs.add(ctx)
+                job.worker = w
+                w.running[job.id] = job
+                tasks.append((job.id, job.fn, ctx, job.timeout))
+                args.append(job.args)
+                size += grow
+                free -= 1
+                given += 1
+                if len(tasks) >= defaults.BATCH_JOBS:
+                    self._send_tasks(w, tasks, args, fns, ctxs, now)
+                    tasks, args, fns, ctxs, size = [], [], [], {}, 0
+            q.extendleft(reversed(skipped))
+        if tasks:
+            self._send_tasks(w, tasks, args, fns, ctxs, now)
 
     def _send_tasks(self, w, tasks, args, fns, ctxs, now) -> None:
         header = {"t": tasks, "f": [h for h, _ in fns]}
