@@ -3,6 +3,7 @@
     python examples/demo.py
 """
 
+import os
 import random
 import time
 
@@ -41,7 +42,9 @@ def main():
         thread.submit(darts, 1000, seed)
     thread.wait()
     thread.stop()
-    print("done; every job and result is in ~/.cw/local/cw.sqlite (try: cw status --cluster local)")
+    store = os.path.join(os.path.expanduser(os.environ.get("CW_HOME", "~/.cw")), "local", "cw.sqlite")
+    print(f"done; every job and result is in {store}")
+    print("try: cw status --cluster local;  cw results demo-pi --cluster local;  or run me again")
 
 
 if __name__ == "__main__":
