@@ -635,7 +635,13 @@ class Executor(cf.Executor):
     Takes the same arguments as ``Client``.
     """
 
-    def __init__(self, address: str | None = None, **kwargs: Any):
+    def __init__(self, max_workers: int | None = None, address: str | None = None, **kwargs: Any):
+        """``max_workers`` (as for ProcessPoolExecutor) sizes an embedded local
+        cluster; a cluster's size is its own business."""
+        if max_workers is not None and "n_workers" not in kwargs:
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+            kwargs["n_workers"] = max_workers
         self.client = Client(address, **kwargs)
         self._futures: set[cf.Future] = set()
         self._shutdown = False

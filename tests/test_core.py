@@ -106,6 +106,14 @@ def test_futures_api(master, workers):
         assert len(pids) == 2
 
 
+def test_executor_takes_process_pool_arguments(cw_home):
+    with cw.Executor(max_workers=2) as ex:  # no master: an embedded cluster of 2 workers
+        assert sorted(ex.map(square, range(8), chunksize=4)) == [i * i for i in range(8)]
+        assert len(ex.client.status()["workers"]) <= 2
+    with pytest.raises(ValueError):
+        cw.Executor(max_workers=0)
+
+
 def test_executor_is_a_concurrent_futures_executor(master, workers):
     assert issubclass(cw.Executor, cf.Executor)
     with cw.Executor() as ex:
