@@ -1,9 +1,10 @@
 """The SQLite store: a handful of verbs the master calls, and read-only queries.
 
-One writer (the master); everyone else opens the file read-only. The schema is
-created with sqlite-utils; the hot path runs prepared statements through the
-same connection in explicit transactions, one per turn of the master's loop.
-Journal mode is WAL where the filesystem allows it (see docs/store.md).
+One writer (the master); everyone else opens the file read-only. The schema
+is the SQL below; the master runs prepared statements in explicit
+transactions, one per turn of its loop. The export behind `cw results` is
+sqlite-utils'. Journal mode is WAL where the filesystem allows it (see
+docs/store.md).
 """
 
 from __future__ import annotations
@@ -27,67 +28,54 @@ JobRow = tuple
 ResultRow = tuple
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
-    import sqlite_utils  # imported here: only a new store pays for it
-
-    db = sqlite_utils.Database(conn)
-    if "functions" not in db.table_names():
-        db["functions"].create({"hash": str, "blob": bytes, "created": float}, pk="hash")
-    if "sessions" not in db.table_names():
-        db["sessions"].create(
-            {"id": str, "run": str, "context": str, "started": float}, pk="id"
-        )
-    if "jobs" not in db.table_names():
-        db["jobs"].create(
-            {
-                "id": int,
-                "session": str,
-                "seq": int,
-                "run": str,
-                "key": str,
-                "fn": str,
-                "args": bytes,
-                "requires": str,
-                "timeout": float,
-                "max_retries": int,
-                "attempts": int,
-                "submitted": float,
-            },
-            pk="id",
-            not_null={"session", "seq", "fn", "args"},
-            defaults={"attempts": 0},
-        )
-        db["jobs"].create_index(["session", "seq"], unique=True)
-        db["jobs"].create_index(["run", "key"])
-    if "results" not in db.table_names():
-        db["results"].create(
-            {
-                "job": int,
-                "status": int,
-                "value": bytes,
-                "error": str,
-                "traceback": str,
-                "worker": str,
-                "runtime": float,
-                "finished": float,
-            },
-            pk="job",
-            foreign_keys=[("job", "jobs", "id")],
-        )
-    if "workers" not in db.table_names():
-        db["workers"].create(
-            {
-                "id": str,
-                "host": str,
-                "pid": int,
-                "caps": str,
-                "joined": float,
-                "left": float,
-                "reason": str,
-            },
-            pk="id",
-        )
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+SCHEMA = """
+CREATE TABLE functions (
+    hash TEXT PRIMARY KEY,          -- BLAKE2b of blob
+    blob BLOB,                      -- (name, by reference, by value) pickles
+    created REAL
+);
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY,            -- one per client session
+    run TEXT,
+    context TEXT,                   -- JSON: cwd, sys.path, named variables
+    started REAL
+);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY,         -- assigned by the master
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,           -- the client's own job number
+    run TEXT,
+    key TEXT,                       -- identity within a run: stored results are reused
+    fn TEXT NOT NULL,
+    args BLOB NOT NULL,
+    requires TEXT,                  -- JSON
+    timeout REAL,
+    max_retries INTEGER,
+    attempts INTEGER DEFAULT 0,     -- workers lost while running it
+    submitted REAL
+);
+CREATE UNIQUE INDEX idx_jobs_session_seq ON jobs (session, seq);
+CREATE INDEX idx_jobs_run_key ON jobs (run, key);
+CREATE TABLE results (
+    job INTEGER PRIMARY KEY REFERENCES jobs (id),  -- at most one result per job
+    status INTEGER,                 -- protocol.STATUS_NAMES
+    value BLOB,                     -- pickled value or exception
+    error TEXT,
+    traceback TEXT,
+    worker TEXT,
+    runtime REAL,
+    finished REAL
+);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    host TEXT,
+    pid INTEGER,
+    caps TEXT,                      -- JSON
+    joined REAL,
+    left REAL,
+    reason TEXT                     -- why it left; the batch system's post-mortem
+);
+"""
 
 
 def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
@@ -152,7 +140,7 @@ class Store:
         self._checkpointer = _Checkpointer(self.path)
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
-            _create_schema(self.conn)
+            self.conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         elif version != SCHEMA_VERSION:
             raise RuntimeError(f"store {path} has schema {version}, this cw knows {SCHEMA_VERSION}")
         self._in_tx = False
