@@ -257,6 +257,7 @@ class _Connection:
 
     last_sent = 0.0
     heartbeat = defaults.HEARTBEAT
+    linked_once = False
 
     def _run(self) -> None:
         try:
@@ -366,7 +367,7 @@ class _Connection:
                 self.resend_below = max(self.unacked, default=-1) + 1
             log.warning("reconnected to master %s at %s; resending %d submissions",
                         self.master, self.address, len(self.outq))  # fmt: skip
-        self.linked = True
+        self.linked = self.linked_once = True
         self.welcomed.set()
 
     def _read(self) -> None:
@@ -379,6 +380,11 @@ class _Connection:
                 kind, h, blobs = P.unpack(self.key, frames)
             except Exception as e:
                 why = P.is_reject(frames)
+                if why is not None and self.linked_once:  # another master took the address
+                    log.warning("master at %s rejects our key now (%s): looking for ours", self.address, why)
+                    self.linked = False
+                    self.last_heard = time.monotonic() - self.master_timeout - 1  # as if silent
+                    return
                 if why is not None:
                     self.error = AuthenticationError(
                         f"the master at {self.address} rejected our messages ({why}): this client's "
@@ -408,7 +414,7 @@ class _Connection:
                 else:
                     (log.error if h.get("fatal") else log.warning)("master %s: %s", getattr(self, "master", "?"), h.get("why"))
                     self.linked = False
-                    self.last_heard = -1e9  # reconnect from the next turn on
+                    self.last_heard = time.monotonic() - self.master_timeout - 1  # reconnect now
 
     def _acked(self, seqs: list[int]) -> None:
         """The master committed these submissions: forget their bytes."""
@@ -635,9 +641,11 @@ class Executor(cf.Executor):
     Takes the same arguments as ``Client``.
     """
 
-    def __init__(self, max_workers: int | None = None, address: str | None = None, **kwargs: Any):
+    def __init__(self, max_workers: int | str | None = None, address: str | None = None, **kwargs: Any):
         """``max_workers`` (as for ProcessPoolExecutor) sizes an embedded local
-        cluster; a cluster's size is its own business."""
+        cluster; a cluster's size is its own business. An address may come first."""
+        if isinstance(max_workers, str):
+            max_workers, address = None, max_workers
         if max_workers is not None and "n_workers" not in kwargs:
             if max_workers <= 0:
                 raise ValueError("max_workers must be greater than 0")

@@ -80,6 +80,7 @@ class Worker:
         self.funcs: set[str] = set(hello.get("have") or ())
         self.ctxs: set[str] = set()
         self.running: dict[int, Job] = {}
+        self.started: set[int] | None = None  # the jobs it says it is running, if it said
         self.draining = False
         self.counters: dict = {}
         self.last_seen = self.last_sent = time.monotonic()
@@ -309,6 +310,8 @@ class Master:
                     self._send(ident, P.BYE, {"why": "unknown peer, say HELLO", "rehello": True})
             elif isinstance(peer, Worker):
                 peer.last_seen = time.monotonic()
+                if "running" in header:
+                    peer.started = set(header["running"])
                 if kind == P.RESULT:
                     self._results(peer, header, blobs)
                 elif kind == P.BYE:
@@ -322,7 +325,7 @@ class Master:
             elif kind == P.BYE:
                 self.peers.pop(ident, None)
                 peer.ident = None
-        except sqlite3.Error as e:
+        except sqlite3.OperationalError as e:  # disk full, I/O error: the store is unusable
             self._store_failed(e)
         except Exception as e:
             # signed by a key holder, yet malformed: a bug or version skew, not an attack
@@ -362,6 +365,9 @@ class Master:
         it does not hold were lost in transit, not by its fault: requeued uncharged.
         """
         w = Worker(ident, h)
+        holding = {int(j) for j in h.get("holding") or ()}
+        w.started = {int(j) for j in h.get("running") or ()}
+        w.draining = bool(h.get("draining"))
         old = self.peers.get(ident)
         if not isinstance(old, Worker) or old.id != w.id:
             old = next((x for x in self.workers.values() if x.id == w.id), None)
@@ -369,15 +375,17 @@ class Master:
             self.peers.pop(old.ident, None)
             self.workers.pop(old.ident, None)
             w.running = old.running
-        holding = set(h.get("holding") or ())
-        for jid in list(w.running):
+        for jid in reversed(list(w.running)):  # lost in transit, not by its fault
             if jid not in holding:
                 self._requeue(w.running.pop(jid))
-        for jid in holding - set(w.running):  # after our restart: claim what it runs
+        for jid in holding:
             job = self.jobs.get(jid)
-            if job is not None and job.worker is None:
-                job.worker = w
+            if job is not None and (job.worker is None or job.worker is old):
+                job.worker = w  # what it runs stays with it
                 w.running[jid] = job
+        done = self.store.finished([j for j in holding if j not in self.jobs])
+        if done:  # finished or cancelled meanwhile: stop wasting its slots
+            self._send(ident, P.CANCEL, {"i": done})
         self.peers[ident] = self.workers[ident] = w
         self.store.worker_joined(w.id, w.host, w.pid, w.caps)
         log.info("worker %s %s with %d slots %s", w.describe(), "rejoined" if old else "joined",
@@ -402,9 +410,9 @@ class Master:
     def _lose(self, w: Worker, why: str) -> None:
         """A worker is gone without handing its jobs back: requeue them.
 
-        Only the jobs it was likely running are charged an attempt: the oldest
-        `slots` it was given (a worker runs its jobs in the order it got them);
-        the ones waiting behind them never started.
+        Only the jobs it was running are charged an attempt: those it last said
+        it was running (every RESULT and heartbeat says), else the oldest `slots`
+        it was given. The ones waiting behind them never started.
         """
         self.peers.pop(w.ident, None)
         self.workers.pop(w.ident, None)
@@ -413,7 +421,11 @@ class Master:
             threading.Thread(target=self._post_mortem, args=(w,), daemon=True).start()
         jobs = list(w.running.values())  # in the order they were given
         w.running.clear()
-        charged, spared = jobs[: w.slots], jobs[w.slots :]
+        if w.started is not None:  # it told us what it was running
+            charged = [j for j in jobs if j.id in w.started]
+            spared = [j for j in jobs if j.id not in w.started]
+        else:  # it runs jobs in the order it got them
+            charged, spared = jobs[: w.slots], jobs[w.slots :]
         if charged:
             self.store.count_attempt([j.id for j in charged])
         failed = 0
@@ -428,8 +440,9 @@ class Master:
                 self._finish(job, P.LOST, b"", self._lost_error(job), "", w.id, None)
             else:
                 self._enqueue(job, front=True)
-        log.warning("worker %s on %s lost (%s): %d jobs requeued (%d charged an attempt), %d failed",
-                    w.describe(), w.host, why, len(jobs) - failed, len(charged) - failed, failed)  # fmt: skip
+        log.warning("worker %s on %s lost (%s): %d jobs requeued, %d of them charged an attempt;"
+                    " %d failed", w.describe(), w.host, why, len(jobs) - failed, len(charged) - failed,
+                    failed)  # fmt: skip
 
     def _lost_error(self, job: Job) -> str:
         lines = [f"job lost its worker {job.attempts} times (max_retries={job.max_retries}):"]
@@ -522,44 +535,51 @@ class Master:
             self.backlog_from, self.backlog = None, 0
 
     def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:
+        """Store a batch of jobs, then take them in: nothing changes in memory
+        unless the whole batch is in the store (a savepoint guards the store)."""
         specs = h["j"]
         n = len(specs)
-        fns = h.get("f") or ()
-        if fns:
-            items = list(zip(fns, blobs[n:]))
-            self.functions.update(items)
-            self.store.add_functions(items)
+        fns = list(zip(h.get("f") or (), blobs[n:]))
         seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
         now = time.time()
-        rows, next_id = [], self.store.next_id
-        spill = self.backlog_from is not None or self._window_full(n)
+        rows, jobs, hits, next_id = [], [], [], self.store.next_id
         for spec, args in zip(specs, blobs):
             seq, fn, key, opts = spec
-            s.acks.append(seq)
             if seq in seen:  # resent after a reconnect: the first copy stands
                 continue
             opts = opts or {}
             if s.run is not None and key is not None and opts.get("c", True):
                 hit = self.store.cached_result(s.run, key)
                 if hit is not None:
-                    status, value, err, tb = hit
-                    s.results.append((seq, status, err, tb))
-                    s.blobs.append(value or b"")
+                    hits.append((seq, hit))
                     continue
             req = opts.get("r")
-            retries = opts.get("m", defaults.MAX_RETRIES)
-            rows.append((next_id, s.id, seq, s.run, key, fn, args, json.dumps(req) if req else None,
-                         opts.get("t"), retries, now))  # fmt: skip
+            retries = int(opts.get("m", defaults.MAX_RETRIES))
+            timeout = None if opts.get("t") is None else float(opts["t"])
+            rows.append((next_id, s.id, int(seq), s.run, key, fn, args, json.dumps(req) if req else None,
+                         timeout, retries, now))  # fmt: skip
+            jobs.append(Job(next_id, s, seq, fn, args, req, timeout, retries))
+            next_id += 1
+        with self.store.savepoint():
+            if fns:
+                self.store.add_functions(fns)
+            if rows:
+                self.store.add_jobs(rows)
+        # stored: now the batch counts
+        self.functions.update(fns)
+        self.store.next_id = next_id
+        s.acks.extend(sp[0] for sp in specs)
+        for seq, (status, value, err, tb) in hits:
+            s.results.append((seq, status, err, tb))
+            s.blobs.append(value or b"")
+        spill = self.backlog_from is not None or self._window_full(len(jobs))
+        for job in jobs:
             if spill:  # the window is full: this job waits in the store only
                 if self.backlog_from is None:
-                    self.backlog_from = next_id
+                    self.backlog_from = job.id
                 self.backlog += 1
             else:
-                self._enqueue(Job(next_id, s, seq, fn, args, req, opts.get("t"), retries))
-            next_id += 1
-        self.store.next_id = next_id
-        if rows:
-            self.store.add_jobs(rows)
+                self._enqueue(job)
         if seen:  # resent because the ack was lost: the result may be lost with it
             self._stored_results(s, [q for q in seen if q not in s.jobs])
         self._dirty.add(s)
@@ -580,6 +600,9 @@ class Master:
             self._finish(job, P.CANCELLED, b"", "cancelled", "", None, None)
         for w, ids in by_worker.items():
             self._send(w.ident, P.CANCEL, {"i": ids})
+        for rkey, q in self.queues.items():  # drop what is no longer waiting
+            if any(self.jobs.get(j.id) is not j for j in q):
+                self.queues[rkey] = collections.deque(j for j in q if self.jobs.get(j.id) is j)
         if stored_only:  # not in memory: waiting in the store, or already finished
             ids = self.store.job_ids(s.id, stored_only)
             now = time.time()
@@ -718,8 +741,10 @@ class Master:
         for rkey, q in queues:
             if not q or not satisfies(w.caps, self.requires[rkey]):
                 continue
-            cap = w.limit(self.runtimes.get(q[0].fn)) if prefetch else (0 if w.draining else w.slots)
-            free = min(cap - len(w.running), share - given)
+            if prefetch:  # no more than an even share of what waits
+                free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - given)
+            else:  # idle executors: they take what they can run now
+                free = (0 if w.draining else w.slots) - len(w.running) - given
             skipped = []
             while q and free > 0:
                 job = q.popleft()

@@ -9,6 +9,7 @@ docs/store.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,29 @@ class Store:
         if not self._in_tx:
             self.conn.execute("BEGIN IMMEDIATE")
             self._in_tx = True
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """All of the block's writes, or none of them (the turn's transaction goes on)."""
+        self._begin()
+        self.conn.execute("SAVEPOINT batch")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO batch")
+            self.conn.execute("RELEASE batch")
+            raise
+        self.conn.execute("RELEASE batch")
+
+    def finished(self, job_ids: Sequence[int]) -> list[int]:
+        """Those of these jobs that have a result."""
+        out: list[int] = []
+        ids = list(job_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            out += [r[0] for r in self.conn.execute(
+                f"SELECT job FROM results WHERE job IN ({','.join('?' * len(chunk))})", chunk)]  # fmt: skip
+        return out
 
     def rollback(self) -> None:
         if self._in_tx:

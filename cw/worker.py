@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import secrets
 import signal
 import socket
 import sys
@@ -212,7 +213,8 @@ class Agent:
         self.caps.update(caps or {})
         self.heartbeat, self.master_timeout, self.give_up = heartbeat, master_timeout, give_up
         self.max_message = max_message
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        # pid alone is not unique across containers sharing a host name
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self.mp = multiprocessing.get_context("fork")
         self.children: list[_Child] = []
         self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args)
@@ -230,6 +232,8 @@ class Agent:
         self.stopping = False
         self.cancelled: set[int] = set()
         self.welcomed = self.ever_welcomed = False
+        self.hello_sent = 0.0
+        self.heads_changed = False
         self.watch_pid = watch_pid
         self.ctx = self.sock = None
         # drain by itself: at --lifetime, or early enough before the batch
@@ -269,9 +273,15 @@ class Agent:
             "role": "worker", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "procs": self.procs, "caps": self.caps, "have": list(self.fn_blobs),
             "holding": [t[0] for c in self.children for t in c.inflight],
+            "running": self._running(), "draining": self.draining,
             "info": batch_info(), "versions": runtime_versions(),
         })  # fmt: skip
         self.welcomed = False
+        self.hello_sent = time.monotonic()
+
+    def _running(self) -> list[int]:
+        """The jobs our children are running now: the head of each one's batch."""
+        return [c.inflight[0][0] for c in self.children if c.inflight]
 
     def _send(self, kind: bytes, header: Any = None, blobs=()) -> None:
         self.sock.send_multipart(P.pack(self.key, kind, header, blobs), copy=sum(map(len, blobs)) < 65536)
@@ -292,8 +302,7 @@ class Agent:
             while not self.stopping:
                 events = dict(self.poller.poll(100))
                 now = time.monotonic()
-                if self.sock in events:
-                    self._read_master()
+                if self.sock in events and self._read_master():
                     self.last_heard = now
                     lost_since, backoff = None, 1.0
                 for c in list(self.children):
@@ -312,7 +321,7 @@ class Agent:
                 elif self.deadline is not None and time.time() >= self.deadline and not self.draining:
                     self._begin_drain("lifetime reached")
                 if now - self.last_sent >= self.heartbeat:
-                    self._send(P.HEARTBEAT, self.counters)
+                    self._send(P.HEARTBEAT, {**self.counters, "running": self._running()})
                 if now - self.last_heard > self.master_timeout and now >= retry_at:
                     lost_since = lost_since or self.last_heard
                     if now - lost_since > self.give_up:
@@ -329,12 +338,14 @@ class Agent:
         finally:
             self._shutdown()
 
-    def _read_master(self) -> None:
+    def _read_master(self) -> bool:
+        """Handle what the master sent; True if anything came from a live master of ours."""
+        heard = False
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return heard
             try:
                 kind, h, blobs = P.unpack(self.key, frames)
             except ProtocolError as e:
@@ -345,11 +356,12 @@ class Agent:
                         f" master's cluster directory ({self.cluster.path}) or its CW_KEY"
                     ) from None
                 if why is not None:  # another master took the address: find ours again
-                    log.warning("master at %s rejects our key now (%s): reconnecting", self.address, why)
-                    self.last_heard = -1e9
-                    return
+                    log.warning("master at %s rejects our key now (%s): looking for ours", self.address, why)
+                    self.last_heard = time.monotonic() - self.master_timeout - 1  # as if silent
+                    return False
                 self.bad(str(e))
                 continue
+            heard = True
             if kind == P.TASKS:
                 tasks = h["t"]
                 n = len(tasks)
@@ -366,7 +378,9 @@ class Agent:
                 self.welcomed = self.ever_welcomed = True
             elif kind == P.BYE:
                 if h.get("rehello"):
-                    if self.welcomed:  # one HELLO at a time: later BYEs answer queued messages
+                    # one HELLO at a time (later BYEs answer messages queued before
+                    # it), unless it has gone unanswered for two heartbeats
+                    if self.welcomed or time.monotonic() - self.hello_sent > 2 * self.heartbeat:
                         self._hello()
                 else:
                     log.warning("master says: %s", h.get("why", "bye"))
@@ -408,6 +422,7 @@ class Agent:
                 batch.append((jid, fn, args))
                 c.inflight.append(task)
             c.head_started = now
+            self.heads_changed = True
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None), protocol=5))
             c.ctx, c.used = ctx, True
 
@@ -487,10 +502,13 @@ class Agent:
             while j < n and j - i < defaults.BATCH_JOBS and (j == i or size + len(self.outblobs[j]) <= defaults.BATCH_BYTES):
                 size += len(self.outblobs[j])
                 j += 1
-            self._send(P.RESULT, {"r": self.outbox[i:j]}, self.outblobs[i:j])
+            self._send(P.RESULT, {"r": self.outbox[i:j], "running": self._running()}, self.outblobs[i:j])
             i = j
         if n:
             self.outbox, self.outblobs = [], []
+        elif self.heads_changed:  # the master charges a lost worker's running jobs only
+            self._send(P.HEARTBEAT, {**self.counters, "running": self._running()})
+        self.heads_changed = False
 
     # -- stopping ----------------------------------------------------------------
     def drain(self, signum: int | None = None, _frame: Any = None) -> None:
