@@ -748,6 +748,21 @@ def _with(options: list) -> Callable:
     return deco
 
 
+def up_options(values: dict, extra_flag: str, seconds: Callable[[str], Any], example: str) -> dict:
+    """The options dict of `up` from click's values: unset ones dropped, the
+    scheduler's extra flags under "extra", the time limit checked by ``seconds``."""
+    out = {k: v for k, v in values.items() if v is not None and k != extra_flag}
+    if values.get(extra_flag):
+        out["extra"] = values[extra_flag]
+    if out.get("time"):
+        try:
+            seconds(out["time"])
+        except ValueError:
+            raise click.BadParameter(f"{out['time']!r} is not a time limit (e.g. {example})",
+                                     param_hint="--time") from None  # fmt: skip
+    return out
+
+
 def make_cli(cls: type[Scheduler], up_options: list, to_options: Callable[[dict], dict]) -> click.Group:
     """The `up | status | down` commands for one scheduler.
 

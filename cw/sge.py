@@ -39,6 +39,7 @@ from .launcher import (
     command,
     first_line,
     make_cli,
+    up_options,
 )
 
 
@@ -78,6 +79,17 @@ def _state(code: str) -> str:
     if "q" in code or "w" in code:
         return PENDING
     return RUNNING
+
+
+def _qstat_xml(args: list[str], timeout: float) -> ET.Element | None:
+    """qstat's XML answer, parsed; None if qstat failed or said something else."""
+    rc, out, _ = command(["qstat", "-xml", *args], timeout)
+    if rc != 0:
+        return None
+    try:
+        return ET.fromstring(out)
+    except ET.ParseError:
+        return None
 
 
 class SGE(Scheduler):
@@ -145,12 +157,8 @@ class SGE(Scheduler):
             return []
         # one qstat for all of this user's jobs; ours are picked out here.
         # Grid Engine lists no finished task: those are ENDED by absence
-        rc, out, _ = command(["qstat", "-xml", "-u", getpass.getuser()], QUERY_TIMEOUT)
-        if rc != 0:
-            return None
-        try:
-            root = ET.fromstring(out)
-        except ET.ParseError:
+        root = _qstat_xml(["-u", getpass.getuser()], QUERY_TIMEOUT)
+        if root is None:
             return None
         wanted = set(jobs)
         found = []
@@ -194,12 +202,8 @@ class SGE(Scheduler):
         jid = os.environ.get("JOB_ID", "")
         if not jid.isdigit():
             return None
-        rc, out, _ = command(["qstat", "-xml", "-j", jid], PROBE_TIMEOUT)
-        if rc != 0:
-            return None
-        try:
-            root = ET.fromstring(out)
-        except ET.ParseError:
+        root = _qstat_xml(["-j", jid], PROBE_TIMEOUT)
+        if root is None:
             return None
         limit = None
         for req in root.iter("qstat_l_requests"):
@@ -262,17 +266,9 @@ SCHEDULER = SGE
 
 
 def _options(values: dict) -> dict:
-    out = {k: v for k, v in values.items() if v is not None and k != "extra_qsub"}
-    if values.get("extra_qsub"):
-        out["extra"] = values["extra_qsub"]
+    out = up_options(values, "extra_qsub", seconds, "4:00:00 or 14400")
     if out.get("pe"):
         out["pe"] = list(out["pe"])
-    if out.get("time"):
-        try:
-            seconds(out["time"])
-        except ValueError:
-            raise click.BadParameter(f"{out['time']!r} is not a Grid Engine time (e.g. 4:00:00 or 14400)",
-                                     param_hint="--time") from None  # fmt: skip
     return out
 
 

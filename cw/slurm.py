@@ -34,6 +34,7 @@ from .launcher import (
     command,
     first_line,
     make_cli,
+    up_options,
 )
 
 # squeue's %T words; every other state is final
@@ -287,16 +288,7 @@ SCHEDULER = Slurm
 
 
 def _options(values: dict) -> dict:
-    out = {k: v for k, v in values.items() if v is not None and k != "extra_sbatch"}
-    if values.get("extra_sbatch"):
-        out["extra"] = values["extra_sbatch"]
-    if out.get("time"):
-        try:
-            seconds(out["time"])
-        except ValueError:
-            raise click.BadParameter(f"{out['time']!r} is not a SLURM time (e.g. 4:00:00, 2-00:00:00)",
-                                     param_hint="--time") from None  # fmt: skip
-    return out
+    return up_options(values, "extra_sbatch", seconds, "4:00:00 or 2-00:00:00")
 
 
 cli = make_cli(
