@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging as _logging
 import os as _os
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 
 class _DefaultHandler(_logging.StreamHandler):
@@ -42,7 +42,7 @@ from .errors import (  # noqa: E402
     TimeoutError,
     WorkerLostError,
 )
-from .local import LocalCluster  # noqa: E402
+from .launchers.local import LocalCluster  # noqa: E402
 
 __all__ = [
     "Client", "ClientThread", "Executor", "Future", "LocalCluster", "as_completed",

@@ -13,6 +13,10 @@ CLUSTER = os.environ.get("CW_CLUSTER", "default")
 PORT = 7757
 #: Largest message a master or worker accepts (bytes). Larger ones cut the sender off.
 MAX_MESSAGE = 512 * 1024 * 1024
+#: Room for the frames around the payload (version, kind, MAC, header) above MAX_MESSAGE.
+HEADER_ROOM = 64 * 1024
+#: Messages whose blobs total at least this many bytes are sent without a copy.
+ZERO_COPY_BYTES = 64 * 1024
 
 #: Seconds between heartbeats when a link is otherwise idle.
 HEARTBEAT = 1.0
@@ -22,8 +26,11 @@ WORKER_TIMEOUT = 10.0
 MASTER_TIMEOUT = 10.0
 #: Seconds a client waits for the master's welcome before raising.
 CONNECT_TIMEOUT = 10.0
-#: A wrong key must be reported this fast (seconds).
-AUTH_TIMEOUT = 5.0
+#: A worker exits after the master has been unreachable this many seconds.
+GIVE_UP = 600.0
+#: Reconnection attempts start this many seconds apart and double up to BACKOFF_MAX.
+BACKOFF = 1.0
+BACKOFF_MAX = 30.0
 
 #: Times a job may lose its worker before it fails with WorkerLostError.
 MAX_RETRIES = 3
@@ -35,6 +42,16 @@ BATCH_BYTES = 16 * 1024 * 1024
 PREFETCH_SECONDS = 0.02
 #: ... and never more than this many jobs per slot.
 PREFETCH_MAX = 500
+#: An executor child gets its tasks in batches of about this many seconds of work ...
+EXECUTOR_BATCH_SECONDS = 0.005
+#: ... and never more than this many tasks at once.
+EXECUTOR_BATCH_MAX = 200
+#: Weight of a new sample in the smoothed runtime of a function (exponential moving average).
+RUNTIME_WEIGHT = 0.2
+#: The master handles at most this many messages per turn before it commits and answers.
+MASTER_TURN = 2000
+#: Seconds an acknowledgement may wait for a result to ride on.
+ACK_DELAY = 0.01
 
 #: The master holds at most this many unfinished jobs in memory; the rest wait in the store.
 QUEUE_WINDOW = 100_000
@@ -77,4 +94,6 @@ DRAIN_BEFORE = 90.0
 UP_WAIT = 600.0
 #: Seconds `down` waits for the workers to drain and the jobs to leave the queue.
 DOWN_WAIT = 150.0
+#: Seconds a stopping master waits for a companion thread (the keeper) to finish its turn.
+COMPANION_JOIN = QUERY_TIMEOUT + COMMAND_TIMEOUT
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import defaults
 from .errors import ConfigError
+from .version import __version__
 
 
 class ClusterDir:
@@ -207,8 +208,6 @@ def advertised_host(host: str | None = None, interface: str | None = None) -> st
 
 
 def master_info(address: str, host: str, port: int, store: Path) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "address": address,
         "host": socket.gethostname(),

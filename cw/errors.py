@@ -23,6 +23,10 @@ class ProtocolError(CwError):
     """A message could not be decoded (bad frames, bad version, bad MAC)."""
 
 
+class BadMAC(ProtocolError):
+    """The MAC does not verify: the sender's key is not ours (or the bytes were changed)."""
+
+
 class SerializationError(CwError, TypeError):
     """A function, argument or result could not be pickled or unpickled."""
 
@@ -60,6 +64,14 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+class StoreError(CwError):
+    """The store cannot be used: disk full, I/O error, read-only, corrupt, or a newer schema."""
+
+
+class StoreConflict(StoreError):
+    """A write broke one of the store's rules (a job stored twice): the request is bad, the store is fine."""
 
 
 class SchedulerError(CwError):

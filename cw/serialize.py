@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from .errors import JobError, RemoteTraceback, SerializationError
+from .version import __version__
 
 PROTOCOL = 5  # readable by every supported Python (3.8+)
 _FN_CACHE_SIZE = 256
@@ -147,8 +148,6 @@ def loads_function(blob: bytes) -> tuple[str, Callable]:
 
 def runtime_versions() -> dict:
     """What must match between a client and a worker for pickles to travel."""
-    from . import __version__
-
     return {
         "python": ".".join(map(str, sys.version_info[:3])),
         "cloudpickle": cloudpickle.__version__,

@@ -129,7 +129,7 @@ class Launched:
         self.clients: list[cw.Client] = []
 
     def cli(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", f"cw.{self.scheduler}", *args, "--cluster-dir", str(self.dir)]
+        cmd = [sys.executable, "-m", "cw", self.scheduler, *args, "--cluster-dir", str(self.dir)]
         p = run(cmd, timeout=timeout, cwd=self.dir.parent)
         if check and p.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}\n{self.logs()}")

@@ -27,8 +27,8 @@ from clusters import (
 )
 
 from cw.discovery import ClusterDir
-from cw.launcher import ENDED, PENDING, RUNNING, post_mortem
-from cw.sge import _state, indices, seconds
+from cw.launchers.pool import ENDED, PENDING, RUNNING, post_mortem
+from cw.launchers.sge import _state, indices, seconds
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_qsub_scripts_work_as_documented(tmp_path, cw_home):
 def test_batch_deadline_inside_a_job(tmp_path):
     require("sge")
     body = tmp_path / "deadline.sh"
-    code = "import time; from cw.launcher import batch_deadline as d; print(d() - time.time())"
+    code = "import time; from cw.launchers.pool import batch_deadline as d; print(d() - time.time())"
     body.write_text(f"#!/bin/bash\nexec {sys.executable} -c '{code}'\n")
     out = tmp_path / "deadline.out"
     p = run(["qsub", "-terse", "-N", "cw-deadline", "-S", "/bin/bash", "-l", "h_rt=0:03:00", "-j", "y",

@@ -31,10 +31,11 @@ from clusters import (
     worker_of,
 )
 
-from cw import defaults, launcher
+from cw import defaults
 from cw.discovery import ClusterDir
-from cw.launcher import ENDED, PENDING, RUNNING, Keeper, Pool, Scheduler, Task, post_mortem
-from cw.slurm import _sacct_line, seconds
+from cw.launchers import pool as launcher
+from cw.launchers.pool import ENDED, PENDING, RUNNING, Keeper, Pool, Scheduler, Task, post_mortem
+from cw.launchers.slurm import _sacct_line, seconds
 
 
 @pytest.fixture
@@ -190,7 +191,7 @@ def test_sbatch_scripts_work_as_documented(tmp_path, cw_home):
 @pytest.mark.timeout(60)
 def test_batch_deadline_inside_a_job(tmp_path):
     require("slurm")
-    code = "import time; from cw.launcher import batch_deadline as d; print(d() - time.time())"
+    code = "import time; from cw.launchers.pool import batch_deadline as d; print(d() - time.time())"
     out = tmp_path / "deadline.out"
     p = run(["sbatch", "--parsable", "--time=3", f"--output={out}", "--wrap",
              subprocess.list2cmdline([sys.executable, "-c", code])])  # fmt: skip
@@ -340,7 +341,7 @@ def test_serve_master_stops_on_the_schedulers_signals(tmp_path, procs):
     """The master of a pool withdraws master.json on SIGTERM and on Grid Engine's SIGUSR2."""
     cluster = ClusterDir(path=tmp_path / "c")
     for sig in (signal.SIGTERM, signal.SIGUSR2):
-        p = procs.start(f"serve-{sig.name}", "-m", "cw.slurm", "serve-master", "--cluster-dir",
+        p = procs.start(f"serve-{sig.name}", "-m", "cw.master", "--cluster-dir",
                         str(cluster.path), "--port", "0")  # fmt: skip
         wait_for(lambda p=p: cluster.master_address() or p.poll() is not None, what="master.json")
         assert p.poll() is None, procs.log(f"serve-{sig.name}")

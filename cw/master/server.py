@@ -21,16 +21,16 @@ import socket
 import sqlite3
 import threading
 import time
-from typing import Any, Deque, Optional
+from typing import Any, Deque, Optional, Sequence
 
 import zmq
 
-from . import defaults
-from . import protocol as P
-from .discovery import ClusterDir, advertised_host, master_info, pid_alive
-from .errors import ConfigError, ProtocolError
-from .serialize import incompatibility
-from .store import Store
+from .. import defaults
+from .. import protocol as P
+from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
+from ..errors import ConfigError, ProtocolError
+from ..serialize import incompatibility
+from ..store import Store
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ class Master:
     def _post_mortem(self, w: Worker) -> None:
         """Ask the batch system what became of a lost worker (off the loop's thread)."""
         try:
-            from .launcher import post_mortem
+            from ..launchers.pool import post_mortem
         except ImportError:
             return
         try:
@@ -872,18 +872,27 @@ class Master:
         }
 
 
-def run_master(**kwargs) -> None:
-    """Run a master in the foreground until SIGTERM / SIGINT."""
-    m = Master(**kwargs)
-    print(f"cw master listening on {m.address}", flush=True)
-    print(f"published {m.cluster.master_json}", flush=True)
-    # SIGUSR1/SIGUSR2: the warning a batch system sends before a kill (qdel -notify)
+def run_master(master: Master, companions: Sequence[Any] = ()) -> None:
+    """Serve until SIGTERM, SIGINT, SIGUSR1 or SIGUSR2 (a batch system's warnings before a
+    kill: scancel, qdel -notify), with companion threads (a pool's keeper) beside it.
+
+    Each companion has ``start()`` and ``stop()``; they start before the loop and
+    are stopped, and joined, when it ends.
+    """
+
+    def stop(*_: Any) -> None:
+        for c in companions:
+            c.stop()
+        master.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda *_: m.stop())
-    m.serve()
-
-
-if __name__ == "__main__":
-    from .cli import master_main
-
-    master_main()
+        signal.signal(sig, stop)
+    for c in companions:
+        c.start()
+    try:
+        master.serve()
+    finally:
+        for c in companions:
+            c.stop()
+        for c in companions:
+            c.join(defaults.COMPANION_JOIN)

@@ -1,4 +1,4 @@
-"""``python -m cw.slurm up | status | down``: a pool of cw workers on SLURM.
+"""``cw slurm up | status | down``: a pool of cw workers on SLURM.
 
 The master runs as its own batch job, with the longest time limit its
 partition allows and its store next to master.json; the workers are ONE array
@@ -22,9 +22,9 @@ from typing import Sequence
 
 import click
 
-from .defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
-from .errors import SchedulerError
-from .launcher import (
+from ..defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
+from ..errors import SchedulerError
+from .pool import (
     ENDED,
     PENDING,
     RUNNING,
@@ -305,7 +305,3 @@ cli = make_cli(
     ],
     _options,
 )  # fmt: skip
-
-
-if __name__ == "__main__":
-    cli(prog_name="python -m cw.slurm")

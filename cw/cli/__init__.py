@@ -4,47 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-import time
 
 import click
 
-from . import __version__, defaults
-
-_cluster_options = [
-    click.option("--cluster", "cluster_name", default=None, metavar="NAME",
-                 help="Cluster name: the folder under $CW_HOME (default: $CW_CLUSTER or 'default')."),
-    click.option("--cluster-dir", default=None, type=click.Path(file_okay=False),
-                 help="The cluster directory itself (overrides --cluster and $CW_HOME)."),
-]  # fmt: skip
-
-
-def cluster_options(f):
-    for opt in reversed(_cluster_options):
-        f = opt(f)
-    return f
-
-
-def _cluster(cluster_name, cluster_dir):
-    from .discovery import ClusterDir
-
-    return ClusterDir(path=cluster_dir) if cluster_dir else ClusterDir(name=cluster_name)
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-log_option = click.option(
-    "--log-level", default=lambda: os.environ.get("CW_LOG_LEVEL", "INFO"), show_default="INFO",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Logging threshold (also $CW_LOG_LEVEL).",
-)  # fmt: skip
+from .. import defaults
+from ..link import ask, query_status
+from ..version import __version__
+from .common import cluster_from, cluster_options, log_option, parse_duration, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,22 +35,33 @@ def cli() -> None:
               help="Unfinished jobs held in memory; the rest wait in the store.")
 @click.option("--watch-pid", type=int, default=None, metavar="PID",
               help="Stop when process PID ends (LocalCluster's processes end with their owner).")
+@click.option("--keep-pool", is_flag=True,
+              help="Run the keeper of the pool recorded in pool.json beside the master"
+                   " (what `cw slurm up` / `cw sge up` start).")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between the keeper's looks at the batch system (default: the pool's).")
 @log_option
 def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout,
-               queue_window, watch_pid, log_level):
+               queue_window, watch_pid, keep_pool, poll, log_level):
     """Run a master: accept clients, hand their jobs to workers, store everything.
 
     On a cluster directory whose store holds unfinished jobs (a master that
     crashed or was stopped), it requeues them and carries on.
     """  # fmt: skip
-    from .errors import CwError
-    from .master import run_master
+    from ..errors import CwError
+    from ..launchers.pool import keeper_for
+    from ..master import Master, run_master
 
-    _logging(log_level)
+    setup_logging(log_level)
+    cluster = cluster_from(cluster_name, cluster_dir)
     try:
-        run_master(cluster=_cluster(cluster_name, cluster_dir), bind=bind, port=port, host=host,
-                   interface=interface, heartbeat=heartbeat, worker_timeout=worker_timeout,
-                   queue_window=queue_window, watch_pid=watch_pid)  # fmt: skip
+        companions = [keeper_for(cluster, poll)] if keep_pool else []
+        m = Master(cluster=cluster, bind=bind, port=port, host=host, interface=interface,
+                   heartbeat=heartbeat, worker_timeout=worker_timeout, queue_window=queue_window,
+                   watch_pid=watch_pid)  # fmt: skip
+        click.echo(f"cw master listening on {m.address}")
+        click.echo(f"published {m.cluster.master_json}")
+        run_master(m, companions)
     except CwError as e:
         raise click.ClickException(str(e)) from None
 
@@ -116,12 +93,12 @@ def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_t
     back to the master at once, running ones get --grace seconds; a second signal
     stops it at once. Jobs handed back are not charged an attempt.
     """  # fmt: skip
-    from .errors import CwError
-    from .worker import run_worker
+    from ..errors import CwError
+    from ..worker import run_worker
 
-    _logging(log_level)
+    setup_logging(log_level)
     try:
-        run_worker(address=host, cluster=_cluster(cluster_name, cluster_dir), procs=procs,
+        run_worker(address=host, cluster=cluster_from(cluster_name, cluster_dir), procs=procs,
                    tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
                    grace=grace, lifetime=parse_duration(lifetime) if lifetime else None,
                    watch_pid=watch_pid)  # fmt: skip
@@ -129,70 +106,15 @@ def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_t
         raise click.ClickException(str(e)) from None
 
 
-def parse_duration(text: str) -> float:
-    """'90' (seconds), '90s', '30m', '2h', '1d', '4:00:00', '1-12:00:00' -> seconds."""
-    t = text.strip()
-    try:
-        if t[-1:] in "smhd" and t[:-1]:
-            return float(t[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[t[-1]]
-        days = 0.0
-        if "-" in t:
-            d, t = t.split("-", 1)
-            days = float(d)
-        parts = [float(x) for x in t.split(":")]
-        if len(parts) > 3:
-            raise ValueError
-        secs = sum(v * 60**i for i, v in enumerate(reversed(parts)))
-        return days * 86400 + secs
-    except (ValueError, IndexError):
-        raise click.BadParameter(f"{text!r} is not a duration (try 3600, 90m, 4:00:00)") from None
-
-
-def query_status(address: str, key: bytes, timeout: float = 5.0) -> dict:
-    """Ask a live master for its status document."""
-    from . import protocol as P
-
-    return _ask(address, key, P.STATUS, {}, timeout)
-
-
-def _ask(address: str, key: bytes, kind: bytes, header: dict, timeout: float = 5.0) -> dict:
-    """One request to a live master, answered by a STATUS message."""
-    import zmq
-
-    from . import protocol as P
-    from .errors import AuthenticationError, NoMasterError
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(address)
-        sock.send_multipart(P.pack(key, kind, header))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sock.poll(100):
-                frames = sock.recv_multipart()
-                why = P.is_reject(frames)
-                if why:
-                    raise AuthenticationError(f"the master at {address} rejected our key: {why}")
-                got, h, _ = P.unpack(key, frames)
-                if got == P.STATUS:
-                    return h
-        raise NoMasterError(f"no answer from a master at {address} within {timeout} s")
-    finally:
-        sock.close()
-        ctx.term()
-
-
 @cli.command("status")
 @cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
 def status_cmd(cluster_name, cluster_dir, as_json):
     """Workers and jobs: from the live master, else from the store."""
-    from .discovery import resolve_address
-    from .errors import CwError
+    from ..discovery import resolve_address
+    from ..errors import CwError
 
-    cluster = _cluster(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir)
     address = resolve_address(None, cluster)
     doc = None
     if address:
@@ -200,7 +122,7 @@ def status_cmd(cluster_name, cluster_dir, as_json):
             doc = {"live": True, **query_status(address, cluster.key())}
         except CwError as e:
             click.echo(f"master at {address} did not answer ({e}); reading the store", err=True)
-    from .store import connect, summary
+    from ..store import connect, summary
 
     if doc is None:
         if not cluster.store_path.exists():
@@ -259,9 +181,9 @@ def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
     """  # fmt: skip
     import sqlite_utils.cli
 
-    from .protocol import OK, STATUS_NAMES
+    from ..protocol import OK, STATUS_NAMES
 
-    cluster = _cluster(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir)
     if not cluster.store_path.exists():
         raise click.ClickException(f"no store at {cluster.store_path}")
     names = " ".join(f"WHEN {k} THEN '{v}'" for k, v in STATUS_NAMES.items())
@@ -281,20 +203,20 @@ def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
 @click.option("--failed", is_flag=True, required=True, help="Requeue the jobs that did not succeed.")
 def retry_cmd(run, cluster_name, cluster_dir, failed):
     """Run the failed jobs of RUN again (through the live master, else in the store)."""
-    from . import protocol as P
-    from .discovery import resolve_address
-    from .errors import CwError
+    from .. import protocol as P
+    from ..discovery import resolve_address
+    from ..errors import CwError
 
-    cluster = _cluster(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir)
     address = resolve_address(None, cluster)
     if address:
         try:
-            doc = _ask(address, cluster.key(), P.RETRY, {"run": run})
+            doc = ask(address, cluster.key(), P.RETRY, {"run": run})
             click.echo(f"{doc['retried']} failed jobs of run {run} requeued by the master at {address}")
             return
         except CwError as e:
             click.echo(f"master at {address} did not answer ({e}); changing the store", err=True)
-    from .store import Store
+    from ..store import Store
 
     if not cluster.store_path.exists():
         raise click.ClickException(f"no store at {cluster.store_path}")
@@ -319,7 +241,7 @@ def _add_launchers() -> None:
 
     for name in ("slurm", "sge"):
         try:
-            mod = importlib.import_module(f"cw.{name}")
+            mod = importlib.import_module(f"cw.launchers.{name}")
         except Exception as e:  # a broken launcher must not take every other command down
             logging.getLogger(__name__).warning("cw %s is unavailable: %r", name, e)
             continue

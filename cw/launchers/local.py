@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .discovery import ClusterDir
+from ..discovery import ClusterDir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LocalCluster:
         return p
 
     def client(self, **kwargs):
-        from .client import Client
+        from ..client import Client
 
         return Client(self.address, cluster=self.cluster.path, **kwargs)
 

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import zmq
 
-from . import defaults
-from . import protocol as P
-from .discovery import ClusterDir, resolve_address
-from .errors import (
+from .. import defaults
+from .. import protocol as P
+from ..discovery import ClusterDir, resolve_address
+from ..errors import (
     AuthenticationError,
     JobCrashedError,
     JobError,
@@ -38,7 +38,7 @@ from .errors import (
     TimeoutError,
     WorkerLostError,
 )
-from .serialize import (
+from ..serialize import (
     dumps_args,
     dumps_function,
     dumps_result,
@@ -47,7 +47,7 @@ from .serialize import (
     rebuild_exception,
     runtime_versions,
 )
-from .serialize import ship_modules as ship
+from ..serialize import ship_modules as ship
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +482,7 @@ class Client:
         cdir = _cluster_dir(cluster)
         resolved = resolve_address(address, cdir)
         if resolved is None:
-            from .local import LocalCluster
+            from ..launchers.local import LocalCluster
 
             self._local = LocalCluster(n_workers=n_workers)
             cdir, resolved = self._local.cluster, self._local.address
@@ -592,7 +592,7 @@ class Client:
         """The master's view: workers, queued and running jobs."""
         if self._conn is None:
             return {"serial": True}
-        from .cli import query_status
+        from ..link import query_status
 
         return query_status(self._conn.address, self._conn.key)
 

@@ -47,8 +47,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import click
 
-from .defaults import (
-    COMMAND_TIMEOUT,
+from ..defaults import (
     DEADLINE_CACHE,
     DOWN_WAIT,
     DRAIN_BEFORE,
@@ -56,12 +55,11 @@ from .defaults import (
     HEAL_BACKOFF_MAX,
     HEALS_PER_WORKER,
     POLL,
-    QUERY_TIMEOUT,
     UP_WAIT,
 )
-from .discovery import ClusterDir, pid_alive
-from .errors import CwError, SchedulerError
-from .master import batch_label
+from ..discovery import ClusterDir, pid_alive
+from ..errors import CwError, SchedulerError
+from ..master import batch_label
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +189,7 @@ class Scheduler(abc.ABC):
 
 
 def scheduler_class(name: str) -> type[Scheduler]:
-    return importlib.import_module(f"cw.{name}").SCHEDULER
+    return importlib.import_module(f"cw.launchers.{name}").SCHEDULER
 
 
 def _job_scheduler(match: Callable[[type[Scheduler]], bool]) -> type[Scheduler] | None:
@@ -372,9 +370,9 @@ class Pool:
 
     def submit_master(self, rec: dict, here: bool) -> dict:
         """Start the master (and its keeper) as a batch job, or as a process on this host."""
-        argv = [rec.get("python") or sys.executable, "-m", f"cw.{self.scheduler.name}",
-                "serve-master", "--cluster-dir", str(self.cluster.path)]  # fmt: skip
-        for opt in ("interface", "host", "port"):
+        argv = [rec.get("python") or sys.executable, "-m", "cw.master", "--cluster-dir",
+                str(self.cluster.path), "--keep-pool"]  # fmt: skip
+        for opt in ("interface", "host", "port", "poll"):
             if rec.get(opt) is not None:
                 argv += [f"--{opt}", str(rec[opt])]
         if here:
@@ -394,7 +392,7 @@ class Pool:
     # -- the master -----------------------------------------------------------------
     def answering_master(self, timeout: float = 3.0) -> str | None:
         """The address of the master in master.json if it answers, else None."""
-        from .cli import query_status
+        from ..link import query_status
 
         address = self.cluster.master_address()
         if not address:
@@ -507,7 +505,7 @@ class Pool:
 
     def status(self) -> dict:
         """The master job, the worker arrays (one scheduler query) and the connected workers."""
-        from .cli import query_status
+        from ..link import query_status
 
         rec = self.read()
         if not rec:
@@ -708,34 +706,13 @@ class Keeper(threading.Thread):
         return min(HEAL_BACKOFF_MAX, HEAL_BACKOFF * 2**self.streak)
 
 
-def serve_master(scheduler: Scheduler, cluster: ClusterDir, *, port: int | None = None,
-                 host: str | None = None, interface: str | None = None,
-                 poll: float | None = None) -> None:  # fmt: skip
-    """The master of a launched pool, with the pool's keeper beside it, until signalled.
-
-    SIGTERM (scancel, a time limit), SIGINT, SIGUSR1 and SIGUSR2 (Grid
-    Engine's warnings before a kill) stop both cleanly: master.json is
-    withdrawn and the store closed, so `up` again resumes from it.
-    """
-    from .master import Master
-
-    m = Master(cluster=cluster, port=port, host=host, interface=interface)
-    keeper = Keeper(Pool(scheduler, cluster), poll)
-
-    def stop(*_: Any) -> None:
-        keeper.stop()
-        m.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, stop)
-    print(f"cw master listening on {m.address}", flush=True)
-    print(f"published {m.cluster.master_json}", flush=True)
-    keeper.start()
-    try:
-        m.serve()
-    finally:
-        keeper.stop()
-        keeper.join(QUERY_TIMEOUT + COMMAND_TIMEOUT)
+def keeper_for(cluster: ClusterDir, poll: float | None = None) -> Keeper:
+    """The keeper of the pool recorded in a cluster directory's pool.json."""
+    rec = Pool(None, cluster).read()  # type: ignore[arg-type]
+    name = rec.get("scheduler")
+    if not name:
+        raise CwError(f"no pool recorded in {cluster.path / 'pool.json'}: nothing to keep")
+    return Keeper(Pool(scheduler_class(name)(), cluster), poll)
 
 
 # ------------------------------------------------------------------- the commands
@@ -772,7 +749,10 @@ def make_cli(cls: type[Scheduler], up_options: list, to_options: Callable[[dict]
     ``to_options`` turns their values into the options dict its
     :meth:`Scheduler.submit_workers` reads.
     """
-    from .cli import _cluster, _cluster_options, _logging, log_option
+    from ..cli.common import CLUSTER_OPTIONS as _cluster_options
+    from ..cli.common import cluster_from as _cluster
+    from ..cli.common import log_option
+    from ..cli.common import setup_logging as _logging
 
     _common = [*_cluster_options, log_option]
     n = cls.name
@@ -853,21 +833,6 @@ def make_cli(cls: type[Scheduler], up_options: list, to_options: Callable[[dict]
         pool = Pool(cls(), _cluster(cluster_name, cluster_dir))
         if not pool.down(wait=wait, echo=click.echo):
             raise click.ClickException("some jobs did not leave the queue")
-
-    @group.command("serve-master", hidden=True)
-    @click.option("--port", type=int, default=None)
-    @click.option("--host", default=None)
-    @click.option("--interface", default=None)
-    @click.option("--poll", type=float, default=None)
-    @_with(_common)
-    def serve_cmd(port, host, interface, poll, cluster_name, cluster_dir, log_level):
-        """The master of a pool and its keeper (what `up` runs in the master's job)."""
-        _logging(log_level)
-        try:
-            serve_master(cls(), _cluster(cluster_name, cluster_dir), port=port, host=host,
-                         interface=interface, poll=poll)  # fmt: skip
-        except CwError as e:
-            raise click.ClickException(str(e)) from None
 
     return group
 

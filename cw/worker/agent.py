@@ -22,11 +22,11 @@ from typing import Any, Deque
 
 import zmq
 
-from . import defaults
-from . import protocol as P
-from .discovery import ClusterDir, pid_alive, resolve_address
-from .errors import AuthenticationError, ConfigError, ProtocolError
-from .serialize import dumps_exception, dumps_result, loads, loads_function, runtime_versions
+from .. import defaults
+from .. import protocol as P
+from ..discovery import ClusterDir, pid_alive, resolve_address
+from ..errors import AuthenticationError, ConfigError, ProtocolError
+from ..serialize import dumps_exception, dumps_result, loads, loads_function, runtime_versions
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +545,7 @@ class Agent:
 def _batch_deadline() -> float | None:
     """When the batch allocation running us ends (epoch seconds), if a launcher knows."""
     try:
-        from .launcher import batch_deadline
+        from ..launchers.pool import batch_deadline
     except ImportError:
         return None
     try:
@@ -561,8 +561,3 @@ def run_worker(**kwargs) -> None:
         signal.signal(sig, agent.drain)
     agent.run()
 
-
-if __name__ == "__main__":
-    from .cli import worker_main
-
-    worker_main()

@@ -1,4 +1,4 @@
-"""``python -m cw.sge up | status | down``: a pool of cw workers on Grid Engine.
+"""``cw sge up | status | down``: a pool of cw workers on Grid Engine.
 
 The master runs as its own job (or here, with ``--master-here``); the workers
 are ONE array job, ``qsub -t 1-N -tc M``, each task running ``python -m
@@ -27,9 +27,9 @@ from typing import Sequence
 
 import click
 
-from .defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
-from .errors import SchedulerError
-from .launcher import (
+from ..defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
+from ..errors import SchedulerError
+from .pool import (
     ENDED,
     PENDING,
     RUNNING,
@@ -286,7 +286,3 @@ cli = make_cli(
     ],
     _options,
 )  # fmt: skip
-
-
-if __name__ == "__main__":
-    cli(prog_name="python -m cw.sge")

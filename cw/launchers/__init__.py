@@ -1,0 +1,1 @@
+"""Launchers: pools of workers on batch systems, and the local cluster."""

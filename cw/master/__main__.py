@@ -1,0 +1,3 @@
+from ..cli import master_main
+
+master_main()
