@@ -44,6 +44,9 @@ from .errors import (  # noqa: E402
 )
 from .launchers.local import LocalCluster  # noqa: E402
 
+# Client() with no master configured starts a LocalCluster (the client layer knows no launcher)
+Client.embedded = LocalCluster
+
 __all__ = [
     "Client", "ClientThread", "Executor", "Future", "LocalCluster", "as_completed",
     "AuthenticationError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",

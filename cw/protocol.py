@@ -18,31 +18,109 @@ import logging
 import struct
 import time
 from hashlib import sha256
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 from . import defaults
-from .errors import ProtocolError
+from .errors import BadMAC, ProtocolError
 
 VERSION = b"CW1"
 
-# client -> master
-HELLO = b"HELLO"  # header: {role, session, ...}; the first message of a client or worker
-SUBMIT = b"SUBMIT"  # header: {j: [[seq, fn, key, opts], ...], f: [fn, ...]}; blobs: args..., fns...
-CANCEL = b"CANCEL"  # header: {s: [seq, ...]} (client) or {i: [job id, ...]} (master -> worker)
-STATUS = b"STATUS"  # header: {} (request) or the status document (reply)
-RETRY = b"RETRY"  # header: {run}: requeue the run's failed jobs; answered by STATUS {retried}
-BYE = b"BYE"  # header: {}; the sender is leaving
-# master -> client / worker
-WELCOME = b"WELCOME"  # header: {master, ...}; answer to HELLO
-ACK = b"ACK"  # header: {s: [seq, ...]}: committed submissions (RESULT may carry "s" too)
-TASKS = b"TASKS"  # header: {t: [[id, fn, ctx, timeout], ...], f: [fn, ...], c: {ctx: {...}}}
-REJECT = b"REJECT"  # UNSIGNED, header: {why}: the master could not verify a message
-# worker -> master, master -> client
-RESULT = b"RESULT"  # header: {r: [[id, status, runtime, error, traceback], ...]}; blobs: values
-# both ways
-HEARTBEAT = b"HEARTBEAT"  # header: {} or a worker's counters
+HELLO = b"HELLO"  # the first message of a client or worker; WELCOME answers it
+SUBMIT = b"SUBMIT"  # client -> master: jobs (SubmitSpec rows) and the functions they need
+CANCEL = b"CANCEL"  # client -> master (seqs), master -> worker (job ids)
+STATUS = b"STATUS"  # a request for the master's status document, and the answer
+RETRY = b"RETRY"  # requeue a run's failed jobs; answered by STATUS {retried}
+BYE = b"BYE"  # the sender is leaving, or the master tells a peer to go or say HELLO again
+WELCOME = b"WELCOME"  # master -> peer: the answer to HELLO
+ACK = b"ACK"  # master -> client: these submissions are committed
+TASKS = b"TASKS"  # master -> worker: tasks (TaskSpec rows), functions and contexts
+REJECT = b"REJECT"  # master -> peer, UNSIGNED: the master could not verify a message
+RESULT = b"RESULT"  # worker -> master (WorkerResult rows), master -> client (ClientResult rows)
+HEARTBEAT = b"HEARTBEAT"  # both ways: alive; a worker's carries its counters
 
 KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, RETRY, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
+
+
+# -- the rows of batched headers, by name (they travel as JSON arrays) ---------------
+class SubmitSpec(NamedTuple):
+    """One job of a SUBMIT: a row of its header's ``j``."""
+
+    seq: int  #: the client's own job number in its session
+    fn: str  #: the function's hash
+    key: Optional[str]  #: the job's identity in its run (stored results are reused)
+    opts: Optional[dict]  #: c: cache (default true), r: requirements, t: timeout s, m: max retries
+
+
+class TaskSpec(NamedTuple):
+    """One task of a TASKS: a row of its header's ``t``."""
+
+    id: int  #: the store's job id
+    fn: str  #: the function's hash
+    ctx: Optional[str]  #: the client context to run in (a key of the header's ``c``), or None
+    timeout: Optional[float]  #: seconds, or None
+
+
+class WorkerResult(NamedTuple):
+    """One result a worker sends: a row of its RESULT header's ``r``."""
+
+    id: int
+    status: int  #: one of the status codes below
+    runtime: Optional[float]  #: seconds the job ran, if it ran
+    error: Optional[str]  #: one line, for a job that did not succeed
+    traceback: Optional[str]
+
+
+class ClientResult(NamedTuple):
+    """One result the master sends a client: a row of its RESULT header's ``r``."""
+
+    seq: int
+    status: int
+    error: Optional[str]
+    traceback: Optional[str]
+
+
+class Message(NamedTuple):
+    """One kind of message on one hop: who sends it, and the fields of its header."""
+
+    sender: str
+    receiver: str
+    kind: bytes
+    fields: Tuple[str, ...]  #: a trailing "?" marks a field that may be absent
+    note: str = ""  #: tells apart two uses of one kind on one hop
+
+
+#: Every message on the wire, as docs/protocol.md's tables list them (a test compares them).
+MESSAGES = (
+    Message("client", "master", HELLO, ("role", "session", "run", "context", "versions", "waiting?")),
+    Message("client", "master", SUBMIT, ("j", "f?", "resend?")),
+    Message("client", "master", CANCEL, ("s",)),
+    Message("client", "master", STATUS, ()),
+    Message("client", "master", RETRY, ("run",)),
+    Message("client", "master", HEARTBEAT, ()),
+    Message("client", "master", BYE, ()),
+    Message("master", "client", WELCOME, ("master", "heartbeat")),
+    Message("master", "client", ACK, ("s",)),
+    Message("master", "client", RESULT, ("r", "s?")),
+    Message("master", "client", HEARTBEAT, ("workers", "queued", "notices?")),
+    Message("master", "client", STATUS, (
+        "master", "address", "store", "uptime", "queued", "in_memory", "running", "prefetched",
+        "done", "bad_messages", "sessions", "workers"), "answer to STATUS"),
+    Message("master", "client", STATUS, ("retried",), "answer to RETRY"),
+    Message("master", "client", BYE, ("why", "rehello?", "fatal?")),
+    Message("master", "client", REJECT, ("why",)),
+    Message("worker", "master", HELLO, (
+        "role", "id", "host", "pid", "procs", "caps", "have", "holding", "running", "draining",
+        "info", "label", "task", "versions")),
+    Message("worker", "master", RESULT, ("r", "running")),
+    Message("worker", "master", HEARTBEAT, ("fn_received", "tasks", "results", "crashes", "running")),
+    Message("worker", "master", BYE, ("returned", "why", "final?")),
+    Message("master", "worker", WELCOME, ("master", "heartbeat")),
+    Message("master", "worker", TASKS, ("t", "f", "c?")),
+    Message("master", "worker", CANCEL, ("i",)),
+    Message("master", "worker", HEARTBEAT, ()),
+    Message("master", "worker", BYE, ("why", "rehello?")),
+    Message("master", "worker", REJECT, ("why",)),
+)  # fmt: skip
 
 # job / result status codes carried in RESULT
 OK = 0  # value blob is the pickled return value
@@ -110,8 +188,19 @@ def unpack(key: bytes, frames: Sequence[bytes]) -> tuple[bytes, Any, list[bytes]
     return kind, header, blobs
 
 
-class BadMAC(ProtocolError):
-    """The MAC does not verify: the sender's key is not ours (or the bytes were changed)."""
+def batches(sizes: Sequence[int], max_items: int = defaults.BATCH_JOBS,
+            max_bytes: int = defaults.BATCH_BYTES) -> Iterator[slice]:  # fmt: skip
+    """Slices of a list of items, by their sizes in bytes: at most ``max_items`` items
+    and ``max_bytes`` bytes a message (an item larger than that travels alone).
+    Every hop sends its batches this way."""
+    i, n = 0, len(sizes)
+    while i < n:
+        j, size = i + 1, sizes[i]
+        while j < n and j - i < max_items and size + sizes[j] <= max_bytes:
+            size += sizes[j]
+            j += 1
+        yield slice(i, j)
+        i = j
 
 
 def reject(why: str) -> list[bytes]:

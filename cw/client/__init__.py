@@ -1,5 +1,12 @@
-"""Clients: Client (futures), Executor (concurrent.futures) and ClientThread."""
+"""Clients: ``Client`` (futures), ``Executor`` (concurrent.futures) and ``ClientThread``.
 
-from .client import Client, ClientThread, Executor, Future, as_completed
+All three sit on one :class:`~cw.client.connection.Connection`; futures and
+the errors a job's outcome becomes live in :mod:`cw.client.futures`.
+"""
+
+from .client import Client
+from .executor import Executor
+from .futures import Future, as_completed
+from .thread import ClientThread
 
 __all__ = ["Client", "ClientThread", "Executor", "Future", "as_completed"]

@@ -11,7 +11,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from ..client import Client
 from ..discovery import ClusterDir
 
 log = logging.getLogger(__name__)
@@ -72,10 +74,9 @@ class LocalCluster:
         self.procs.append(p)
         return p
 
-    def client(self, **kwargs):
-        from ..client import Client
-
-        return Client(self.address, cluster=self.cluster.path, **kwargs)
+    def client(self, **kwargs: Any) -> Client:
+        """A client of this cluster (the same as ``cw.Client(cluster)``)."""
+        return Client(self, **kwargs)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers, then the master; kill what does not stop in time."""

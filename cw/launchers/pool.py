@@ -59,7 +59,7 @@ from ..defaults import (
 )
 from ..discovery import ClusterDir, pid_alive
 from ..errors import CwError, SchedulerError
-from ..master import batch_label
+from . import batch_label
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The worker: an agent process and its executor children."""
+"""The worker: an agent process (:mod:`cw.worker.agent`) and its executor children
+(:mod:`cw.worker.executor`)."""
 
 from .agent import Agent, run_worker
 

@@ -1,0 +1,128 @@
+"""`cw status`, `cw results`, `cw retry`: jobs and workers, through the master or in the store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import click
+
+from .. import protocol as P
+from ..discovery import resolve_address
+from ..errors import CwError, StoreError
+from ..link import ask, query_status
+from ..store import Store, StoreReader
+from .common import cluster_from, cluster_options
+
+
+@click.command("status")
+@cluster_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+def status_cmd(cluster_name, cluster_dir, as_json):
+    """Workers and jobs: from the live master, else from the store."""
+    cluster = cluster_from(cluster_name, cluster_dir)
+    address = resolve_address(None, cluster)
+    doc = None
+    if address:
+        try:
+            doc = {"live": True, **query_status(address, cluster.key())}
+        except CwError as e:
+            click.echo(f"master at {address} did not answer ({e}); reading the store", err=True)
+    try:
+        if doc is None:
+            if not cluster.store_path.exists():
+                raise click.ClickException(f"no master running and no store at {cluster.store_path}")
+            with StoreReader(cluster.store_path) as store:
+                doc = {"live": False, "store": str(cluster.store_path), **store.summary()}
+        elif cluster.store_path.exists():  # WAL: reading beside the live master is safe
+            with StoreReader(cluster.store_path) as store:
+                doc["runs"] = store.summary()["runs"]
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    if doc["live"]:
+        click.echo(f"master {doc['master']} at {doc['address']} (store {doc['store']})")
+        click.echo(f"jobs: {doc['queued']} queued, {doc['running']} running,"
+                   f" {doc.get('prefetched', 0)} prefetched, {doc['done']} done since start")  # fmt: skip
+        click.echo(f"workers: {len(doc['workers'])}")
+        for w in doc["workers"]:
+            where = w.get("label") or " ".join(f"{k}={v}" for k, v in w.get("info", {}).items())
+            click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running"
+                       f" {w.get('prefetched', 0):>6} prefetched"
+                       f"{'  draining' if w['draining'] else ''}  {where}")  # fmt: skip
+    else:
+        click.echo(f"no master running; store {doc['store']}")
+    for run, states in sorted(doc.get("runs", {}).items()):
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        click.echo(f"  run {run or '(none)'}: {parts}")
+
+
+@click.command("results")
+@click.argument("run", required=False)
+@cluster_options
+@click.option("--failed", is_flag=True, help="Only jobs that did not succeed.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True, help="Output format.")
+def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
+    """Finished jobs of RUN (default: jobs submitted without a run name), from the store.
+
+    Reads the SQLite file directly: it works with or without a live master.
+    """  # fmt: skip
+    cluster = cluster_from(cluster_name, cluster_dir)
+    try:
+        with StoreReader(cluster.store_path) as store:
+            rows = store.results(run, failed=failed)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_rows(rows, fmt), nl=False)
+
+
+COLUMNS = ("job", "seq", "run", "status", "value", "error", "worker", "runtime")
+
+
+def format_rows(rows: list[dict], fmt: str) -> str:
+    """Rows as a table (tabulate), CSV or JSON, with a final newline."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        w = csv.DictWriter(out, COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return out.getvalue()
+    from tabulate import tabulate
+
+    return tabulate([[r[c] for c in COLUMNS] for r in rows], headers=COLUMNS) + "\n"
+
+
+@click.command("retry")
+@click.argument("run")
+@cluster_options
+@click.option("--failed", is_flag=True, required=True, help="Requeue the jobs that did not succeed.")
+def retry_cmd(run, cluster_name, cluster_dir, failed):
+    """Run the failed jobs of RUN again (through the live master, else in the store)."""
+    cluster = cluster_from(cluster_name, cluster_dir)
+    address = resolve_address(None, cluster)
+    if address:
+        try:
+            doc = ask(address, cluster.key(), P.RETRY, {"run": run})
+            click.echo(f"{doc['retried']} failed jobs of run {run} requeued by the master at {address}")
+            return
+        except CwError as e:
+            click.echo(f"master at {address} did not answer ({e}); changing the store", err=True)
+    if not cluster.store_path.exists():
+        raise click.ClickException(f"no store at {cluster.store_path}")
+    if not cluster.lock():  # the store has one writer: a master that is alive but silent
+        raise click.ClickException(f"a master holds {cluster.path} but does not answer; try again")
+    try:
+        store = Store(cluster.store_path)
+        n = len(store.retry_failed(run))
+        store.close()
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        cluster.unlock()
+    click.echo(f"{n} failed jobs of run {run} will run when a master starts on {cluster.path}")

@@ -1,0 +1,95 @@
+"""`cw master` and `cw worker` (also ``python -m cw.master`` and ``python -m cw.worker``)."""
+
+from __future__ import annotations
+
+import click
+
+from .. import defaults
+from .common import cluster_from, cluster_options, log_option, parse_duration, setup_logging
+
+
+@click.command("master")
+@cluster_options
+@click.option("--bind", default="*", show_default=True,
+              help="Interface to listen on, or a full ZeroMQ endpoint (tcp://..., ipc://...).")
+@click.option("--port", type=int, default=None,
+              help=f"Port to listen on (default: {defaults.PORT}, or a random one if it is taken; 0: random).")
+@click.option("--host", default=None, help="Host name to publish for clients and workers (default: this host's name).")
+@click.option("--interface", default=None, help="Publish the IPv4 address of this network interface (e.g. ib0).")
+@click.option("--heartbeat", type=float, default=defaults.HEARTBEAT, show_default=True,
+              help="Seconds between heartbeats on an idle link.")
+@click.option("--worker-timeout", type=float, default=defaults.WORKER_TIMEOUT, show_default=True,
+              help="Seconds of silence after which a worker is lost and its jobs requeued.")
+@click.option("--queue-window", type=int, default=defaults.QUEUE_WINDOW, show_default=True,
+              help="Unfinished jobs held in memory; the rest wait in the store.")
+@click.option("--watch-pid", type=int, default=None, metavar="PID",
+              help="Stop when process PID ends (LocalCluster's processes end with their owner).")
+@click.option("--keep-pool", is_flag=True,
+              help="Run the keeper of the pool recorded in pool.json beside the master"
+                   " (what `cw slurm up` / `cw sge up` start).")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between the keeper's looks at the batch system (default: the pool's).")
+@log_option
+def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout,
+               queue_window, watch_pid, keep_pool, poll, log_level):
+    """Run a master: accept clients, hand their jobs to workers, store everything.
+
+    On a cluster directory whose store holds unfinished jobs (a master that
+    crashed or was stopped), it requeues them and carries on.
+    """  # fmt: skip
+    from ..errors import CwError
+    from ..launchers.pool import keeper_for
+    from ..master import Master, run_master
+
+    setup_logging(log_level)
+    cluster = cluster_from(cluster_name, cluster_dir)
+    try:
+        companions = [keeper_for(cluster, poll)] if keep_pool else []
+        m = Master(cluster=cluster, bind=bind, port=port, host=host, interface=interface,
+                   heartbeat=heartbeat, worker_timeout=worker_timeout, queue_window=queue_window,
+                   watch_pid=watch_pid)  # fmt: skip
+        click.echo(f"cw master listening on {m.address}")
+        click.echo(f"published {m.cluster.master_json}")
+        run_master(m, companions)
+    except CwError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("worker")
+@click.argument("host", required=False)
+@cluster_options
+@click.option("--procs", type=int, default=None,
+              help="Executor processes (default: $SLURM_CPUS_PER_TASK, $NSLOTS, or 1).")
+@click.option("--tag", "tags", multiple=True, help="A capability tag jobs may require (repeatable).")
+@click.option("--heartbeat", type=float, default=defaults.HEARTBEAT, show_default=True,
+              help="Seconds between heartbeats on an idle link.")
+@click.option("--master-timeout", type=float, default=defaults.MASTER_TIMEOUT, show_default=True,
+              help="Seconds of silence after which the master is presumed lost and we reconnect.")
+@click.option("--give-up", type=float, default=defaults.GIVE_UP, show_default=True,
+              help="Exit after the master has been unreachable this many seconds.")
+@click.option("--grace", type=float, default=defaults.GRACE, show_default=True,
+              help="Seconds a draining worker lets running jobs finish before handing them back.")
+@click.option("--lifetime", default=None, metavar="DURATION",
+              help="Drain by itself after this long (e.g. 3:55:00, 90m, 3600).")
+@click.option("--watch-pid", type=int, default=None, metavar="PID",
+              help="Drain when process PID ends (LocalCluster's processes end with their owner).")
+@log_option
+def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_timeout, give_up,
+               grace, lifetime, watch_pid, log_level):
+    """Run a worker for the master at HOST (default: the address in master.json).
+
+    SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 drain it: no new jobs, unstarted jobs go
+    back to the master at once, running ones get --grace seconds; a second signal
+    stops it at once. Jobs handed back are not charged an attempt.
+    """  # fmt: skip
+    from ..errors import CwError
+    from ..worker import run_worker
+
+    setup_logging(log_level)
+    try:
+        run_worker(address=host, cluster=cluster_from(cluster_name, cluster_dir), procs=procs,
+                   tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
+                   grace=grace, lifetime=parse_duration(lifetime) if lifetime else None,
+                   watch_pid=watch_pid)  # fmt: skip
+    except CwError as e:
+        raise click.ClickException(str(e)) from None

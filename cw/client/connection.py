@@ -1,0 +1,293 @@
+"""The client's connection: one I/O thread that owns the link to the master.
+
+User threads pickle their jobs, append them to a queue and poke the I/O
+thread through a socketpair; the I/O thread batches submissions, completes
+futures as results arrive, and survives a broken link (master restarted,
+network gone): it reconnects with backoff, says HELLO again with the same
+session, asks for the results that finished meanwhile, and resends every
+submission the master had not acknowledged.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import logging
+import socket
+import threading
+import time
+import uuid
+from typing import Callable
+
+import zmq
+
+from .. import defaults
+from .. import protocol as P
+from ..discovery import ClusterDir
+from ..errors import AuthenticationError, NoMasterError, SerializationError
+from ..link import Link
+from ..serialize import loads, runtime_versions
+from .futures import Delivery, Future, error_for
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """The I/O thread and link shared by every client API (Client, Executor, ClientThread)."""
+
+    def __init__(self, key: bytes, run: str | None, context: dict, cluster: ClusterDir | None,
+                 explicit: str | None, connect_timeout: float, master_timeout: float):  # fmt: skip
+        self.key, self.run, self.context = key, run, context
+        self.connect_timeout = connect_timeout
+        self.session = uuid.uuid4().hex
+        self.seq = itertools.count()
+        # a submission: (seq, fn hash, fn blob, key, opts, args blob)
+        self.outq: collections.deque = collections.deque()  # for the I/O thread to send
+        self.futures: dict[int, Future | Delivery] = {}
+        self.unacked: dict[int, tuple] = {}
+        self.unacked_bytes = 0
+        self.space = threading.Condition()
+        self.cancels: list[int] = []
+        self.welcomed = threading.Event()  # the first WELCOME
+        self.error: BaseException | None = None
+        self.closed = False
+        self.master = "?"
+        self.heartbeat = defaults.HEARTBEAT
+        self.master_workers: int | None = None
+        self.master_queued = 0
+        self.sent_fns: set[str] = set()
+        self.resend_below: int | None = None  # submissions under this seq may be a second copy
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_pending = False
+        self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        self.link = Link(self.ctx, self.poller, key, cluster, explicit, who="this client",
+                         hello=self._hello, master_timeout=master_timeout)  # fmt: skip
+        self.thread = threading.Thread(target=self._run, name="cw-client-io", daemon=True)
+        self.thread.start()
+        if not self.welcomed.wait(connect_timeout) and self.error is None:
+            self.error = NoMasterError(
+                f"no cw master answered at {self.address} within {connect_timeout:.0f} s "
+                "(is it running? is the address reachable from here?)"
+            )
+        if self.error is not None:
+            err = self.error
+            self.close()
+            raise err
+
+    @property
+    def address(self) -> str:
+        return self.link.address
+
+    # -- called from user threads -------------------------------------------------
+    def submit(self, fn_hash: str, fn_blob: bytes, args: bytes, key: str | None, opts: dict | None,
+               sink: Callable | None = None) -> Future | Delivery:  # fmt: skip
+        """Queue a job; its outcome goes to a new Future, or to ``sink`` when given."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise RuntimeError("this client is closed")
+        with self.space:
+            while (len(self.unacked) >= defaults.MAX_UNACKED_JOBS
+                   or self.unacked_bytes >= defaults.MAX_UNACKED_BYTES) and not self.closed:  # fmt: skip
+                self.space.wait(1.0)  # backpressure: the master has not caught up
+            seq = next(self.seq)
+            fut = Future(seq, self) if sink is None else Delivery(seq, sink)
+            self.futures[seq] = fut
+            sub = (seq, fn_hash, fn_blob, key, opts, args)
+            self.unacked[seq] = sub
+            self.unacked_bytes += len(args)
+            self.outq.append(sub)
+        self._wake()
+        return fut
+
+    def cancel(self, seq: int) -> None:
+        with self.space:
+            self.futures.pop(seq, None)
+            self.cancels.append(seq)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._wake()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(5)
+        with self.space:
+            self.space.notify_all()
+        for fut in list(self.futures.values()):
+            fut.cancel()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the I/O thread -----------------------------------------------------------
+    def _hello(self) -> None:
+        """(Re)introduce this session; after a break, ask for what finished meanwhile."""
+        self.link.welcomed = False
+        self.sent_fns = set()
+        header = {"role": "client", "session": self.session, "run": self.run,
+                  "context": self.context, "versions": runtime_versions()}  # fmt: skip
+        if self.welcomed.is_set():
+            with self.space:
+                header["waiting"] = [s for s in list(self.futures) if s not in self.unacked]
+        self.link.send(P.HELLO, header)
+
+    def _run(self) -> None:
+        link = self.link
+        try:
+            self.poller.register(self._wake_r, zmq.POLLIN)
+            link.connect()
+            started = time.monotonic()
+            idle_since = None
+            while not self.closed and self.error is None:
+                events = dict(self.poller.poll(250))
+                if self._wake_r.fileno() in events or self._wake_r in events:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    self._wake_pending = False
+                if link.sock in events:
+                    self._read()
+                if link.welcomed:
+                    self._send_submissions()
+                now = time.monotonic()
+                if link.welcomed and now - link.last_sent >= self.heartbeat:
+                    link.send(P.HEARTBEAT)  # a restarted master answers: say HELLO again
+                if not self.welcomed.is_set():
+                    if now - started > self.connect_timeout:
+                        break  # the constructor raises NoMasterError
+                else:
+                    link.keep_alive(now)
+                idle_since = self._watch_workers(now, idle_since)
+        except Exception as e:  # never die silently: fail every waiting future
+            log.exception("cw client I/O thread failed")
+            self.error = e
+        finally:
+            if self.error is not None:
+                for fut in list(self.futures.values()):
+                    if not fut.done():
+                        fut.set_exception(self.error)
+                self.futures.clear()
+            try:
+                if link.welcomed and self.error is None:
+                    link.send(P.BYE)
+                link.close()
+            finally:
+                self.ctx.term()
+
+    def _watch_workers(self, now: float, since: float | None) -> float | None:
+        """Warn (not fail) when jobs wait and the master has had no worker for a while."""
+        if self.master_workers != 0 or not self.futures or not self.master_queued:
+            return None
+        if since is None:
+            return now
+        if now - since >= defaults.NO_WORKERS_WARNING:
+            log.warning("%d jobs queued at master %s (%s), which has had no worker for %.0f s",
+                        self.master_queued, self.master, self.address, now - since)  # fmt: skip
+            return now
+        return since
+
+    def _send_submissions(self) -> None:
+        q = self.outq
+        while q:
+            subs = [q.popleft() for _ in range(min(len(q), defaults.BATCH_JOBS))]
+            new_fn = []  # each function's bytes travel with its first job on this link
+            for s in subs:
+                new_fn.append(s[1] not in self.sent_fns)
+                self.sent_fns.add(s[1])
+            sizes = [len(s[5]) + (len(s[2]) if first else 0) for s, first in zip(subs, new_fn)]
+            for part in P.batches(sizes):
+                batch = subs[part]
+                fns = [(s[1], s[2]) for s, first in zip(batch, new_fn[part]) if first]
+                header: dict = {"j": [P.SubmitSpec(s[0], s[1], s[3], s[4]) for s in batch]}
+                if fns:
+                    header["f"] = [h for h, _ in fns]
+                if self.resend_below is not None and batch[0][0] < self.resend_below:
+                    header["resend"] = True
+                self.link.send(P.SUBMIT, header, [*(s[5] for s in batch), *(b for _, b in fns)])
+        if self.cancels:
+            with self.space:
+                cancels, self.cancels = self.cancels, []
+            self.link.send(P.CANCEL, {"s": cancels})
+
+    def _welcome(self, h: dict) -> None:
+        self.master = h.get("master") or "?"
+        self.heartbeat = float(h.get("heartbeat") or defaults.HEARTBEAT)
+        if self.welcomed.is_set():  # back after a break: resend what was not acknowledged
+            with self.space:
+                self.outq.clear()
+                self.outq.extend(sorted(self.unacked.values()))
+                self.resend_below = max(self.unacked, default=-1) + 1
+            log.warning("reconnected to master %s at %s; resending %d submissions",
+                        self.master, self.address, len(self.outq))  # fmt: skip
+        self.welcomed.set()
+
+    def _read(self) -> None:
+        try:
+            for kind, h, blobs in self.link.recv():
+                if kind == P.RESULT:
+                    if "s" in h:
+                        self._acked(h["s"])
+                    self._results(h["r"], blobs)
+                elif kind == P.ACK:
+                    self._acked(h["s"])
+                elif kind == P.HEARTBEAT:
+                    self.master_workers = h.get("workers")
+                    self.master_queued = h.get("queued", 0)
+                    for text in h.get("notices", ()):
+                        log.warning("master %s: %s", self.master, text)
+                elif kind == P.WELCOME:
+                    self._welcome(h)
+                elif kind == P.BYE:
+                    if h.get("rehello"):  # the master restarted and does not know us yet
+                        self._hello()
+                    else:
+                        (log.error if h.get("fatal") else log.warning)("master %s: %s", self.master, h.get("why"))
+                        self.link.drop()
+                        return
+        except AuthenticationError as e:
+            self.error = e
+            self.welcomed.set()
+
+    def _acked(self, seqs: list[int]) -> None:
+        """The master committed these submissions: forget their bytes."""
+        with self.space:
+            for seq in seqs:
+                sub = self.unacked.pop(seq, None)
+                if sub is not None:
+                    self.unacked_bytes -= len(sub[5])
+            self.space.notify_all()
+
+    def _results(self, rows: list, blobs: list[bytes]) -> None:
+        futures = self.futures
+        for row, blob in zip(rows, blobs):
+            seq, status, err, tb = row  # a protocol.ClientResult
+            fut = futures.pop(seq, None)
+            # RUNNING from here on: a user's cancel() can no longer race set_result()
+            if fut is None or not fut.set_running_or_notify_cancel():
+                continue
+            if status == P.OK:
+                try:
+                    value = loads(blob)
+                except Exception as e:
+                    fut.set_exception(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"))
+                    continue
+                fut.set_result(value)
+            elif status == P.CANCELLED:  # by another client API, or a retry of the run
+                fut.set_exception(cf.CancelledError(f"job {seq} was cancelled"))
+            else:
+                fut.set_exception(error_for(status, err, tb, blob))
+

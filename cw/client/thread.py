@@ -1,0 +1,86 @@
+"""``ClientThread``: the original Cluster-Workers API, ``callback(jobid, result)`` as jobs finish."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+from typing import Any, Callable
+
+from .client import Client
+
+log = logging.getLogger(__name__)
+
+
+class ClientThread(threading.Thread):
+    """The original Cluster-Workers API: ``callback(jobid, result)`` as jobs finish.
+
+    ``start()`` connects, ``submit(func, *args, **kwargs)`` returns a job id at
+    once, ``wait()`` blocks until every submitted job has called back,
+    ``stop()`` disconnects. Callbacks run on this thread, one at a time. A job
+    that failed calls back with its exception as the result, unless an
+    ``error_callback(jobid, exception)`` is given.
+    """
+
+    def __init__(self, callback: Callable[[int, Any], None], host: str | None = None,
+                 port: int | None = None, *, error_callback: Callable | None = None,
+                 **client_kwargs: Any):  # fmt: skip
+        super().__init__(name="cw-callbacks", daemon=True)
+        self.callback, self.error_callback = callback, error_callback
+        self.address = f"{host}:{port}" if host and port else host
+        self.client_kwargs = client_kwargs
+        self.client: Client | None = None
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._outstanding = 0
+        self._idle = threading.Condition()
+
+    def start(self) -> None:
+        self.client = Client(self.address, **self.client_kwargs)
+        super().start()
+
+    def submit(self, func: Callable, /, *args: Any, **kwargs: Any) -> int:
+        if self.client is None:
+            raise RuntimeError("call start() before submit()")
+        with self._idle:
+            self._outstanding += 1
+        try:
+            return self.client._submit(func, args, kwargs, sink=self._deliver).jobid
+        except BaseException:
+            with self._idle:
+                self._outstanding -= 1
+            raise
+
+    def _deliver(self, jobid: int, value: Any, failed: bool) -> None:
+        self._done.put((jobid, value, failed))
+
+    def run(self) -> None:
+        while True:
+            item = self._done.get()
+            if item is None:
+                return
+            jobid, value, failed = item
+            try:
+                if failed and self.error_callback is not None:
+                    self.error_callback(jobid, value)
+                else:
+                    self.callback(jobid, value)
+            except Exception:
+                log.error("callback for job %s raised:\n%s", jobid, traceback.format_exc())
+            finally:
+                with self._idle:
+                    self._outstanding -= 1
+                    self._idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted job has called back; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def stop(self) -> None:
+        """Disconnect; the callback thread ends after the callbacks already due."""
+        self._done.put(None)
+        if self.client is not None:
+            self.client.close()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(10)

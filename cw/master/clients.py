@@ -1,0 +1,192 @@
+"""What the master does for clients: sessions, submissions, cancels, retries, answers.
+
+Part of :class:`cw.master.server.Master` (a mixin: it uses the master's store,
+policy and sending). Nothing here is sent before the turn's commit: handlers
+queue acknowledgements and results on the session, and
+:meth:`ClientHandlers._answer_clients` sends them at the end of the turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import defaults
+from .. import protocol as P
+from ..serialize import incompatibility
+from ..store import NewJob, Outcome
+from .policy import Job, Worker
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """A client session; it outlives its connection (its results wait in the store)."""
+
+    def __init__(self, sid: str, run: str | None, context: dict):
+        self.id, self.run, self.context = sid, run, context
+        self.versions: dict = {}
+        self.ident: bytes | None = None
+        self.jobs: dict[int, Job] = {}  # seq -> unfinished job held in memory
+        self.acks: list[int] = []
+        self.results: list[P.ClientResult] = []  # sent with self.blobs, after the commit
+        self.blobs: list[bytes] = []
+        self.notices: list[str] = []
+        self.last_sent = 0.0
+
+    def __repr__(self) -> str:
+        return f"<session {self.id[:8]}>"
+
+
+class ClientHandlers:
+    """The master's client side (mixed into Master: uses its store, policy, peers and _send)."""
+
+    def _client_hello(self, ident: bytes, h: dict) -> None:
+        sid = str(h["session"])
+        s = self.sessions.get(sid)
+        if s is None:
+            s = self.sessions[sid] = Session(sid, h.get("run"), h.get("context") or {})
+            self.store.add_session(sid, s.run, s.context)
+        if s.ident is not None and s.ident != ident:
+            self.peers.pop(s.ident, None)
+        s.ident = ident
+        s.versions = h.get("versions") or {}
+        self.peers[ident] = s
+        self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+        s.last_sent = time.monotonic()
+        waiting = h.get("waiting")
+        if waiting:  # a client back after a reconnect: what finished meanwhile
+            self._stored_results(s, waiting)
+
+    def _from_client(self, s: Session, kind: bytes, h: dict, blobs: list[bytes]) -> None:
+        if kind == P.SUBMIT:
+            self._submit(s, h, blobs)
+        elif kind == P.CANCEL:
+            self._cancel(s, h["s"])
+        elif kind == P.BYE:
+            self.peers.pop(s.ident, None)
+            s.ident = None
+        # HEARTBEAT: hearing from it is all it is for
+
+    def _stored_results(self, s: Session, seqs: list[int]) -> None:
+        for r in self.store.session_results(s.id, seqs):
+            s.results.append(P.ClientResult(r.seq, r.status, r.error, r.traceback))
+            s.blobs.append(r.value or b"")
+        self._dirty.add(s)
+
+    def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:
+        """Store a batch of jobs, then take them in: nothing changes in memory
+        unless the whole batch is in the store (a savepoint guards the store)."""
+        specs = [P.SubmitSpec(*row) for row in h["j"]]
+        fns = list(zip(h.get("f") or (), blobs[len(specs) :]))
+        seen = self.store.job_ids(s.id, [sp.seq for sp in specs]) if h.get("resend") else {}
+        new, hits = [], []
+        for spec, args in zip(specs, blobs):
+            if spec.seq in seen:  # resent after a reconnect: the first copy stands
+                continue
+            opts = spec.opts or {}
+            if s.run is not None and spec.key is not None and opts.get("c", True):
+                hit = self.store.cached_result(s.run, spec.key, spec.seq)
+                if hit is not None:
+                    hits.append(hit)
+                    continue
+            timeout = None if opts.get("t") is None else float(opts["t"])
+            new.append(NewJob(s.id, int(spec.seq), s.run, spec.key, spec.fn, args, opts.get("r"), timeout,
+                              int(opts.get("m", defaults.MAX_RETRIES))))  # fmt: skip
+        with self.store.savepoint():
+            if fns:
+                self.store.add_functions(fns)
+            ids = self.store.add_jobs(new) if new else []
+        # stored: now the batch counts
+        self.functions.update(fns)
+        s.acks.extend(sp.seq for sp in specs)
+        for hit in hits:
+            s.results.append(P.ClientResult(hit.seq, hit.status, hit.error, hit.traceback))
+            s.blobs.append(hit.value or b"")
+        spill = self.backlog_from is not None or self.policy.window_full(len(new))
+        for jid, nj in zip(ids, new):
+            if spill:  # the window is full: this job waits in the store only
+                if self.backlog_from is None:
+                    self.backlog_from = jid
+                self.backlog += 1
+            else:
+                self._enqueue(Job(jid, s, nj.seq, nj.fn, nj.args, nj.requires, nj.timeout, nj.max_retries))
+        if seen:  # resent because the ack was lost: the result may be lost with it
+            self._stored_results(s, [q for q in seen if q not in s.jobs])
+        self._dirty.add(s)
+
+    def _cancel(self, s: Session, seqs: list[int]) -> None:
+        """Cancel jobs of a session: queued ones are dropped, running ones killed."""
+        by_worker: dict = {}
+        stored_only = []
+        for seq in seqs:
+            job = s.jobs.get(seq)
+            if job is None:
+                stored_only.append(seq)
+                continue
+            w = job.worker
+            if w is not None:
+                self.policy.unplace(job)
+                by_worker.setdefault(w, []).append(job.id)
+            self._finish(job, P.CANCELLED, b"", "cancelled", "", None, None)
+        for w, ids in by_worker.items():
+            self._send(w.ident, P.CANCEL, {"i": ids})
+        self.policy.prune()
+        if stored_only:  # not in memory: waiting in the store, or already finished
+            ids = self.store.job_ids(s.id, stored_only)
+            now = time.time()
+            self.store.add_results([Outcome(i, P.CANCELLED, b"", "cancelled", "", None, None, now)
+                                    for i in ids.values()])  # fmt: skip
+            for seq in ids:
+                s.results.append(P.ClientResult(seq, P.CANCELLED, "cancelled", ""))
+                s.blobs.append(b"")
+            self._dirty.add(s)
+
+    def _retry(self, run: str) -> int:
+        """Requeue the failed jobs of a run, with fresh attempts."""
+        rows = self.store.retry_failed(run)
+        for row in rows:
+            if row.id not in self.policy.jobs:
+                self._enqueue(Job(row.id, self.sessions.get(row.session), row.seq, row.fn, row.args,
+                                  row.requires, row.timeout, row.max_retries, row.attempts))  # fmt: skip
+        log.info("run %s: %d failed jobs requeued", run, len(rows))
+        return len(rows)
+
+    # -- answers, after the commit -----------------------------------------------------
+    def _answer_clients(self) -> None:
+        now = time.monotonic()
+        keep = set()
+        for s in self._dirty:
+            if s.ident is None:
+                s.acks, s.results, s.blobs = [], [], []
+            elif s.results:
+                self._send_results(s)
+                s.last_sent = now
+            elif len(s.acks) >= defaults.BATCH_JOBS or now - s.last_sent >= defaults.ACK_DELAY:
+                self._send(s.ident, P.ACK, {"s": s.acks})
+                s.acks, s.last_sent = [], now
+            elif s.acks:  # acks alone wait a moment for a result to ride on
+                keep.add(s)
+        self._dirty = keep
+
+    def _send_results(self, s: Session) -> None:
+        """RESULT messages in batches; the first carries the pending acknowledgements."""
+        for part in P.batches([len(b) for b in s.blobs]):
+            header: dict = {"r": s.results[part]}
+            if s.acks:
+                header["s"], s.acks = s.acks, []
+            self._send(s.ident, P.RESULT, header, s.blobs[part])
+        s.results, s.blobs = [], []
+
+    def _compatible(self, job: Job, w: Worker) -> bool:
+        """Whether a worker can unpickle this job's client's pickles (Python, cloudpickle)."""
+        s = job.session
+        if s is None or not s.versions or not w.versions:
+            return True
+        why = incompatibility(s.versions, w.versions)
+        if why and (s.id, w.id) not in self._warned:
+            self._warned.add((s.id, w.id))
+            text = f"worker {w.describe()} on {w.host} cannot run this client's jobs: {why}"
+            log.warning("session %s: %s", s.id[:8], text)
+            s.notices.append(text)
+        return why is None

@@ -1,0 +1,224 @@
+"""What the master does for workers: joining, tasks, results, drains, losses, post-mortems.
+
+Part of :class:`cw.master.server.Master` (a mixin: it uses the master's store,
+policy and sending). Where jobs go is the policy's decision
+(:meth:`cw.master.policy.Policy.assign`); this module sends them, takes their
+results, and decides what a lost worker's jobs cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .. import protocol as P
+from ..launchers import environment_of
+from ..store import Outcome
+from .policy import Job, Worker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHandlers:
+    """The master's worker side (mixed into Master: uses its store, policy, peers and _send)."""
+
+    def _worker_hello(self, ident: bytes, h: dict) -> None:
+        """A worker joins, or comes back (new connection, or a master that restarted).
+
+        The jobs it says it still holds stay with it; jobs we thought it had and
+        it does not hold were lost in transit, not by its fault: requeued uncharged.
+        """
+        w = Worker(ident, h)
+        holding = {int(j) for j in h.get("holding") or ()}
+        old = self.peers.get(ident)
+        if not isinstance(old, Worker) or old.id != w.id:
+            old = next((x for x in self.policy.workers.values() if x.id == w.id), None)
+        if old is not None:
+            self.peers.pop(old.ident, None)
+            self.policy.remove_worker(old)
+            w.running = old.running
+        for jid in reversed(list(w.running)):  # lost in transit, not by its fault
+            if jid not in holding:
+                self._requeue(w.running.pop(jid))
+        jobs = self.policy.jobs
+        for jid in holding:
+            job = jobs.get(jid)
+            if job is not None and (job.worker is None or job.worker is old):
+                job.worker = w  # what it runs stays with it
+                w.running[jid] = job
+        done = self.store.finished([j for j in holding if j not in jobs])
+        if done:  # finished or cancelled meanwhile: stop wasting its slots
+            self._send(ident, P.CANCEL, {"i": done})
+        self.peers[ident] = w
+        self.policy.add_worker(w)
+        self.store.worker_joined(w.id, w.host, w.pid, w.caps)
+        log.info("worker %s %s with %d slots %s", w.describe(), "rejoined" if old else "joined",
+                 w.slots, w.caps)  # fmt: skip
+        self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+        w.last_sent = time.monotonic()
+
+    def _from_worker(self, w: Worker, kind: bytes, h: dict, blobs: list[bytes]) -> None:
+        w.last_seen = time.monotonic()
+        if "running" in h:
+            w.started = set(h["running"])
+        if kind == P.RESULT:
+            self._results(w, h, blobs)
+        elif kind == P.BYE:
+            self._worker_bye(w, h)
+        elif kind == P.HEARTBEAT:
+            w.counters = h
+
+    # -- tasks out -------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Send each worker the jobs the policy placed on it, with the functions and
+        client contexts it does not have yet, in batches."""
+        now = time.monotonic()
+        for w, jobs in list(self.policy.assign(self._compatible)):
+            tasks, args, fns, ctxs, sizes = [], [], [], [], []
+            for job in jobs:
+                blob = None
+                if job.fn not in w.funcs:
+                    blob = self.functions.get(job.fn) or self.store.function(job.fn)
+                    if blob is None:
+                        self.policy.unplace(job)
+                        self._finish(job, P.FAILED, b"", f"function {job.fn} is not in the store", "", None, None)
+                        continue
+                    self.functions[job.fn] = blob
+                    w.funcs.add(job.fn)
+                s = job.session
+                ctx = s.id if s is not None and s.context else None
+                new_ctx = None
+                if ctx is not None and ctx not in w.ctxs:
+                    new_ctx = (ctx, s.context)
+                    w.ctxs.add(ctx)
+                tasks.append(P.TaskSpec(job.id, job.fn, ctx, job.timeout))
+                args.append(job.args)
+                fns.append(blob)
+                ctxs.append(new_ctx)
+                sizes.append(len(job.args) + (len(blob) if blob else 0))
+            for part in P.batches(sizes):
+                header: dict = {"t": tasks[part]}
+                new = [(t.fn, b) for t, b in zip(tasks[part], fns[part]) if b is not None]
+                header["f"] = [fn for fn, _ in new]
+                c = {k: v for k, v in filter(None, ctxs[part])}
+                if c:
+                    header["c"] = c
+                self._send(w.ident, P.TASKS, header, [*args[part], *(b for _, b in new)])
+            w.last_sent = now
+
+    # -- results in --------------------------------------------------------------------
+    def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
+        outcomes = []
+        jobs, policy = self.policy.jobs, self.policy
+        for row, blob in zip(h["r"], blobs):
+            r = P.WorkerResult(*row)
+            job = w.running.pop(r.id, None)
+            if job is None:
+                job = jobs.get(r.id)
+                if job is None or job.worker is not None:
+                    continue  # already finished (a duplicate after a requeue), or owned elsewhere
+            if r.runtime is not None:
+                policy.ran(job.fn, r.runtime)
+            outcomes.append(self._finish(job, r.status, blob, r.error, r.traceback, w.id, r.runtime, store=False))
+        if outcomes:
+            self.store.add_results(outcomes)
+
+    def _orphan_results(self, h: dict, blobs: list[bytes]) -> None:
+        """Results from a worker we do not know (yet): keep those of jobs still unfinished."""
+        outcomes: list[Outcome] = []
+        for row, blob in zip(h["r"], blobs):
+            r = P.WorkerResult(*row)
+            job = self.policy.jobs.get(r.id)
+            if job is not None and job.worker is None:
+                outcomes.append(self._finish(job, r.status, blob, r.error, r.traceback, None, r.runtime, store=False))
+        if outcomes:
+            self.store.add_results(outcomes)
+
+    # -- leaving -------------------------------------------------------------------------
+    def _worker_bye(self, w: Worker, h: dict) -> None:
+        """A draining worker hands back jobs it did not finish; they cost no attempt."""
+        w.draining = True
+        returned = [w.running.pop(j) for j in h.get("returned", ()) if j in w.running]
+        if h.get("final"):
+            returned += list(w.running.values())
+            w.running.clear()
+        for job in reversed(returned):
+            self._requeue(job)
+        if h.get("final"):
+            self.peers.pop(w.ident, None)
+            self.policy.remove_worker(w)
+            self.store.worker_left(w.id, str(h.get("why", "left")))
+            log.info("worker %s left (%s): %d jobs handed back", w.describe(), h.get("why", "drained"),
+                     len(returned))  # fmt: skip
+        else:
+            log.info("worker %s draining: %d jobs handed back", w.describe(), len(returned))
+
+    def _check_workers(self, now: float) -> None:
+        """Lose silent workers; heartbeat the others.
+
+        After a connection closed, a worker silent for three heartbeats (at
+        least 3 s) is taken as gone, without waiting for the full timeout.
+        """
+        suspect = now - self.disconnected_at < self.worker_timeout
+        for w in list(self.policy.workers.values()):
+            silent = now - w.last_seen
+            if silent > self.worker_timeout:
+                self._lose(w, f"silent for {silent:.1f} s")
+            elif suspect and silent > max(3 * self.heartbeat, 3.0):
+                self._lose(w, f"disconnected, silent for {silent:.1f} s")
+            elif now - w.last_sent >= self.heartbeat:
+                self._send(w.ident, P.HEARTBEAT)
+                w.last_sent = now
+
+    def _lose(self, w: Worker, why: str) -> None:
+        """A worker is gone without handing its jobs back: requeue them.
+
+        Only the jobs it was running are charged an attempt (see Policy.lost);
+        the ones waiting behind them never started.
+        """
+        self.peers.pop(w.ident, None)
+        self.store.worker_left(w.id, why)
+        if w.info:
+            threading.Thread(target=self._post_mortem, args=(w,), daemon=True).start()
+        charged, spared = self.policy.lost(w)
+        if charged:
+            self.store.count_attempt([j.id for j in charged])
+        failed = 0
+        for job in reversed(spared):
+            self._requeue(job)
+        for job in reversed(charged):
+            job.attempts += 1
+            job.lost_on = (job.lost_on or []) + [w.describe()]
+            if job.attempts > job.max_retries:
+                failed += 1
+                self._finish(job, P.LOST, b"", self._lost_error(job), "", w.id, None)
+            else:
+                self._requeue(job)
+        log.warning("worker %s on %s lost (%s): %d jobs requeued, %d of them charged an attempt;"
+                    " %d failed", w.describe(), w.host, why, len(charged) + len(spared) - failed,
+                    len(charged) - failed, failed)  # fmt: skip
+
+    def _lost_error(self, job: Job) -> str:
+        lines = [f"job lost its worker {job.attempts} times (max_retries={job.max_retries}):"]
+        for d in job.lost_on or ():
+            wid = d.split(" ", 1)[0]
+            pm = self.post_mortems.get(wid)
+            lines.append(f"  {d}{f': {pm}' if pm else ''}")
+        return "\n".join(lines)
+
+    def _post_mortem(self, w: Worker) -> None:
+        """Ask the batch system what became of a lost worker (off the loop's thread)."""
+        try:
+            text = environment_of(w.info).post_mortem()
+        except Exception as e:  # never let a post-mortem take the master down
+            text = f"post-mortem failed: {e!r}"
+        if text:
+            self._pm_queue.put((w.id, text))
+
+    def _record_post_mortems(self) -> None:
+        while not self._pm_queue.empty():
+            wid, text = self._pm_queue.get()
+            self.post_mortems[wid] = text
+            self.store.worker_left(wid, text)
+            log.warning("worker %s post-mortem: %s", wid, text)
