@@ -291,6 +291,46 @@ def test_cw_worker_cli_joins(master, procs):
         assert c.submit(square, 4).result(30) == 16
 
 
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_status_tells_running_from_prefetched(master, procs):
+    """A one-slot worker holds two long jobs: one runs, one waits behind it."""
+    start_workers(procs, 1)
+    with cw.Client() as c:
+        wait_for(lambda: c.status()["workers"], what="worker")
+        futs = [c.submit(nap, 3) for _ in range(5)]
+        doc = wait_for(lambda: (lambda d: d if d["running"] == 1 and d["prefetched"] == 1 else None)(c.status()),
+                       what="one running, one prefetched")  # fmt: skip
+        assert doc["queued"] == 3
+        (w,) = doc["workers"]
+        assert (w["running"], w["prefetched"]) == (1, 1)
+        out = subprocess.run([sys.executable, "-m", "cw", "status"], capture_output=True, text=True, timeout=30)
+        assert "jobs: 3 queued, 1 running, 1 prefetched" in out.stdout, out.stdout
+        assert "1 running      1 prefetched" in out.stdout, out.stdout
+        c.cancel(futs)
+
+
+def test_executor_map_chunksize_as_process_pool():
+    """map(chunksize=n) runs n calls per job and yields every result in order; a bad size is refused."""
+    with pytest.raises(ValueError, match="chunksize"):
+        cw.Executor(serial=True).map(square, [1], chunksize=0)
+    with cw.Executor(serial=True) as ex:
+        assert list(ex.map(add, range(7), range(7), chunksize=3)) == [2 * i for i in range(7)]
+    with cf.ProcessPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(square, [1], chunksize=0)
+
+
+def test_executor_map_chunks_travel_as_fewer_jobs(master, workers):
+    with cw.Executor() as ex:
+        assert list(ex.map(square, range(10), chunksize=4)) == [i * i for i in range(10)]
+        st = ex.client.status()
+    assert st["done"] == 3  # 4 + 4 + 2 calls
+
+
 class Scaler:
     def __init__(self, k):
         self.k = k

@@ -1,6 +1,8 @@
 """The wire: signing, verification, and refusal of anything unverified."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +62,63 @@ def test_header_is_parsed_only_after_the_mac(monkeypatch):
 def test_reject_is_recognised():
     assert P.is_reject(P.reject("bad MAC")) == "bad MAC"
     assert P.is_reject(P.pack(KEY, P.HELLO, {})) is None
+
+
+# -- docs/protocol.md says what protocol.py does ---------------------------------------
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def _top_level_fields(cell: str) -> tuple[str, ...]:
+    """'`{role: "client", context: {cwd, path}, waiting?}`' -> ('role', 'context', 'waiting?')."""
+    m = re.search(r"`([^`]*)`", cell)
+    assert m, cell
+    text = m.group(1).strip()
+    assert text.startswith("{") and text.endswith("}"), cell
+    fields, depth, token = [], 0, ""
+    for ch in text[1:-1] + ",":
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if depth == 0 and ch == ",":
+            name = token.split(":")[0].strip()
+            if name:
+                fields.append(name)
+            token = ""
+        elif depth == 0 or ch not in ",":
+            token += ch
+    return tuple(fields)
+
+
+def _documented() -> list[tuple[str, str, bytes, tuple[str, ...], str]]:
+    rows, hop = [], None
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"### (\w+) → (\w+)$", line)
+        if m:
+            hop = (m.group(1).lower(), m.group(2).lower())
+            continue
+        if line.startswith("#"):
+            hop = None
+        if hop and line.startswith("| ") and not line.startswith(("| kind", "|---")):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            kind, _, note = cells[0].partition(" (")
+            rows.append((*hop, kind.encode(), _top_level_fields(cells[1]), note.rstrip(")")))
+    return rows
+
+
+def test_protocol_doc_lists_every_message_with_its_fields():
+    documented = _documented()
+    in_code = [(m.sender, m.receiver, m.kind, m.fields, m.note) for m in P.MESSAGES]
+    assert documented, "no message tables found in docs/protocol.md"
+    assert sorted(documented) == sorted(in_code)
+
+
+def test_every_kind_is_documented_and_named():
+    assert {m.kind for m in P.MESSAGES} == P.KINDS
+
+
+def test_record_fields_are_the_documented_row_layouts():
+    text = DOC.read_text()
+    for rec, where in ((P.SubmitSpec, "j"), (P.TaskSpec, "t"), (P.WorkerResult, "r"), (P.ClientResult, "r")):
+        row = "[" + ", ".join(rec._fields) + "]"
+        assert f"{where}: [{row}, ...]" in text, f"docs/protocol.md lacks `{where}: [{row}, ...]`"
