@@ -62,6 +62,8 @@ QUEUE_WINDOW_BYTES = 1024 * 1024 * 1024
 MAX_UNACKED_JOBS = 100_000
 MAX_UNACKED_BYTES = 1024 * 1024 * 1024
 
+#: A client left open at exit waits this many seconds for the master to commit what it submitted.
+EXIT_FLUSH = 30.0
 #: A client warns when its jobs have waited this many seconds at a master with no worker.
 NO_WORKERS_WARNING = 60.0
 

@@ -19,6 +19,10 @@ class AuthenticationError(CwError):
     """The master rejected our messages: the secret keys differ."""
 
 
+class ClientError(CwError, RuntimeError):
+    """The client cannot go on: it is closed, or its connection failed for good."""
+
+
 class ProtocolError(CwError):
     """A message could not be decoded (bad frames, bad version, bad MAC)."""
 

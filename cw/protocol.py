@@ -99,8 +99,8 @@ MESSAGES = (
     Message("client", "master", HEARTBEAT, ()),
     Message("client", "master", BYE, ()),
     Message("master", "client", WELCOME, ("master", "heartbeat")),
-    Message("master", "client", ACK, ("s",)),
-    Message("master", "client", RESULT, ("r", "s?")),
+    Message("master", "client", ACK, ("s", "g?")),
+    Message("master", "client", RESULT, ("r", "s?", "g?")),
     Message("master", "client", HEARTBEAT, ("workers", "queued", "notices?")),
     Message("master", "client", STATUS, (
         "master", "address", "store", "uptime", "queued", "in_memory", "running", "prefetched",

@@ -178,7 +178,9 @@ def rebuild_exception(blob: bytes, error: str, tb: str) -> BaseException:
     exc: BaseException
     try:
         exc = pickle.loads(blob) if blob else JobError(error)
-    except Exception:
+    except BaseException:  # noqa: B036 - a payload may raise anything while it unpickles
+        exc = JobError(error)
+    if not isinstance(exc, BaseException):
         exc = JobError(error)
     if tb:
         exc.__cause__ = RemoteTraceback(tb)

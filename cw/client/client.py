@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 from .. import defaults
 from ..discovery import ClusterDir, resolve_address
-from ..errors import ConfigError, MessageTooLargeError, TimeoutError
+from ..errors import ClientError, ConfigError, MessageTooLargeError, TimeoutError
 from ..link import query_status
 from ..serialize import dumps_args, dumps_function, dumps_result, job_key, loads
 from ..serialize import ship_modules as ship
@@ -106,7 +106,8 @@ class Client:
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, key: str | None = None,
                 cache: bool = True, requires: dict | None = None, timeout: float | None = None,
-                max_retries: int | None = None, sink: Callable | None = None) -> Future | Delivery:  # fmt: skip
+                max_retries: int | None = None, sink: Callable | None = None,
+                kill: bool = True) -> Future | Delivery:  # fmt: skip
         fn_hash, fn_blob = dumps_function(fn)
         args_blob = dumps_args(args, kwargs)
         for what, blob in (("arguments", args_blob), ("function", fn_blob)):
@@ -122,6 +123,8 @@ class Client:
                 exc = fut.exception()
                 sink(fut.jobid, fut.result() if exc is None else exc, exc is not None)
             return fut
+        if self._conn is None:
+            raise ClientError("this client is closed: make a new one to submit more jobs")
         if key is None and self.run is not None and cache:
             key = job_key(fn_hash, args_blob)
         opts = {}
@@ -135,7 +138,7 @@ class Client:
         m = max_retries if max_retries is not None else self.defaults["m"]
         if m is not None:
             opts["m"] = int(m)
-        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink)
+        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink, kill)
 
     _serial_seq = itertools.count()
 
@@ -170,10 +173,11 @@ class Client:
         return out
 
     def cancel(self, futures: Iterable[cf.Future] | cf.Future) -> int:
-        """Cancel jobs: queued ones are dropped, running ones killed. How many were cancelled."""
+        """Cancel jobs: queued ones are dropped, running ones killed (also an Executor's,
+        whose own ``cancel()`` leaves running jobs alone). How many were cancelled."""
         if isinstance(futures, cf.Future):
             futures = [futures]
-        return sum(bool(f.cancel()) for f in futures)
+        return sum(bool(f._cancel(kill=True) if isinstance(f, Future) else f.cancel()) for f in futures)
 
     def status(self) -> dict:
         """The master's view: workers, queued and running jobs."""

@@ -10,6 +10,7 @@ submission the master had not acknowledged.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures as cf
 import itertools
@@ -18,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Callable
 
 import zmq
@@ -25,12 +27,22 @@ import zmq
 from .. import defaults
 from .. import protocol as P
 from ..discovery import ClusterDir
-from ..errors import AuthenticationError, NoMasterError, SerializationError
+from ..errors import AuthenticationError, ClientError, NoMasterError, SerializationError
 from ..link import Link
 from ..serialize import loads, runtime_versions
 from .futures import Delivery, Future, error_for
 
 log = logging.getLogger(__name__)
+
+_open: weakref.WeakSet = weakref.WeakSet()  # connections not closed yet
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A client left open at exit: what it submitted is committed at the master before
+    the interpreter goes (its jobs run on; their results wait in the store)."""
+    for conn in list(_open):
+        conn.flush(defaults.EXIT_FLUSH)
 
 
 class Connection:
@@ -67,6 +79,7 @@ class Connection:
                          hello=self._hello, master_timeout=master_timeout)  # fmt: skip
         self.thread = threading.Thread(target=self._run, name="cw-client-io", daemon=True)
         self.thread.start()
+        _open.add(self)
         if not self.welcomed.wait(connect_timeout) and self.error is None:
             self.error = NoMasterError(
                 f"no cw master answered at {self.address} within {connect_timeout:.0f} s "
@@ -83,18 +96,21 @@ class Connection:
 
     # -- called from user threads -------------------------------------------------
     def submit(self, fn_hash: str, fn_blob: bytes, args: bytes, key: str | None, opts: dict | None,
-               sink: Callable | None = None) -> Future | Delivery:  # fmt: skip
-        """Queue a job; its outcome goes to a new Future, or to ``sink`` when given."""
+               sink: Callable | None = None, kill: bool = True) -> Future | Delivery:  # fmt: skip
+        """Queue a job; its outcome goes to a new Future, or to ``sink`` when given.
+
+        ``kill``: whether the future's ``cancel()`` kills a running job (see Future).
+        """
         if self.error is not None:
             raise self.error
         if self.closed:
-            raise RuntimeError("this client is closed")
+            raise ClientError("this client is closed: make a new one to submit more jobs")
         with self.space:
             while (len(self.unacked) >= defaults.MAX_UNACKED_JOBS
                    or self.unacked_bytes >= defaults.MAX_UNACKED_BYTES) and not self.closed:  # fmt: skip
                 self.space.wait(1.0)  # backpressure: the master has not caught up
             seq = next(self.seq)
-            fut = Future(seq, self) if sink is None else Delivery(seq, sink)
+            fut = Future(seq, self, kill) if sink is None else Delivery(seq, sink)
             self.futures[seq] = fut
             sub = (seq, fn_hash, fn_blob, key, opts, args)
             self.unacked[seq] = sub
@@ -117,9 +133,22 @@ class Connection:
             except OSError:
                 pass
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until the master has committed every submission; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.space:
+            while self.unacked and self.error is None and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%d submissions not committed at the master after %.0f s", len(self.unacked), timeout)
+                    return False
+                self.space.wait(min(left, 0.5))
+        return True
+
     def close(self) -> None:
         if self.closed:
             return
+        _open.discard(self)
         self.closed = True
         self._wake()
         if threading.current_thread() is not self.thread:
@@ -127,7 +156,7 @@ class Connection:
         with self.space:
             self.space.notify_all()
         for fut in list(self.futures.values()):
-            fut.cancel()
+            fut._cancel(kill=True)
         self._wake_r.close()
         self._wake_w.close()
 
@@ -172,9 +201,9 @@ class Connection:
                 else:
                     link.keep_alive(now)
                 idle_since = self._watch_workers(now, idle_since)
-        except Exception as e:  # never die silently: fail every waiting future
+        except BaseException as e:  # noqa: B036 - never die silently: fail every waiting future
             log.exception("cw client I/O thread failed")
-            self.error = e
+            self.error = e if isinstance(e, Exception) else ClientError(f"the client's I/O thread died: {e!r}")
         finally:
             if self.error is not None:
                 for fut in list(self.futures.values()):
@@ -239,10 +268,14 @@ class Connection:
         try:
             for kind, h, blobs in self.link.recv():
                 if kind == P.RESULT:
+                    if "g" in h:
+                        self._started(h["g"])
                     if "s" in h:
                         self._acked(h["s"])
                     self._results(h["r"], blobs)
                 elif kind == P.ACK:
+                    if "g" in h:
+                        self._started(h["g"])
                     self._acked(h["s"])
                 elif kind == P.HEARTBEAT:
                     self.master_workers = h.get("workers")
@@ -271,23 +304,31 @@ class Connection:
                     self.unacked_bytes -= len(sub[5])
             self.space.notify_all()
 
+    def _started(self, seqs: list[int]) -> None:
+        """Workers started these jobs: their futures are RUNNING."""
+        futures = self.futures
+        for seq in seqs:
+            fut = futures.get(seq)
+            if fut is not None:
+                fut._started()
+
     def _results(self, rows: list, blobs: list[bytes]) -> None:
+        """Complete futures. Nothing a payload does may stop this thread: a value or
+        exception that cannot be rebuilt fails its own future, and the others go on."""
         futures = self.futures
         for row, blob in zip(rows, blobs):
             seq, status, err, tb = row  # a protocol.ClientResult
             fut = futures.pop(seq, None)
-            # RUNNING from here on: a user's cancel() can no longer race set_result()
-            if fut is None or not fut.set_running_or_notify_cancel():
+            if fut is None:
                 continue
             if status == P.OK:
                 try:
                     value = loads(blob)
-                except Exception as e:
-                    fut.set_exception(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"))
+                except BaseException as e:  # noqa: B036 - e.g. SystemExit from a __reduce__
+                    fut._settle(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"), True)
                     continue
-                fut.set_result(value)
+                fut._settle(value, False)
             elif status == P.CANCELLED:  # by another client API, or a retry of the run
-                fut.set_exception(cf.CancelledError(f"job {seq} was cancelled"))
+                fut._settle(cf.CancelledError(f"job {seq} was cancelled"), True)
             else:
-                fut.set_exception(error_for(status, err, tb, blob))
-
+                fut._settle(error_for(status, err, tb, blob), True)

@@ -8,6 +8,7 @@ without the cost of a Future.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .. import protocol as P
@@ -21,21 +22,53 @@ if TYPE_CHECKING:
 class Future(cf.Future):
     """A ``concurrent.futures.Future`` that knows its job id.
 
-    ``cancel()`` also cancels the job: dropped if still queued, killed if running.
+    PENDING until a worker starts the job, then RUNNING, then FINISHED (or
+    CANCELLED). ``cancel()`` on a ``Client`` future keeps dask's meaning: a
+    queued job is dropped and a running one killed. An ``Executor`` future
+    (``kill=False``) keeps the standard contract: a running one cannot be
+    cancelled (``client.cancel(futures)`` is the explicit kill).
     """
 
-    def __init__(self, jobid: int, conn: Connection | None = None):
+    def __init__(self, jobid: int, conn: Connection | None = None, kill: bool = True):
         super().__init__()
         self.jobid = jobid
         self._conn = conn
+        self._kill = kill
 
     def cancel(self) -> bool:
-        if not super().cancel():
-            return False
+        return self._cancel(self._kill)
+
+    def _cancel(self, kill: bool) -> bool:
+        with self._condition:
+            if self._state == FINISHED or (self._state == RUNNING and not kill):
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = CANCELLED
+            self._condition.notify_all()
+        # nobody will dequeue it: waiters (wait, as_completed) hear of it now
+        self.set_running_or_notify_cancel()
+        self._invoke_callbacks()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
             conn.cancel(self.jobid)
         return True
+
+    def _started(self) -> None:
+        """A worker started the job (the I/O thread heard so)."""
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+
+    def _settle(self, value: Any, failed: bool) -> None:
+        """The job's outcome (from the I/O thread); nothing if it was cancelled meanwhile."""
+        try:
+            if failed:
+                self.set_exception(value)
+            else:
+                self.set_result(value)
+        except cf.InvalidStateError:
+            pass  # cancelled while the result was on its way
 
     def __repr__(self) -> str:
         return f"<cw.Future job {self.jobid} {self._state.lower()}>"
@@ -52,28 +85,41 @@ class Delivery:
     def done(self) -> bool:
         return self.finished
 
-    def set_running_or_notify_cancel(self) -> bool:
-        return not self.finished
+    def _started(self) -> None:
+        pass
 
-    def set_result(self, value: Any) -> None:
-        self.finished = True
-        self.sink(self.jobid, value, False)
+    def _settle(self, value: Any, failed: bool) -> None:
+        if not self.finished:
+            self.finished = True
+            self.sink(self.jobid, value, failed)
 
     def set_exception(self, exc: BaseException) -> None:
-        self.finished = True
-        self.sink(self.jobid, exc, True)
+        self._settle(exc, True)
 
     def cancel(self) -> bool:
+        return self._cancel(True)
+
+    def _cancel(self, kill: bool) -> bool:
         if self.finished:
             return False
-        self.set_exception(cf.CancelledError(f"job {self.jobid} was cancelled"))
+        self._settle(cf.CancelledError(f"job {self.jobid} was cancelled"), True)
         return True
 
 
 def error_for(status: int, err: str, tb: str, blob: bytes) -> BaseException:
-    """The exception a client raises for a job that did not succeed."""
+    """The exception a client raises for a job that did not succeed.
+
+    A job's SystemExit or KeyboardInterrupt arrives as a JobError carrying it
+    (``.original``): re-raised as itself, it would end the client's program.
+    """
     if status == P.RAISED:
-        return rebuild_exception(blob, err, tb)
+        exc = rebuild_exception(blob, err, tb)
+        if not isinstance(exc, Exception):
+            wrapped = JobError(f"the job raised {type(exc).__name__}: {exc}")
+            wrapped.original = exc  # type: ignore[attr-defined]
+            wrapped.__cause__ = exc.__cause__
+            return wrapped
+        return exc
     cls = {
         P.IMPORT: RemoteImportError,
         P.CRASHED: JobCrashedError,

@@ -29,6 +29,7 @@ class Session:
         self.ident: bytes | None = None
         self.jobs: dict[int, Job] = {}  # seq -> unfinished job held in memory
         self.acks: list[int] = []
+        self.started: list[int] = []  # seqs a worker started: the client's futures go RUNNING
         self.results: list[P.ClientResult] = []  # sent with self.blobs, after the commit
         self.blobs: list[bytes] = []
         self.notices: list[str] = []
@@ -158,14 +159,17 @@ class ClientHandlers:
         keep = set()
         for s in self._dirty:
             if s.ident is None:
-                s.acks, s.results, s.blobs = [], [], []
+                s.acks, s.started, s.results, s.blobs = [], [], [], []
             elif s.results:
                 self._send_results(s)
                 s.last_sent = now
-            elif len(s.acks) >= defaults.BATCH_JOBS or now - s.last_sent >= defaults.ACK_DELAY:
-                self._send(s.ident, P.ACK, {"s": s.acks})
+            elif len(s.acks) + len(s.started) >= defaults.BATCH_JOBS or now - s.last_sent >= defaults.ACK_DELAY:
+                header: dict = {"s": s.acks}
+                if s.started:
+                    header["g"], s.started = s.started, []
+                self._send(s.ident, P.ACK, header)
                 s.acks, s.last_sent = [], now
-            elif s.acks:  # acks alone wait a moment for a result to ride on
+            elif s.acks or s.started:  # alone, they wait a moment for a result to ride on
                 keep.add(s)
         self._dirty = keep
 
@@ -175,6 +179,8 @@ class ClientHandlers:
             header: dict = {"r": s.results[part]}
             if s.acks:
                 header["s"], s.acks = s.acks, []
+            if s.started:
+                header["g"], s.started = s.started, []
             self._send(s.ident, P.RESULT, header, s.blobs[part])
         s.results, s.blobs = [], []
 

@@ -61,13 +61,27 @@ class WorkerHandlers:
     def _from_worker(self, w: Worker, kind: bytes, h: dict, blobs: list[bytes]) -> None:
         w.last_seen = time.monotonic()
         if "running" in h:
-            w.started = set(h["running"])
+            running = set(h["running"])
+            new = running - w.started if w.started is not None else running
+            w.started = running
+            if new:
+                self._tell_started(w, new)
         if kind == P.RESULT:
             self._results(w, h, blobs)
         elif kind == P.BYE:
             self._worker_bye(w, h)
         elif kind == P.HEARTBEAT:
             w.counters = h
+
+    def _tell_started(self, w: Worker, ids: set[int]) -> None:
+        """Clients hear which of their jobs started (their futures go RUNNING), with
+        their next acknowledgement or result."""
+        for jid in ids:
+            job = w.running.get(jid)
+            s = job.session if job is not None else None
+            if s is not None and s.ident is not None:
+                s.started.append(job.seq)
+                self._dirty.add(s)
 
     # -- tasks out -------------------------------------------------------------------
     def _dispatch(self) -> None:
