@@ -116,7 +116,7 @@ def logged(x, path):
     return x * 10
 
 
-# -- a pool started by `python -m cw.<scheduler> up` --------------------------------
+# -- a pool started by `python -m cw <scheduler> up` --------------------------------
 class Launched:
     """A pool in its own cluster directory, driven through the command line."""
 

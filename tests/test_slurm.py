@@ -33,8 +33,9 @@ from clusters import (
 
 from cw import defaults
 from cw.discovery import ClusterDir
-from cw.launchers import pool as launcher
-from cw.launchers.pool import ENDED, PENDING, RUNNING, Keeper, Pool, Scheduler, Task, post_mortem
+from cw.launchers import environment, environment_of
+from cw.launchers.base import ENDED, PENDING, RUNNING, Scheduler, Task
+from cw.launchers.pool import Keeper, Pool
 from cw.launchers.slurm import _sacct_line, seconds
 
 
@@ -114,7 +115,7 @@ def test_scancel_of_a_task_mid_job_requeues_its_job_and_the_pool_heals(pool: Lau
     wait_for(lambda: {worker_of(w["info"])[0] for w in pool.connected()} >= {healed}, timeout=60,
              what="the new worker to connect")  # fmt: skip
     assert len(pool.connected()) == 4
-    text = post_mortem(victim["info"])
+    text = environment_of(victim["info"]).post_mortem()
     assert text.startswith(f"SLURM job {job}_{index}: ") and "CANCELLED" in text, text
 
 
@@ -191,7 +192,7 @@ def test_sbatch_scripts_work_as_documented(tmp_path, cw_home):
 @pytest.mark.timeout(60)
 def test_batch_deadline_inside_a_job(tmp_path):
     require("slurm")
-    code = "import time; from cw.launchers.pool import batch_deadline as d; print(d() - time.time())"
+    code = "import time; from cw.launchers import environment as e; print(e().deadline() - time.time())"
     out = tmp_path / "deadline.out"
     p = run(["sbatch", "--parsable", "--time=3", f"--output={out}", "--wrap",
              subprocess.list2cmdline([sys.executable, "-c", code])])  # fmt: skip
@@ -230,16 +231,13 @@ def test_sacct_post_mortem_line():
 
 def test_post_mortem_and_deadline_never_raise(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert post_mortem({}) is None
-    assert "state unknown" in post_mortem({"SLURM_JOB_ID": "12"})
-    assert "no accounting record" in post_mortem({"JOB_ID": "12", "SGE_TASK_ID": "3"})
-    monkeypatch.setattr(launcher, "_deadline_cache", None)
+    assert environment_of({}).post_mortem() is None
+    assert "state unknown" in environment_of({"SLURM_JOB_ID": "12"}).post_mortem()
+    assert "no accounting record" in environment_of({"JOB_ID": "12", "SGE_TASK_ID": "3"}).post_mortem()
     monkeypatch.setenv("SLURM_JOB_ID", "12")
-    assert launcher.batch_deadline() is None
-    monkeypatch.setattr(launcher, "_deadline_cache", None)
+    assert environment().deadline() is None
     monkeypatch.setenv("SLURM_JOB_END_TIME", "1900000000")
-    assert launcher.batch_deadline() == 1900000000.0
-    monkeypatch.setattr(launcher, "_deadline_cache", None)
+    assert environment().deadline() == 1900000000.0
 
 
 class Pretend(Scheduler):
@@ -267,20 +265,6 @@ class Pretend(Scheduler):
     def cancel(self, jobs):
         for j in jobs:
             self.arrays[j] = [ENDED] * len(self.arrays[j])
-
-    @classmethod
-    def inside(cls, env):
-        return False
-
-    @classmethod
-    def owns(cls, info):
-        return False
-
-    def deadline(self):
-        return None
-
-    def post_mortem(self, info):
-        return None
 
 
 def _pretend_pool(tmp_path, **rec) -> tuple[Pretend, Pool, Keeper]:
