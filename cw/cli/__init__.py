@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import click
 
@@ -236,18 +235,10 @@ cli.add_command(worker_cmd)
 
 
 def _add_launchers() -> None:
-    """`cw slurm ...` and `cw sge ...`: each launcher module exports a click group `cli`."""
-    import importlib
+    """`cw slurm ...`, `cw sge ...`: one command group per batch system in cw.launchers' registry."""
+    from .launch import add_backends
 
-    for name in ("slurm", "sge"):
-        try:
-            mod = importlib.import_module(f"cw.launchers.{name}")
-        except Exception as e:  # a broken launcher must not take every other command down
-            logging.getLogger(__name__).warning("cw %s is unavailable: %r", name, e)
-            continue
-        group = getattr(mod, "cli", None)
-        if group is not None:
-            cli.add_command(group, name)
+    add_backends(cli)
 
 
 _add_launchers()

@@ -455,11 +455,11 @@ class Master:
     def _post_mortem(self, w: Worker) -> None:
         """Ask the batch system what became of a lost worker (off the loop's thread)."""
         try:
-            from ..launchers.pool import post_mortem
+            from ..launchers import environment_of
         except ImportError:
             return
         try:
-            text = post_mortem(w.info)
+            text = environment_of(w.info).post_mortem()
         except Exception as e:  # never let a post-mortem take the master down
             text = f"post-mortem failed: {e!r}"
         if text:

@@ -545,11 +545,11 @@ class Agent:
 def _batch_deadline() -> float | None:
     """When the batch allocation running us ends (epoch seconds), if a launcher knows."""
     try:
-        from ..launchers.pool import batch_deadline
+        from ..launchers import environment
     except ImportError:
         return None
     try:
-        return batch_deadline()
+        return environment().deadline()
     except Exception:  # a post-mortem helper must never stop a worker from starting
         return None
 
