@@ -322,13 +322,32 @@ def test_census_counts_tasks_the_scheduler_no_longer_lists_as_ended(tmp_path):
 
 
 def test_serve_master_stops_on_the_schedulers_signals(tmp_path, procs):
-    """The master of a pool withdraws master.json on SIGTERM and on Grid Engine's SIGUSR2."""
+    """The master of a pool, with its keeper (--keep-pool), withdraws master.json and stops
+    on SIGTERM and on Grid Engine's SIGUSR2."""
     cluster = ClusterDir(path=tmp_path / "c")
+    # a pool of size 0: the keeper reads it, and has nothing to submit
+    pool = Pool(Pretend(), cluster)
+    with pool.record() as r:
+        r.update({"scheduler": "slurm", "target": 0, "heal": True, "max_heals": 0, "heals": 0,
+                  "arrays": [], "options": {}, "poll": 0.2})  # fmt: skip
+    before = pool.read()
     for sig in (signal.SIGTERM, signal.SIGUSR2):
-        p = procs.start(f"serve-{sig.name}", "-m", "cw.master", "--cluster-dir",
-                        str(cluster.path), "--port", "0")  # fmt: skip
+        name = f"serve-{sig.name}"
+        p = procs.start(name, "-m", "cw.master", "--cluster-dir", str(cluster.path), "--port", "0",
+                        "--keep-pool", "--poll", "0.2", env={"CW_LOG_LEVEL": "DEBUG"})  # fmt: skip
         wait_for(lambda p=p: cluster.master_address() or p.poll() is not None, what="master.json")
-        assert p.poll() is None, procs.log(f"serve-{sig.name}")
+        assert p.poll() is None, procs.log(name)
+        wait_for(lambda n=name: "pool keeper: keeping" in procs.log(n), what="the keeper", timeout=15)
+        time.sleep(0.5)  # a few of the keeper's turns
         p.send_signal(sig)
-        assert p.wait(15) == 0, procs.log(f"serve-{sig.name}")
-        assert not cluster.master_json.exists(), procs.log(f"serve-{sig.name}")
+        assert p.wait(15) == 0, procs.log(name)
+        assert not cluster.master_json.exists(), procs.log(name)
+        assert "pool keeper: unexpected error" not in procs.log(name)
+    assert pool.read() == before  # target 0: nothing submitted, nothing changed
+
+
+def test_keep_pool_without_a_pool_is_an_error(tmp_path):
+    """`cw master --keep-pool` on a directory with no pool.json says so, and starts nothing."""
+    p = run([sys.executable, "-m", "cw.master", "--cluster-dir", str(tmp_path / "c"), "--port", "0",
+             "--keep-pool"], timeout=60)  # fmt: skip
+    assert p.returncode != 0 and "no pool recorded" in p.stderr, p.stdout + p.stderr
