@@ -72,7 +72,7 @@ def _discover() -> dict[str, type[Scheduler]]:
             continue
         cls = getattr(module, "BACKEND", None)
         if cls is None:
-            continue  # a helper module, not a backend
+            continue  # a module of the package that is not a backend
         if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
             log.warning("cw.launchers.%s: BACKEND is not a Scheduler subclass, skipped", m.name)
             continue
