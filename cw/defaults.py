@@ -85,9 +85,9 @@ HEALS_PER_WORKER = 10
 COMMAND_TIMEOUT = 60.0
 #: Seconds a query (squeue, qstat) may take.
 QUERY_TIMEOUT = 20.0
-#: Seconds each command of batch_deadline() and post_mortem() may take.
+#: Seconds each command of a job environment's deadline() and post_mortem() may take.
 PROBE_TIMEOUT = 5.0
-#: batch_deadline() asks the scheduler again after this many seconds.
+#: A job environment's deadline() asks the scheduler again after this many seconds.
 DEADLINE_CACHE = 60.0
 #: The scheduler signals a worker this many seconds before its time limit, so that
 #: it drains (capped at a third of the limit, for short limits).

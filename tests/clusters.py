@@ -3,6 +3,11 @@
 Each test gets its own cluster directory, so its job names, master.json and
 store are its own; :class:`Launched` stops everything a test started, down to
 the last job it submitted, even when the test fails.
+
+The tests check what cw did by asking the batch system themselves: each
+system's commands for that are a :class:`System` in :data:`SYSTEMS`
+(SLURM's and Grid Engine's here; another system's test file may
+:func:`register` its own).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from conftest import wait_for
@@ -27,23 +34,36 @@ from cw.discovery import ClusterDir
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-_PROBES = {
-    # the node must be up and the partition available, not merely the daemon
-    "slurm": (["sinfo", "-h", "-o", "%a %t"], lambda out: any(
-        line.split()[0] == "up" and line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")
-        for line in out.splitlines() if len(line.split()) == 2)),
-    "sge": (["qstat", "-f"], lambda out: "@" in out),
-}  # fmt: skip
+# -- what each batch system's tests need to see for themselves ---------------------
+@dataclass(frozen=True)
+class System:
+    """How the tests ask a batch system directly, without cw (each test file may add its own)."""
+
+    probe: list[str]  #: a command that answers when the system is up ...
+    usable: Callable[[str], bool]  #: ... and, from its output, whether a node can run jobs
+    queued: Callable[[list[str]], list[str]]  #: ids of these jobs' tasks still pending or running
+    cancel: list[str]  #: the command that cancels jobs by id
+    by_name: Callable[[str], list[str]]  #: ids of the jobs whose name starts with a prefix
+
+
+SYSTEMS: dict[str, System] = {}
+
+
+def register(name: str, system: System) -> None:
+    """Make a batch system known to :func:`require`, :func:`queued`, :class:`Launched` ..."""
+    SYSTEMS[name] = system
+
+
 _reachable: dict[str, str | None] = {}
 
 
 def require(scheduler: str) -> None:
     """Fail under CI, skip elsewhere, unless the scheduler answers and has a usable node."""
     if scheduler not in _reachable:
-        cmd, ok = _PROBES[scheduler]
+        system = SYSTEMS[scheduler]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            why = None if p.returncode == 0 and ok(p.stdout) else (p.stderr.strip() or p.stdout.strip() or "no usable node")
+            p = subprocess.run(system.probe, capture_output=True, text=True, timeout=20)
+            why = None if p.returncode == 0 and system.usable(p.stdout) else (p.stderr.strip() or p.stdout.strip() or "no usable node")
         except (OSError, subprocess.TimeoutExpired) as e:
             why = str(e)
         _reachable[scheduler] = why
@@ -62,26 +82,59 @@ def run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProces
 # -- what the scheduler still holds -------------------------------------------------
 def queued(scheduler: str, jobs: list[str]) -> list[str]:
     """Ids of these jobs' tasks the scheduler lists as pending or running (what a user sees)."""
-    if not jobs:
-        return []
-    if scheduler == "slurm":
-        p = run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i"])
-        if p.returncode != 0 and "Invalid job id" not in p.stderr:
-            raise AssertionError(f"squeue failed: {p.stderr}")
-        return p.stdout.split()
+    return SYSTEMS[scheduler].queued(jobs) if jobs else []
+
+
+def cancel(scheduler: str, jobs: list[str]) -> None:
+    if jobs:
+        run([*SYSTEMS[scheduler].cancel, *jobs])
+
+
+def _slurm_queued(jobs: list[str]) -> list[str]:
+    p = run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i"])
+    if p.returncode != 0 and "Invalid job id" not in p.stderr:
+        raise AssertionError(f"squeue failed: {p.stderr}")
+    return p.stdout.split()
+
+
+def _slurm_by_name(tag: str) -> list[str]:
+    p = run(["squeue", "-h", "-o", "%i %j"])
+    return [i.split("_")[0] for i, n in (line.split(None, 1) for line in p.stdout.splitlines()) if n.startswith(tag)]
+
+
+def _qstat_jobs() -> list[ET.Element]:
     p = run(["qstat", "-xml"])
     assert p.returncode == 0, p.stderr
+    return list(ET.fromstring(p.stdout).iter("job_list"))
+
+
+def _sge_queued(jobs: list[str]) -> list[str]:
     out = []
-    for j in ET.fromstring(p.stdout).iter("job_list"):
+    for j in _qstat_jobs():
         job, tasks = j.findtext("JB_job_number"), j.findtext("tasks")
         if job in jobs:
             out.append(f"{job}.{tasks}" if tasks else job)
     return out
 
 
-def cancel(scheduler: str, jobs: list[str]) -> None:
-    if jobs:
-        run(["scancel", *jobs] if scheduler == "slurm" else ["qdel", *jobs])
+def _sge_by_name(tag: str) -> list[str]:
+    try:
+        found = _qstat_jobs()
+    except (AssertionError, ET.ParseError):
+        return []
+    # qstat truncates nothing in XML, so the full name is there
+    return sorted({(j.findtext("JB_job_number") or "") for j in found if (j.findtext("JB_name") or "").startswith(tag)})
+
+
+register("slurm", System(
+    # the node must be up and the partition available, not merely the daemon
+    probe=["sinfo", "-h", "-o", "%a %t"],
+    usable=lambda out: any(line.split()[0] == "up" and line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")
+                           for line in out.splitlines() if len(line.split()) == 2),
+    queued=_slurm_queued, cancel=["scancel"], by_name=_slurm_by_name,
+))  # fmt: skip
+register("sge", System(probe=["qstat", "-f"], usable=lambda out: "@" in out, queued=_sge_queued,
+                       cancel=["qdel"], by_name=_sge_by_name))  # fmt: skip
 
 
 def final_state(job: str) -> str:
@@ -116,7 +169,7 @@ def logged(x, path):
     return x * 10
 
 
-# -- a pool started by `python -m cw.<scheduler> up` --------------------------------
+# -- a pool started by `python -m cw <scheduler> up` --------------------------------
 class Launched:
     """A pool in its own cluster directory, driven through the command line."""
 
@@ -206,18 +259,7 @@ class Launched:
 
     def by_name(self) -> list[str]:
         """Jobs whose name carries this pool's directory (submitted by a keeper, say)."""
-        tag = f"cw-{self.dir.name}-"
-        if self.scheduler == "slurm":
-            p = run(["squeue", "-h", "-o", "%i %j"])
-            return [i.split("_")[0] for i, n in (line.split(None, 1) for line in p.stdout.splitlines()) if n.startswith(tag)]
-        p = run(["qstat", "-xml"])
-        try:
-            root = ET.fromstring(p.stdout)
-        except ET.ParseError:
-            return []
-        # qstat truncates nothing in XML, so the full name is there
-        return sorted({(j.findtext("JB_job_number") or "") for j in root.iter("job_list")
-                       if (j.findtext("JB_name") or "").startswith(tag)})  # fmt: skip
+        return SYSTEMS[self.scheduler].by_name(f"cw-{self.dir.name}-")
 
 
 def launched(scheduler: str, tmp_path: Path):
@@ -253,6 +295,6 @@ def script(path: str) -> str:
     return str(ROOT / path)
 
 
-__all__ = ["IN_CI", "Launched", "cancel", "final_state", "hand_env", "launched", "logged", "queued",
-           "require", "run", "script", "slow", "square", "submitted_id", "wait_for", "wait_gone",
-           "worker_of"]  # fmt: skip
+__all__ = ["IN_CI", "SYSTEMS", "Launched", "System", "cancel", "final_state", "hand_env", "launched",
+           "logged", "queued", "register", "require", "run", "script", "slow", "square", "submitted_id",
+           "wait_for", "wait_gone", "worker_of"]  # fmt: skip

@@ -5,7 +5,7 @@ The layers, bottom to top (docs/design.md draws them):
 1. contracts: version, errors, defaults, protocol, serialize, discovery, store, link
 2. batch systems: the launchers registry, base.py and one module per backend
 3. the engine: master, worker, client (none of the three imports another)
-4. launchers: the pool and its keeper, the local cluster
+4. launchers: the pool, its keeper, the local cluster
 5. the face: the CLI, ``cw/__init__.py`` and the ``__main__`` entry points
 
 Imports are read from the source (every ``import`` statement, also inside
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent / "cw"
 CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.serialize",
              "cw.discovery", "cw.store", "cw.link"}  # fmt: skip
 ENGINE = ("cw.master", "cw.worker", "cw.client")
-LAUNCHERS = {"cw.launchers.pool", "cw.launchers.local"}
+LAUNCHERS = {"cw.launchers.pool", "cw.launchers.keeper", "cw.launchers.local"}
 
 
 def module_name(path: Path) -> str:

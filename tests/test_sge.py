@@ -27,7 +27,8 @@ from clusters import (
 )
 
 from cw.discovery import ClusterDir
-from cw.launchers.pool import ENDED, PENDING, RUNNING, post_mortem
+from cw.launchers import environment_of
+from cw.launchers.base import ENDED, PENDING, RUNNING
 from cw.launchers.sge import _state, indices, seconds
 
 
@@ -93,7 +94,7 @@ def test_qdel_of_a_task_mid_job_requeues_and_the_pool_heals(pool: Launched):
     wait_for(lambda: healed in {worker_of(w["info"])[0] for w in pool.connected()}, timeout=60,
              what="the new worker to connect")  # fmt: skip
     assert len(pool.connected()) == 3
-    text = wait_for(lambda: (lambda t: t if "exit status" in t else None)(post_mortem(victim["info"])),
+    text = wait_for(lambda: (lambda t: t if "exit status" in t else None)(environment_of(victim["info"]).post_mortem()),
                     timeout=20, interval=0.5, what="qacct's record")  # fmt: skip
     assert text.startswith(f"SGE job {job}.{index}: exit status 0, failed 0"), text
 
@@ -153,7 +154,7 @@ def test_qsub_scripts_work_as_documented(tmp_path, cw_home):
 def test_batch_deadline_inside_a_job(tmp_path):
     require("sge")
     body = tmp_path / "deadline.sh"
-    code = "import time; from cw.launchers.pool import batch_deadline as d; print(d() - time.time())"
+    code = "import time; from cw.launchers import environment as e; print(e().deadline() - time.time())"
     body.write_text(f"#!/bin/bash\nexec {sys.executable} -c '{code}'\n")
     out = tmp_path / "deadline.out"
     p = run(["qsub", "-terse", "-N", "cw-deadline", "-S", "/bin/bash", "-l", "h_rt=0:03:00", "-j", "y",

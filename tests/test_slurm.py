@@ -33,8 +33,10 @@ from clusters import (
 
 from cw import defaults
 from cw.discovery import ClusterDir
-from cw.launchers import pool as launcher
-from cw.launchers.pool import ENDED, PENDING, RUNNING, Keeper, Pool, Scheduler, Task, post_mortem
+from cw.launchers import environment, environment_of
+from cw.launchers.base import ENDED, PENDING, RUNNING, Scheduler, Task
+from cw.launchers.keeper import Keeper
+from cw.launchers.pool import Pool
 from cw.launchers.slurm import _sacct_line, seconds
 
 
@@ -114,7 +116,7 @@ def test_scancel_of_a_task_mid_job_requeues_its_job_and_the_pool_heals(pool: Lau
     wait_for(lambda: {worker_of(w["info"])[0] for w in pool.connected()} >= {healed}, timeout=60,
              what="the new worker to connect")  # fmt: skip
     assert len(pool.connected()) == 4
-    text = post_mortem(victim["info"])
+    text = environment_of(victim["info"]).post_mortem()
     assert text.startswith(f"SLURM job {job}_{index}: ") and "CANCELLED" in text, text
 
 
@@ -191,7 +193,7 @@ def test_sbatch_scripts_work_as_documented(tmp_path, cw_home):
 @pytest.mark.timeout(60)
 def test_batch_deadline_inside_a_job(tmp_path):
     require("slurm")
-    code = "import time; from cw.launchers.pool import batch_deadline as d; print(d() - time.time())"
+    code = "import time; from cw.launchers import environment as e; print(e().deadline() - time.time())"
     out = tmp_path / "deadline.out"
     p = run(["sbatch", "--parsable", "--time=3", f"--output={out}", "--wrap",
              subprocess.list2cmdline([sys.executable, "-c", code])])  # fmt: skip
@@ -230,16 +232,13 @@ def test_sacct_post_mortem_line():
 
 def test_post_mortem_and_deadline_never_raise(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert post_mortem({}) is None
-    assert "state unknown" in post_mortem({"SLURM_JOB_ID": "12"})
-    assert "no accounting record" in post_mortem({"JOB_ID": "12", "SGE_TASK_ID": "3"})
-    monkeypatch.setattr(launcher, "_deadline_cache", None)
+    assert environment_of({}).post_mortem() is None
+    assert "state unknown" in environment_of({"SLURM_JOB_ID": "12"}).post_mortem()
+    assert "no accounting record" in environment_of({"JOB_ID": "12", "SGE_TASK_ID": "3"}).post_mortem()
     monkeypatch.setenv("SLURM_JOB_ID", "12")
-    assert launcher.batch_deadline() is None
-    monkeypatch.setattr(launcher, "_deadline_cache", None)
+    assert environment().deadline() is None
     monkeypatch.setenv("SLURM_JOB_END_TIME", "1900000000")
-    assert launcher.batch_deadline() == 1900000000.0
-    monkeypatch.setattr(launcher, "_deadline_cache", None)
+    assert environment().deadline() == 1900000000.0
 
 
 class Pretend(Scheduler):
@@ -267,20 +266,6 @@ class Pretend(Scheduler):
     def cancel(self, jobs):
         for j in jobs:
             self.arrays[j] = [ENDED] * len(self.arrays[j])
-
-    @classmethod
-    def inside(cls, env):
-        return False
-
-    @classmethod
-    def owns(cls, info):
-        return False
-
-    def deadline(self):
-        return None
-
-    def post_mortem(self, info):
-        return None
 
 
 def _pretend_pool(tmp_path, **rec) -> tuple[Pretend, Pool, Keeper]:
@@ -338,13 +323,32 @@ def test_census_counts_tasks_the_scheduler_no_longer_lists_as_ended(tmp_path):
 
 
 def test_serve_master_stops_on_the_schedulers_signals(tmp_path, procs):
-    """The master of a pool withdraws master.json on SIGTERM and on Grid Engine's SIGUSR2."""
+    """The master of a pool, with its keeper (--keep-pool), withdraws master.json and stops
+    on SIGTERM and on Grid Engine's SIGUSR2."""
     cluster = ClusterDir(path=tmp_path / "c")
+    # a pool of size 0: the keeper reads it, and has nothing to submit
+    pool = Pool(Pretend(), cluster)
+    with pool.record() as r:
+        r.update({"scheduler": "slurm", "target": 0, "heal": True, "max_heals": 0, "heals": 0,
+                  "arrays": [], "options": {}, "poll": 0.2})  # fmt: skip
+    before = pool.read()
     for sig in (signal.SIGTERM, signal.SIGUSR2):
-        p = procs.start(f"serve-{sig.name}", "-m", "cw.master", "--cluster-dir",
-                        str(cluster.path), "--port", "0")  # fmt: skip
+        name = f"serve-{sig.name}"
+        p = procs.start(name, "-m", "cw.master", "--cluster-dir", str(cluster.path), "--port", "0",
+                        "--keep-pool", "--poll", "0.2", env={"CW_LOG_LEVEL": "DEBUG"})  # fmt: skip
         wait_for(lambda p=p: cluster.master_address() or p.poll() is not None, what="master.json")
-        assert p.poll() is None, procs.log(f"serve-{sig.name}")
+        assert p.poll() is None, procs.log(name)
+        wait_for(lambda n=name: "pool keeper: keeping" in procs.log(n), what="the keeper", timeout=15)
+        time.sleep(0.5)  # a few of the keeper's turns
         p.send_signal(sig)
-        assert p.wait(15) == 0, procs.log(f"serve-{sig.name}")
-        assert not cluster.master_json.exists(), procs.log(f"serve-{sig.name}")
+        assert p.wait(15) == 0, procs.log(name)
+        assert not cluster.master_json.exists(), procs.log(name)
+        assert "pool keeper: unexpected error" not in procs.log(name)
+    assert pool.read() == before  # target 0: nothing submitted, nothing changed
+
+
+def test_keep_pool_without_a_pool_is_an_error(tmp_path):
+    """`cw master --keep-pool` on a directory with no pool.json says so, and starts nothing."""
+    p = run([sys.executable, "-m", "cw.master", "--cluster-dir", str(tmp_path / "c"), "--port", "0",
+             "--keep-pool"], timeout=60)  # fmt: skip
+    assert p.returncode != 0 and "no pool recorded" in p.stderr, p.stdout + p.stderr

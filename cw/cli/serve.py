@@ -38,7 +38,7 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
     crashed or was stopped), it requeues them and carries on.
     """  # fmt: skip
     from ..errors import CwError
-    from ..launchers.pool import keeper_for
+    from ..launchers.keeper import keeper_for
     from ..master import Master, run_master
 
     setup_logging(log_level)

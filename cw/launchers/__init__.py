@@ -1,67 +1,108 @@
-"""Launchers: pools of workers on batch systems, and the local cluster."""
+"""Launchers: pools of workers on batch systems, and the local cluster.
+
+The registry of batch systems lives here. A backend is a module of this
+package that defines ``BACKEND = <a Scheduler subclass>`` (see
+:mod:`cw.launchers.base`); :func:`backends` finds every one of them, so
+adding a batch system is adding its module. The framework modules
+(``base``, ``pool``, ``local``) are not backends.
+
+Inside a job, :func:`environment` names the batch system running this
+process: backends are asked in the alphabetical order of their module names
+and the first whose environment is ``activated`` answers, else
+:class:`~cw.launchers.base.NoBatch`. Each ``activated`` is precise enough
+(SLURM: ``SLURM_JOB_ID``; Grid Engine: ``JOB_ID`` with ``SGE_TASK_ID``) that
+the order only matters for an environment made up to fool it.
+
+Importing this package is light (no click, zmq, master, client or pool): every
+worker does it at start.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import pkgutil
+import threading
 from typing import Mapping
 
-_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "JOB_ID", "SGE_TASK_ID")
+from .base import JobEnvironment, NoBatch, Option, Scheduler
+
+log = logging.getLogger(__name__)
+
+#: Modules of this package that are the framework, not backends.
+FRAMEWORK = frozenset({"base", "pool", "keeper", "local"})
+
+_registry: dict[str, type[Scheduler]] | None = None
+_registry_lock = threading.Lock()
 
 
-class _Environment:
-    def __init__(self, env: Mapping[str, str]):
-        self.env = env
+def backends() -> dict[str, type[Scheduler]]:
+    """Every batch system's Scheduler class, by name, in the order of their module names.
 
-    def info(self) -> dict:
-        return {k: self.env[k] for k in _VARS if k in self.env}
-
-    def task(self) -> str:
-        return batch_label(self.info(), scheduler=False)
-
-    def label(self) -> str:
-        return batch_label(self.info())
-
-    def cpus(self) -> int | None:
-        for var in ("SLURM_CPUS_PER_TASK", "NSLOTS"):
-            v = self.env.get(var, "")
-            if v.isdigit() and int(v) > 0:
-                return int(v)
-        return None
-
-    def memory(self) -> int | None:
-        mem = self.env.get("SLURM_MEM_PER_NODE", "")
-        return int(mem) * 1024 * 1024 if mem.isdigit() else None
-
-    def deadline(self) -> float | None:
-        from .pool import batch_deadline
-
-        return batch_deadline()
-
-    def post_mortem(self) -> str | None:
-        from .pool import post_mortem
-
-        return post_mortem(self.info())
+    Found once per process (then cached) by importing each module of this
+    package but the framework's and keeping its ``BACKEND``. A module that
+    fails to import is logged at WARNING and skipped: one broken backend
+    never takes the others down.
+    """
+    global _registry
+    with _registry_lock:
+        if _registry is None:
+            _registry = _discover()
+        return dict(_registry)
 
 
-def environment(env: Mapping[str, str] | None = None) -> _Environment:
-    return _Environment(os.environ if env is None else env)
+def clear_cache() -> None:
+    """Forget the backends found: the next :func:`backends` looks again."""
+    global _registry
+    with _registry_lock:
+        _registry = None
 
 
-def environment_of(info: dict) -> _Environment:
-    return _Environment(info)
+def _discover() -> dict[str, type[Scheduler]]:
+    found: dict[str, type[Scheduler]] = {}
+    modules = sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+    for m in modules:
+        if m.name in FRAMEWORK or m.name.startswith("_") or m.ispkg:
+            continue
+        try:
+            module = importlib.import_module(f"{__name__}.{m.name}")
+        except Exception as e:
+            log.warning("batch system module cw.launchers.%s cannot be imported, skipped: %r", m.name, e)
+            continue
+        cls = getattr(module, "BACKEND", None)
+        if cls is None:
+            continue  # a module of the package that is not a backend
+        if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
+            log.warning("cw.launchers.%s: BACKEND is not a Scheduler subclass, skipped", m.name)
+            continue
+        if cls.name in found:
+            log.warning("cw.launchers.%s: a backend named %r exists already, skipped", m.name, cls.name)
+            continue
+        found[cls.name] = cls
+    return found
 
 
+def environment(env: Mapping[str, str] | None = None) -> JobEnvironment:
+    """The job environment of this process (or of ``env``): the first backend's that is
+    activated, else NoBatch.
 
-def batch_label(info: dict, scheduler: bool = True) -> str:
-    """'SLURM job 123_4' / 'SGE job 77.3' (or '123_4' / '77.3') from a worker's batch info, or ''."""
-    if "SLURM_JOB_ID" in info:
-        if "SLURM_ARRAY_JOB_ID" in info:
-            job = f"{info['SLURM_ARRAY_JOB_ID']}_{info.get('SLURM_ARRAY_TASK_ID', '?')}"
-        else:
-            job = str(info["SLURM_JOB_ID"])
-        return f"SLURM job {job}" if scheduler else job
-    if "JOB_ID" in info:
-        task = info.get("SGE_TASK_ID")
-        job = f"{info['JOB_ID']}{f'.{task}' if task and task != 'undefined' else ''}"
-        return f"SGE job {job}" if scheduler else job
-    return ""
+    Each call builds a new object; keep it to benefit from its deadline cache.
+    """
+    env = dict(os.environ if env is None else env)
+    for cls in backends().values():
+        try:
+            if cls.environment.activated(env):
+                return cls.environment(env)
+        except Exception as e:  # a backend's bug must not stop a worker from starting
+            log.warning("%s: cannot tell whether this is one of its jobs: %r", cls.name, e)
+    return NoBatch(env)
+
+
+def environment_of(info: Mapping[str, str] | None) -> JobEnvironment:
+    """The job environment a worker reported (its HELLO's ``info``), for the master."""
+    return environment(dict(info or {}))
+
+
+__all__ = ["FRAMEWORK", "JobEnvironment", "NoBatch", "Option", "Scheduler", "backends", "clear_cache",
+           "environment", "environment_of"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""``cw sge up | status | down``: a pool of cw workers on Grid Engine.
+"""Grid Engine: ``cw sge up | status | down``, and what a process inside a Grid Engine job knows.
 
 The master runs as its own job (or here, with ``--master-here``); the workers
 are ONE array job, ``qsub -t 1-N -tc M``, each task running ``python -m
@@ -19,27 +19,25 @@ habits, all followed here:
 from __future__ import annotations
 
 import getpass
-import os
 import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Sequence
-
-import click
+from typing import Mapping, Sequence
 
 from ..defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
 from ..errors import SchedulerError
-from .pool import (
+from .base import (
     ENDED,
     PENDING,
     RUNNING,
+    JobEnvironment,
     JobSpec,
+    Option,
     Scheduler,
     Task,
     command,
     first_line,
-    make_cli,
-    up_options,
+    positive_int,
 )
 
 
@@ -92,10 +90,120 @@ def _qstat_xml(args: list[str], timeout: float) -> ET.Element | None:
         return None
 
 
+class SGEEnvironment(JobEnvironment):
+    """A process inside a Grid Engine job: ``JOB_ID`` and ``SGE_TASK_ID``.
+
+    Grid Engine sets ``SGE_TASK_ID`` in every job ('undefined' when the job
+    is not an array), so the pair names its jobs and no other's.
+    """
+
+    system = "sge"
+    title = "Grid Engine"
+    reported = ("JOB_ID", "SGE_TASK_ID")
+
+    @classmethod
+    def activated(cls, env: Mapping[str, str]) -> bool:
+        return env.get("JOB_ID", "").isdigit() and "SGE_TASK_ID" in env
+
+    def _task_id(self) -> str | None:
+        task = self.env.get("SGE_TASK_ID")
+        return task if task and task != "undefined" else None
+
+    def task(self) -> str:
+        jid = self.env.get("JOB_ID", "")
+        task = self._task_id()
+        return f"{jid}.{task}" if jid and task else jid
+
+    def cpus(self) -> int | None:
+        return positive_int(self.env.get("NSLOTS"))
+
+    def partition(self) -> str | None:
+        return self.env.get("QUEUE") or None
+
+    # memory(): None. h_vmem is a limit per slot that Grid Engine exports in no
+    # variable; the worker then reports the host's memory.
+
+    def query_deadline(self) -> float | None:
+        jid = self.env.get("JOB_ID", "")
+        if not jid.isdigit():
+            return None
+        root = _qstat_xml(["-j", jid], PROBE_TIMEOUT)
+        if root is None:
+            return None
+        limit = None
+        for req in root.iter("qstat_l_requests"):
+            if req.findtext("CE_name") == "h_rt":
+                limit = float(req.findtext("CE_doubleval") or 0) or None
+        if limit is None:
+            limit = _queue_limit(self.env.get("QUEUE"))
+        if limit is None:
+            return None
+        task = self.env.get("SGE_TASK_ID", "")
+        starts = {}
+        for t in root.iter("ulong_sublist"):
+            n, start = t.findtext("JAT_task_number"), t.findtext("JAT_start_time")
+            if n and start and start.isdigit():
+                starts[n] = float(start)
+        start = starts.get(task) or (min(starts.values()) if starts else None)
+        return None if not start else start + limit
+
+    def query_post_mortem(self) -> str | None:
+        jid = self.env.get("JOB_ID")
+        if not jid:
+            return None
+        task = self._task_id()
+        label = f"SGE job {jid}{f'.{task}' if task else ''}"
+        rc, out, err = command(["qacct", "-j", jid, *(["-t", task] if task else [])], PROBE_TIMEOUT)
+        if rc != 0 or "exit_status" not in out:
+            return f"{label}: no accounting record (qacct: {first_line(err or out) or f'exit code {rc}'})"
+        rec: dict[str, str] = {}
+        for line in out.splitlines():
+            if line.startswith("====") and rec:
+                break  # the first record is enough
+            key, _, value = line.partition(" ")
+            if key and value.strip():
+                rec.setdefault(key, " ".join(value.split()))
+        text = f"{label}: exit status {rec.get('exit_status', '?')}, failed {rec.get('failed', '?')}"
+        if rec.get("maxvmem"):
+            text += f", maxvmem {rec['maxvmem']}"
+        if rec.get("ru_wallclock"):
+            text += f", after {rec['ru_wallclock']}"
+        if rec.get("hostname"):
+            text += f" on {rec['hostname']}"
+        return text
+
+
+def _queue_limit(queue: str | None) -> float | None:
+    """The h_rt of a queue (qconf -sq), in seconds; None if unlimited or unknown."""
+    if not queue:
+        return None
+    rc, out, _ = command(["qconf", "-sq", queue], PROBE_TIMEOUT)
+    for line in out.splitlines() if rc == 0 else ():
+        key, _, value = line.partition(" ")
+        if key == "h_rt":
+            try:
+                return seconds(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
 class SGE(Scheduler):
     name = "sge"
     title = "Grid Engine"
-    first_index = 1
+    environment = SGEEnvironment
+    seconds = staticmethod(seconds)
+    time_example = "4:00:00 or 14400"
+    options = (
+        Option("queue", "Queue of the jobs (default: the cluster's).", short="-q", master=True),
+        Option("pe", "Parallel environment and slots per worker, e.g. --pe smp 4; the worker"
+                     " runs as many executor processes.", type=(str, int), nargs=2, min=1,
+               metavar="NAME SLOTS"),
+        Option("time", "h_rt of each worker task, e.g. 4:00:00."),
+        Option("mem", "h_vmem of each worker task, e.g. 4G."),
+        Option("extra-qsub", "More qsub flags for every job, e.g. \"-P myproject -l arch=lx-amd64\".",
+               metavar="FLAGS", master=True, key="extra"),
+    )  # fmt: skip
 
     # -- submission ---------------------------------------------------------------
     def _qsub(self, flags: list[str], script: Path) -> str:
@@ -189,100 +297,5 @@ class SGE(Scheduler):
             if rc != 0 and "does not exist" not in text and "has already been deleted" not in text:
                 raise SchedulerError(f"qdel {' '.join(args)} failed: {err or out}")
 
-    # -- inside a job -------------------------------------------------------------
-    @classmethod
-    def inside(cls, env: dict) -> bool:
-        return "JOB_ID" in env and ("SGE_TASK_ID" in env or "SGE_ROOT" in env or "SGE_O_WORKDIR" in env)
 
-    @classmethod
-    def owns(cls, info: dict) -> bool:
-        return "JOB_ID" in info and "SLURM_JOB_ID" not in info
-
-    def deadline(self) -> float | None:
-        jid = os.environ.get("JOB_ID", "")
-        if not jid.isdigit():
-            return None
-        root = _qstat_xml(["-j", jid], PROBE_TIMEOUT)
-        if root is None:
-            return None
-        limit = None
-        for req in root.iter("qstat_l_requests"):
-            if req.findtext("CE_name") == "h_rt":
-                limit = float(req.findtext("CE_doubleval") or 0) or None
-        if limit is None:
-            limit = self._queue_limit(os.environ.get("QUEUE"))
-        if limit is None:
-            return None
-        task = os.environ.get("SGE_TASK_ID", "")
-        starts = {}
-        for t in root.iter("ulong_sublist"):
-            n, start = t.findtext("JAT_task_number"), t.findtext("JAT_start_time")
-            if n and start and start.isdigit():
-                starts[n] = float(start)
-        start = starts.get(task) or (min(starts.values()) if starts else None)
-        return None if not start else start + limit
-
-    def _queue_limit(self, queue: str | None) -> float | None:
-        if not queue:
-            return None
-        rc, out, _ = command(["qconf", "-sq", queue], PROBE_TIMEOUT)
-        for line in out.splitlines() if rc == 0 else ():
-            key, _, value = line.partition(" ")
-            if key == "h_rt":
-                try:
-                    return seconds(value.strip())
-                except ValueError:
-                    return None
-        return None
-
-    def post_mortem(self, info: dict) -> str | None:
-        jid = info.get("JOB_ID")
-        if not jid:
-            return None
-        task = info.get("SGE_TASK_ID")
-        task = task if task and task != "undefined" else None
-        label = f"SGE job {jid}{f'.{task}' if task else ''}"
-        rc, out, err = command(["qacct", "-j", jid, *(["-t", task] if task else [])], PROBE_TIMEOUT)
-        if rc != 0 or "exit_status" not in out:
-            return f"{label}: no accounting record (qacct: {first_line(err or out) or f'exit code {rc}'})"
-        rec: dict[str, str] = {}
-        for line in out.splitlines():
-            if line.startswith("====") and rec:
-                break  # the first record is enough
-            key, _, value = line.partition(" ")
-            if key and value.strip():
-                rec.setdefault(key, " ".join(value.split()))
-        text = f"{label}: exit status {rec.get('exit_status', '?')}, failed {rec.get('failed', '?')}"
-        if rec.get("maxvmem"):
-            text += f", maxvmem {rec['maxvmem']}"
-        if rec.get("ru_wallclock"):
-            text += f", after {rec['ru_wallclock']}"
-        if rec.get("hostname"):
-            text += f" on {rec['hostname']}"
-        return text
-
-
-SCHEDULER = SGE
-
-
-def _options(values: dict) -> dict:
-    out = up_options(values, "extra_qsub", seconds, "4:00:00 or 14400")
-    if out.get("pe"):
-        out["pe"] = list(out["pe"])
-    return out
-
-
-cli = make_cli(
-    SGE,
-    [
-        click.option("--queue", "-q", default=None, help="Queue of the jobs (default: the cluster's)."),
-        click.option("--pe", nargs=2, type=(str, click.IntRange(min=1)), default=None, metavar="NAME SLOTS",
-                     help="Parallel environment and slots per worker, e.g. --pe smp 4; the worker"
-                          " runs as many executor processes."),
-        click.option("--time", default=None, help="h_rt of each worker task, e.g. 4:00:00."),
-        click.option("--mem", default=None, help="h_vmem of each worker task, e.g. 4G."),
-        click.option("--extra-qsub", default=None, metavar="FLAGS",
-                     help="More qsub flags for every job, e.g. \"-P myproject -l arch=lx-amd64\"."),
-    ],
-    _options,
-)  # fmt: skip
+BACKEND = SGE

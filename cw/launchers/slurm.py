@@ -1,4 +1,4 @@
-"""``cw slurm up | status | down``: a pool of cw workers on SLURM.
+"""SLURM: ``cw slurm up | status | down``, and what a process inside a SLURM job knows.
 
 The master runs as its own batch job, with the longest time limit its
 partition allows and its store next to master.json; the workers are ONE array
@@ -18,23 +18,22 @@ import os
 import shlex
 import time
 from pathlib import Path
-from typing import Sequence
-
-import click
+from typing import Mapping, Sequence
 
 from ..defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
 from ..errors import SchedulerError
-from .pool import (
+from .base import (
     ENDED,
     PENDING,
     RUNNING,
+    JobEnvironment,
     JobSpec,
+    Option,
     Scheduler,
     Task,
     command,
     first_line,
-    make_cli,
-    up_options,
+    positive_int,
 )
 
 # squeue's %T words; every other state is final
@@ -83,10 +82,95 @@ def _clean_env() -> dict:
             if k == "SLURM_CONF" or not k.startswith(("SLURM_", "SLURMD_", "SRUN_"))}  # fmt: skip
 
 
+class SlurmEnvironment(JobEnvironment):
+    """A process inside a SLURM job: ``SLURM_JOB_ID`` and its companions."""
+
+    system = "slurm"
+    title = "SLURM"
+    reported = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+    @classmethod
+    def activated(cls, env: Mapping[str, str]) -> bool:
+        return bool(env.get("SLURM_JOB_ID"))
+
+    def task(self) -> str:
+        array = self.env.get("SLURM_ARRAY_JOB_ID")
+        if array:
+            return f"{array}_{self.env.get('SLURM_ARRAY_TASK_ID', '?')}"
+        return self.env.get("SLURM_JOB_ID", "")
+
+    def cpus(self) -> int | None:
+        return positive_int(self.env.get("SLURM_CPUS_PER_TASK"))
+
+    def memory(self) -> int | None:
+        mb = positive_int(self.env.get("SLURM_MEM_PER_NODE"))  # in MB
+        return None if mb is None else mb * 1024 * 1024
+
+    def partition(self) -> str | None:
+        return self.env.get("SLURM_JOB_PARTITION") or None
+
+    def query_deadline(self) -> float | None:
+        end = self.env.get("SLURM_JOB_END_TIME", "")
+        if end.isdigit():
+            return float(end)
+        jid = self.env.get("SLURM_JOB_ID")
+        if not jid:
+            return None
+        rc, out, _ = command(["squeue", "-h", "-j", jid, "-o", "%e|%L"], PROBE_TIMEOUT)
+        if rc != 0 or "|" not in out:
+            return None
+        end_text, left = out.strip().splitlines()[0].split("|", 1)
+        try:  # %e: the end, in local time
+            return time.mktime(time.strptime(end_text.strip(), "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            pass
+        try:  # %L: time left
+            left_s = seconds(left)
+        except ValueError:
+            return None
+        return None if left_s is None else time.time() + left_s
+
+    def query_post_mortem(self) -> str | None:
+        jid = self.env.get("SLURM_JOB_ID")
+        array, index = self.env.get("SLURM_ARRAY_JOB_ID"), self.env.get("SLURM_ARRAY_TASK_ID")
+        name = f"{array}_{index}" if array and index is not None else jid
+        if not name:
+            return None
+        label = f"SLURM job {name}"
+        rc, out, err = command(["sacct", "-P", "-j", name, "-o", "JobID,State,ExitCode,Elapsed,NodeList,MaxRSS"],
+                               PROBE_TIMEOUT)  # fmt: skip
+        if rc == 0:
+            line = _sacct_line(out, name)
+            if line:
+                return f"{label}: {line}"
+        acct = first_line(err or out) or "no record"
+        # without accounting, slurmctld still knows a job for MinJobAge after it ended
+        rc2, out2, err2 = command(["squeue", "-h", "-t", "all", "-j", name, "-o", "%T|%r|%N|%M"],
+                                  PROBE_TIMEOUT)  # fmt: skip
+        if rc2 == 0 and out2.strip():
+            state, reason, node, elapsed = (out2.strip().splitlines()[0].split("|") + ["", "", ""])[:4]
+            why = f" ({reason})" if reason and reason not in ("None", "(null)") else ""
+            return f"{label}: {state}{why} after {elapsed} on {node} (sacct: {acct})"
+        where = f"array job {array}, index {index}" if array else f"job {jid}"
+        return f"{label}: state unknown ({where}; sacct: {acct}; squeue: {first_line(err2) or 'no record'})"
+
+
 class Slurm(Scheduler):
     name = "slurm"
     title = "SLURM"
-    first_index = 0
+    environment = SlurmEnvironment
+    seconds = staticmethod(seconds)
+    time_example = "4:00:00 or 2-00:00:00"
+    options = (
+        Option("partition", "Partition of the jobs (default: the cluster's).", short="-p", master=True),
+        Option("time", "Time limit of each worker task, e.g. 4:00:00.", short="-t"),
+        Option("cpus-per-task", "CPUs per worker task; the worker runs as many executor processes.",
+               type=int, default=1, short="-c", min=1, show_default=True),
+        Option("mem", "Memory per worker task, e.g. 4G."),
+        Option("account", "Account to charge.", short="-A", master=True),
+        Option("extra-sbatch", "More sbatch flags for every job, e.g. \"--qos=long --constraint=skylake\".",
+               metavar="FLAGS", master=True, key="extra"),
+    )  # fmt: skip
 
     # -- submission ---------------------------------------------------------------
     def _sbatch(self, flags: list[str], script: Path) -> str:
@@ -196,60 +280,6 @@ class Slurm(Scheduler):
         if rc != 0 and "already completing" not in err and "Invalid job id" not in err:
             raise SchedulerError(f"scancel {' '.join(jobs)} failed: {err or out}")
 
-    # -- inside a job -------------------------------------------------------------
-    @classmethod
-    def inside(cls, env: dict) -> bool:
-        return "SLURM_JOB_ID" in env
-
-    @classmethod
-    def owns(cls, info: dict) -> bool:
-        return "SLURM_JOB_ID" in info or "SLURM_ARRAY_JOB_ID" in info
-
-    def deadline(self) -> float | None:
-        end = os.environ.get("SLURM_JOB_END_TIME", "")
-        if end.isdigit():
-            return float(end)
-        jid = os.environ.get("SLURM_JOB_ID")
-        if not jid:
-            return None
-        rc, out, _ = command(["squeue", "-h", "-j", jid, "-o", "%e|%L"], PROBE_TIMEOUT)
-        if rc != 0 or "|" not in out:
-            return None
-        end_text, left = out.strip().splitlines()[0].split("|", 1)
-        try:  # %e: the end, in local time
-            return time.mktime(time.strptime(end_text.strip(), "%Y-%m-%dT%H:%M:%S"))
-        except ValueError:
-            pass
-        try:  # %L: time left
-            left_s = seconds(left)
-        except ValueError:
-            return None
-        return None if left_s is None else time.time() + left_s
-
-    def post_mortem(self, info: dict) -> str | None:
-        jid = info.get("SLURM_JOB_ID")
-        array, index = info.get("SLURM_ARRAY_JOB_ID"), info.get("SLURM_ARRAY_TASK_ID")
-        name = f"{array}_{index}" if array and index is not None else jid
-        if not name:
-            return None
-        label = f"SLURM job {name}"
-        rc, out, err = command(["sacct", "-P", "-j", name, "-o", "JobID,State,ExitCode,Elapsed,NodeList,MaxRSS"],
-                               PROBE_TIMEOUT)  # fmt: skip
-        if rc == 0:
-            line = _sacct_line(out, name)
-            if line:
-                return f"{label}: {line}"
-        acct = first_line(err or out) or "no record"
-        # without accounting, slurmctld still knows a job for MinJobAge after it ended
-        rc2, out2, err2 = command(["squeue", "-h", "-t", "all", "-j", name, "-o", "%T|%r|%N|%M"],
-                                  PROBE_TIMEOUT)  # fmt: skip
-        if rc2 == 0 and out2.strip():
-            state, reason, node, elapsed = (out2.strip().splitlines()[0].split("|") + ["", "", ""])[:4]
-            why = f" ({reason})" if reason and reason not in ("None", "(null)") else ""
-            return f"{label}: {state}{why} after {elapsed} on {node} (sacct: {acct})"
-        where = f"array job {array}, index {index}" if array else f"job {jid}"
-        return f"{label}: state unknown ({where}; sacct: {acct}; squeue: {first_line(err2) or 'no record'})"
-
 
 def _sacct_line(out: str, name: str) -> str | None:
     """'OUT_OF_MEMORY, exit code 0:125, after 00:10:02 on node7, max RSS 3.9G' from sacct -P."""
@@ -284,24 +314,4 @@ def _size(text: str) -> float:
         return 0.0
 
 
-SCHEDULER = Slurm
-
-
-def _options(values: dict) -> dict:
-    return up_options(values, "extra_sbatch", seconds, "4:00:00 or 2-00:00:00")
-
-
-cli = make_cli(
-    Slurm,
-    [
-        click.option("--partition", "-p", default=None, help="Partition of the jobs (default: the cluster's)."),
-        click.option("--time", "-t", default=None, help="Time limit of each worker task, e.g. 4:00:00."),
-        click.option("--cpus-per-task", "-c", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="CPUs per worker task; the worker runs as many executor processes."),
-        click.option("--mem", default=None, help="Memory per worker task, e.g. 4G."),
-        click.option("--account", "-A", default=None, help="Account to charge."),
-        click.option("--extra-sbatch", default=None, metavar="FLAGS",
-                     help="More sbatch flags for every job, e.g. \"--qos=long --constraint=skylake\"."),
-    ],
-    _options,
-)  # fmt: skip
+BACKEND = Slurm
