@@ -41,7 +41,10 @@ HEARTBEAT = b"HEARTBEAT"  # both ways: alive; a worker's carries its counters
 KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, RETRY, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
 
 
-# -- the rows of batched headers, by name (they travel as JSON arrays) ---------------
+# -- the rows of batched headers, by name ----------------------------------------------
+# A row travels as a JSON array in its record's field order. The per-job paths
+# build and unpack rows as plain tuples, naming each field as the record does:
+# making a NamedTuple costs about half a microsecond, some 5% of a no-op job.
 class SubmitSpec(NamedTuple):
     """One job of a SUBMIT: a row of its header's ``j``."""
 

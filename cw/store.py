@@ -305,21 +305,22 @@ class Store:
 
     @_guarded
     def add_jobs(self, jobs: Sequence[NewJob]) -> list[int]:
-        """Store jobs; their ids, in order."""
+        """Store jobs (NewJob records, or plain tuples in its order); their ids, in order."""
         self._begin()
         first, now = self._next_id, time.time()
         self.conn.executemany(
             "INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout,"
             " max_retries, submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            [(first + i, j.session, j.seq, j.run, j.key, j.fn, j.args,
-              json.dumps(j.requires) if j.requires else None, j.timeout, j.max_retries, now)
-             for i, j in enumerate(jobs)],
+            [(first + i, session, seq, run, key, fn, args, json.dumps(req) if req else None,
+              timeout, retries, now)
+             for i, (session, seq, run, key, fn, args, req, timeout, retries) in enumerate(jobs)],
         )  # fmt: skip
         self._next_id = first + len(jobs)
         return list(range(first, self._next_id))
 
     @_guarded
     def add_results(self, outcomes: Sequence[Outcome]) -> None:
+        """Store results (Outcome records, or plain tuples in its order); a second one for a job is ignored."""
         self._begin()
         self.conn.executemany(
             "INSERT OR IGNORE INTO results (job, status, value, error, traceback, worker,"

@@ -241,7 +241,7 @@ class Connection:
             for part in P.batches(sizes):
                 batch = subs[part]
                 fns = [(s[1], s[2]) for s, first in zip(batch, new_fn[part]) if first]
-                header: dict = {"j": [P.SubmitSpec(s[0], s[1], s[3], s[4]) for s in batch]}
+                header: dict = {"j": [(s[0], s[1], s[3], s[4]) for s in batch]}  # SubmitSpec rows
                 if fns:
                     header["f"] = [h for h, _ in fns]
                 if self.resend_below is not None and batch[0][0] < self.resend_below:

@@ -14,7 +14,7 @@ import time
 from .. import defaults
 from .. import protocol as P
 from ..serialize import incompatibility
-from ..store import NewJob, Outcome
+from ..store import Outcome
 from .policy import Job, Worker
 
 log = logging.getLogger(__name__)
@@ -78,40 +78,41 @@ class ClientHandlers:
     def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:
         """Store a batch of jobs, then take them in: nothing changes in memory
         unless the whole batch is in the store (a savepoint guards the store)."""
-        specs = [P.SubmitSpec(*row) for row in h["j"]]
+        specs = h["j"]
         fns = list(zip(h.get("f") or (), blobs[len(specs) :]))
-        seen = self.store.job_ids(s.id, [sp.seq for sp in specs]) if h.get("resend") else {}
-        new, hits = [], []
-        for spec, args in zip(specs, blobs):
-            if spec.seq in seen:  # resent after a reconnect: the first copy stands
+        seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
+        new: list[tuple] = []  # NewJob rows (plain tuples: this runs once per job)
+        hits = []
+        for (seq, fn, key, opts), args in zip(specs, blobs):  # SubmitSpec rows
+            if seq in seen:  # resent after a reconnect: the first copy stands
                 continue
-            opts = spec.opts or {}
-            if s.run is not None and spec.key is not None and opts.get("c", True):
-                hit = self.store.cached_result(s.run, spec.key, spec.seq)
+            opts = opts or {}
+            if s.run is not None and key is not None and opts.get("c", True):
+                hit = self.store.cached_result(s.run, key, seq)
                 if hit is not None:
                     hits.append(hit)
                     continue
             timeout = None if opts.get("t") is None else float(opts["t"])
-            new.append(NewJob(s.id, int(spec.seq), s.run, spec.key, spec.fn, args, opts.get("r"), timeout,
-                              int(opts.get("m", defaults.MAX_RETRIES))))  # fmt: skip
+            new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), timeout,
+                        int(opts.get("m", defaults.MAX_RETRIES))))  # fmt: skip
         with self.store.savepoint():
             if fns:
                 self.store.add_functions(fns)
             ids = self.store.add_jobs(new) if new else []
         # stored: now the batch counts
         self.functions.update(fns)
-        s.acks.extend(sp.seq for sp in specs)
+        s.acks.extend(sp[0] for sp in specs)
         for hit in hits:
             s.results.append(P.ClientResult(hit.seq, hit.status, hit.error, hit.traceback))
             s.blobs.append(hit.value or b"")
         spill = self.backlog_from is not None or self.policy.window_full(len(new))
-        for jid, nj in zip(ids, new):
+        for jid, (_, seq, _, _, fn, args, requires, timeout, retries) in zip(ids, new):
             if spill:  # the window is full: this job waits in the store only
                 if self.backlog_from is None:
                     self.backlog_from = jid
                 self.backlog += 1
             else:
-                self._enqueue(Job(jid, s, nj.seq, nj.fn, nj.args, nj.requires, nj.timeout, nj.max_retries))
+                self._enqueue(Job(jid, s, seq, fn, args, requires, timeout, retries))
         if seen:  # resent because the ack was lost: the result may be lost with it
             self._stored_results(s, [q for q in seen if q not in s.jobs])
         self._dirty.add(s)

@@ -231,13 +231,13 @@ class Master(ClientHandlers, WorkerHandlers):
         """Record a job's outcome and queue it for its client (sent after the commit)."""
         self.policy.forget(job)
         self.done += 1
-        outcome = Outcome(job.id, status, blob, err, tb, wid, runtime, time.time())
+        outcome = (job.id, status, blob, err, tb, wid, runtime, time.time())  # an Outcome row
         if store:
             self.store.add_results([outcome])
         s = job.session
         if s is not None:
             s.jobs.pop(job.seq, None)
-            s.results.append(P.ClientResult(job.seq, status, err, tb))
+            s.results.append((job.seq, status, err, tb))  # a ClientResult row
             s.blobs.append(blob)
             self._dirty.add(s)
         return outcome

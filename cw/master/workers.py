@@ -106,14 +106,14 @@ class WorkerHandlers:
                 if ctx is not None and ctx not in w.ctxs:
                     new_ctx = (ctx, s.context)
                     w.ctxs.add(ctx)
-                tasks.append(P.TaskSpec(job.id, job.fn, ctx, job.timeout))
+                tasks.append((job.id, job.fn, ctx, job.timeout))  # a TaskSpec row
                 args.append(job.args)
                 fns.append(blob)
                 ctxs.append(new_ctx)
                 sizes.append(len(job.args) + (len(blob) if blob else 0))
             for part in P.batches(sizes):
                 header: dict = {"t": tasks[part]}
-                new = [(t.fn, b) for t, b in zip(tasks[part], fns[part]) if b is not None]
+                new = [(t[1], b) for t, b in zip(tasks[part], fns[part]) if b is not None]
                 header["f"] = [fn for fn, _ in new]
                 c = {k: v for k, v in filter(None, ctxs[part])}
                 if c:
@@ -125,16 +125,15 @@ class WorkerHandlers:
     def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
         outcomes = []
         jobs, policy = self.policy.jobs, self.policy
-        for row, blob in zip(h["r"], blobs):
-            r = P.WorkerResult(*row)
-            job = w.running.pop(r.id, None)
+        for (jid, status, runtime, err, tb), blob in zip(h["r"], blobs):  # WorkerResult rows
+            job = w.running.pop(jid, None)
             if job is None:
-                job = jobs.get(r.id)
+                job = jobs.get(jid)
                 if job is None or job.worker is not None:
                     continue  # already finished (a duplicate after a requeue), or owned elsewhere
-            if r.runtime is not None:
-                policy.ran(job.fn, r.runtime)
-            outcomes.append(self._finish(job, r.status, blob, r.error, r.traceback, w.id, r.runtime, store=False))
+            if runtime is not None:
+                policy.ran(job.fn, runtime)
+            outcomes.append(self._finish(job, status, blob, err, tb, w.id, runtime, store=False))
         if outcomes:
             self.store.add_results(outcomes)
 

@@ -181,9 +181,8 @@ class Agent:
                     self.fn_blobs[fn] = blob
                     self.counters["fn_received"] += 1
                 self.contexts.update(h.get("c") or {})
-                for row, args in zip(tasks, blobs):
-                    t = P.TaskSpec(*row)
-                    self.pending.append((t.id, t.fn, t.ctx, t.timeout, args))
+                for (jid, fn, ctx, timeout), args in zip(tasks, blobs):  # TaskSpec rows
+                    self.pending.append((jid, fn, ctx, timeout, args))
                 self.counters["tasks"] += n
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
@@ -305,7 +304,7 @@ class Agent:
                 f"({self.max_message} bytes)"
             ), None
             blob = b""
-        self.outbox.append(P.WorkerResult(jid, status, runtime, err, tb))
+        self.outbox.append((jid, status, runtime, err, tb))  # a WorkerResult row
         self.outblobs.append(blob)
         self.counters["results"] += 1
 
