@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ from typing import Any
 from . import defaults
 from .errors import ConfigError
 from .version import __version__
+
+log = logging.getLogger(__name__)
 
 
 class ClusterDir:
@@ -57,10 +61,12 @@ class ClusterDir:
 
     # -- the key ----------------------------------------------------------------
     def key(self, create: bool = False) -> bytes:
-        """The secret key: ``$CW_KEY`` (hex) if set, else the key file."""
+        """The secret key: ``$CW_KEY`` (hex) if set, else the key file (checked first:
+        see :meth:`check`)."""
         env = os.environ.get("CW_KEY")
         if env:
             return _parse_key(env, "$CW_KEY")
+        self.check()
         try:
             return _parse_key(self.key_path.read_text(), str(self.key_path))
         except FileNotFoundError:
@@ -85,17 +91,74 @@ class ClusterDir:
 
     # -- master.json ------------------------------------------------------------
     def make(self) -> None:
-        """Create the directory, readable by its owner only: it holds the key and
-        the store (every job's arguments and results)."""
-        if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.mkdir(mode=0o700, exist_ok=True)
+        """Create the directory (and a missing ``$CW_HOME``), readable by its owner only,
+        whatever the umask: it holds the key and the store (every job's arguments and
+        results). An existing one that others may read is made private."""
+        private_dir(self.path)
+        if not shared():
+            mode = self.path.stat().st_mode & 0o777
+            if mode & 0o077 and self.path.stat().st_uid == os.getuid():
+                os.chmod(self.path, 0o700)
+                log.warning("made %s private (mode %o was %o): it holds the key, the store and"
+                            " the jobs' output", self.path, 0o700, mode)  # fmt: skip
+        self.check()
+
+    def subdir(self, name: str) -> Path:
+        """A directory inside the cluster directory (jobs/, logs/), private like it."""
+        self.make()
+        return private_dir(self.path / name)
+
+    def check(self) -> None:
+        """Refuse a cluster directory that someone else could have planted or changed.
+
+        ``$CW_HOME`` and the cluster directory must be the user's own and writable
+        by nobody else (a sticky ``$CW_HOME``, as /tmp, is fine); the key and
+        master.json must be the user's own, the key readable by the user alone.
+        Otherwise another user could put their own key and master.json there and
+        have this process run their pickles. ``CW_SHARED_CLUSTER=1`` relaxes this
+        for a cluster shared on purpose (only world-writable paths are refused):
+        every member can then run code as every other.
+        """
+        me = os.getuid()
+        for path, what in ((self.path.parent, "the cluster home ($CW_HOME)"), (self.path, "the cluster directory")):
+            st = _stat(path)
+            if st is None:
+                continue
+            sticky = bool(st.st_mode & stat.S_ISVTX)
+            if st.st_mode & 0o002 and not sticky:
+                raise ConfigError(f"{what} {path} is writable by everyone: anyone could replace its key"
+                                  f" and master.json. Fix it with: chmod o-w {path}")  # fmt: skip
+            if shared():
+                continue
+            if path == self.path and st.st_uid != me:
+                raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {me}): its"
+                                  f" key and master.json could be another user's. Use a directory of"
+                                  f" your own (--cluster-dir, CW_HOME), or set CW_SHARED_CLUSTER=1 if it"
+                                  f" is shared on purpose (see README)")  # fmt: skip
+            if st.st_mode & 0o020 and not sticky:
+                raise ConfigError(f"{what} {path} is writable by its group: a member could replace its"
+                                  f" key and master.json. Fix it with: chmod g-w {path}"
+                                  f" (or set CW_SHARED_CLUSTER=1 if the cluster is shared on purpose)")  # fmt: skip
+        for path, mask, fix in ((self.key_path, 0o077, "chmod 600"), (self.master_json, 0o022, "chmod go-w")):
+            st = _stat(path)
+            if st is None:
+                continue
+            if st.st_mode & 0o002 or (not shared() and st.st_mode & mask):
+                raise ConfigError(f"{path} has mode {st.st_mode & 0o777:o}: others could read or change it."
+                                  f" Fix it with: {fix} {path}")  # fmt: skip
+            if not shared() and st.st_uid != me:
+                raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to you (uid {me}): another user"
+                                  f" may have planted it. Remove it, or set CW_SHARED_CLUSTER=1 if the"
+                                  f" cluster is shared on purpose (see README)")  # fmt: skip
 
     def publish(self, info: dict[str, Any]) -> None:
         """Write master.json atomically (readers never see half a file)."""
         self.make()
         tmp = self.master_json.with_name(f".master.json.{os.getpid()}")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o644)  # others may read where the master is; nobody else may change it
+            f.write(json.dumps(info, indent=2) + "\n")
         os.replace(tmp, self.master_json)
 
     def unpublish(self, pid: int) -> None:
@@ -105,6 +168,8 @@ class ClusterDir:
             self.master_json.unlink(missing_ok=True)
 
     def read_master(self) -> dict[str, Any] | None:
+        """master.json, once :meth:`check` has found the directory trustworthy."""
+        self.check()
         try:
             return json.loads(self.master_json.read_text())
         except (FileNotFoundError, ValueError):
@@ -136,6 +201,35 @@ class ClusterDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def shared() -> bool:
+    """``CW_SHARED_CLUSTER=1``: the cluster directory is shared on purpose."""
+    return os.environ.get("CW_SHARED_CLUSTER", "").lower() in ("1", "true", "yes")
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def private_dir(path: Path) -> Path:
+    """Create a directory and its missing parents, each readable by its owner only
+    (an explicit chmod: mkdir's mode is cut by the umask)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)
+    return path
 
 
 def _parse_key(text: str, where: str) -> bytes:
