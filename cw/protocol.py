@@ -107,7 +107,7 @@ MESSAGES = (
     Message("master", "client", HEARTBEAT, ("workers", "queued", "notices?")),
     Message("master", "client", STATUS, (
         "master", "address", "store", "uptime", "queued", "in_memory", "running", "prefetched",
-        "done", "bad_messages", "sessions", "workers"), "answer to STATUS"),
+        "done", "bad_messages", "sessions", "queues", "workers"), "answer to STATUS"),
     Message("master", "client", STATUS, ("retried",), "answer to RETRY"),
     Message("master", "client", BYE, ("why", "rehello?", "fatal?")),
     Message("master", "client", REJECT, ("why",)),

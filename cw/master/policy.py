@@ -16,6 +16,7 @@ the store and asks :meth:`Policy.room` when to read them back.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import time
 from typing import Any, Callable, Deque, Iterator, Optional
@@ -60,6 +61,7 @@ class Worker:
         self.draining = bool(hello.get("draining"))
         self.counters: dict = {}
         self.last_seen = self.last_sent = time.monotonic()
+        self.idle_since = self.last_seen  #: when it last came to hold no job (read while it holds none)
 
     def limit(self, runtime: float | None) -> int:
         """How many jobs of this runtime the worker may hold: slots plus prefetch.
@@ -165,6 +167,21 @@ class Policy:
     def waiting(self) -> int:
         """Jobs in memory that no worker holds yet."""
         return len(self.jobs) - self.held()
+
+    def demand(self, sample: int = defaults.DEMAND_SAMPLE) -> list[tuple[dict, int, Optional[float]]]:
+        """What waits, per requirement: (requires, jobs queued, runtime or None).
+
+        The runtime is the mean measured runtime of the functions of the next
+        ``sample`` jobs of that queue (those measured); None when none is. It
+        sizes an adaptive pool; reading a sample keeps this cheap on a long queue.
+        """
+        out = []
+        for rkey, q in self.queues.items():
+            if not q:
+                continue
+            known = [self.runtimes[j.fn] for j in itertools.islice(q, sample) if j.fn in self.runtimes]
+            out.append((self.requires[rkey], len(q), sum(known) / len(known) if known else None))
+        return out
 
     # -- the window ------------------------------------------------------------------
     def blocked(self) -> int:

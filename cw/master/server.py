@@ -324,6 +324,14 @@ class Master(ClientHandlers, WorkerHandlers):
 
     def status(self) -> dict:
         running, held = self.policy.running(), self.policy.held()
+        now = time.monotonic()
+        queues = [{"requires": r, "queued": n, "runtime": t} for r, n, t in self.policy.demand()]
+        if self.backlog:  # jobs only in the store: their requirements are not read back yet
+            row = next((q for q in queues if not q["requires"]), None)
+            if row is None:
+                queues.append({"requires": {}, "queued": self.backlog, "runtime": None})
+            else:
+                row["queued"] += self.backlog
         return {
             "master": self.id,
             "address": self.address,
@@ -336,12 +344,14 @@ class Master(ClientHandlers, WorkerHandlers):
             "done": self.done,
             "bad_messages": self.bad.count,
             "sessions": sum(1 for s in self.sessions.values() if s.ident is not None),
+            "queues": queues,
             "workers": [
                 {
                     "id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "caps": w.caps,
                     "running": w.busy(), "prefetched": len(w.running) - w.busy(),
                     "draining": w.draining, "counters": w.counters, "info": w.info,
                     "label": w.label, "task": w.task, "versions": w.versions,
+                    "idle": 0.0 if w.running else round(now - w.idle_since, 3),
                 }  # fmt: skip
                 for w in self.policy.workers.values()
             ],

@@ -134,6 +134,8 @@ class WorkerHandlers:
             if runtime is not None:
                 policy.ran(job.fn, runtime)
             outcomes.append(self._finish(job, status, blob, err, tb, w.id, runtime, store=False))
+        if not w.running:
+            w.idle_since = w.last_seen
         if outcomes:
             self.store.add_results(outcomes)
 
