@@ -50,7 +50,7 @@ def test_pool_of_4_runs_200_jobs(pool: Launched):
     workers = pool.wait_workers(4)
     assert sorted(worker_of(w["info"]) for w in workers) == [(array, str(i)) for i in range(1, 5)]
     st = pool.status()
-    assert st["arrays"] == [{"job": array, "tasks": 4, "pending": 0, "running": 4, "ended": 0}]
+    assert st["arrays"] == [{"job": array, "tasks": 4, "pending": 0, "running": 4, "ended": 0, "retiring": 0}]
     assert f"Grid Engine job {array}: 4 tasks, 4 running" in pool.cli("status").stdout
 
 

@@ -60,7 +60,7 @@ def test_pool_of_4_runs_200_jobs(pool: Launched):
     assert sorted(worker_of(w["info"]) for w in workers) == [(array, str(i)) for i in range(4)]
     assert all(w["slots"] == 1 for w in workers)  # --procs = the CPUs each task was given
     st = pool.status()
-    assert st["arrays"] == [{"job": array, "tasks": 4, "pending": 0, "running": 4, "ended": 0}]
+    assert st["arrays"] == [{"job": array, "tasks": 4, "pending": 0, "running": 4, "ended": 0, "retiring": 0}]
     text = pool.cli("status").stdout
     assert f"SLURM job {array}: 4 tasks, 4 running" in text and "connected: 4 workers" in text
 

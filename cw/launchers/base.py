@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -59,6 +60,7 @@ class JobSpec:
     workdir: str  #: the job's working directory
     logs: Path  #: directory for the job's output files
     options: dict = field(default_factory=dict)  #: the scheduler's options from `up`
+    log_name: str = "master"  #: a single job's output file is named after it (master-<id>.out)
 
 
 def command(cmd: Sequence[str], timeout: float, env: dict | None = None) -> tuple[int, str, str]:
@@ -86,6 +88,29 @@ def positive_int(text: str | None) -> int | None:
     """An environment variable holding a count ('4'), or None if unset or not a positive integer."""
     text = (text or "").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+_BINARY = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def parse_bytes(text: str | int | float, unit: str = "") -> int:
+    """'8G', '8GB', '8 GiB', '512M', 1024 -> bytes; K, M, G, T count in powers of 1024,
+    as batch systems do. A bare number is in ``unit`` ('' bytes, 'M' megabytes).
+
+    Raises ValueError for anything else.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text * _BINARY[unit.upper()])
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGTP]?)(I?B)?", str(text).strip(), re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"{text!r} is not an amount of memory (e.g. 8G, 512M)")
+    letter = m.group(2) or ("" if m.group(3) else unit)
+    return int(float(m.group(1)) * _BINARY[letter.upper()])
+
+
+def megabytes(n: int) -> str:
+    """Bytes as a batch system's memory request: '8192M' (rounded up)."""
+    return f"{-(-n // 2**20)}M"
 
 
 # ------------------------------------------------------------- inside a job
@@ -268,6 +293,20 @@ class Scheduler(abc.ABC):
     def cancel(self, jobs: Sequence[str]) -> None:
         """Cancel jobs or single tasks (as :meth:`task_name` spells them)."""
 
+    def drain(self, tasks: Sequence[str]) -> None:
+        """Ask running tasks to drain and leave, in ONE call: their workers hand back what
+        they hold, let their running jobs finish within their grace, and exit.
+
+        By default a cancel, for schedulers whose cancel sends a signal the
+        worker drains on well before the kill (Grid Engine's ``-notify``).
+        """
+        self.cancel(tasks)
+
+    def named(self, names: Sequence[str]) -> list[Task] | None:
+        """This user's jobs with one of these names, in ONE query (their ``job`` is the
+        id, ``host`` where they run); None if the scheduler could not be asked."""
+        return None
+
     def task_name(self, job: str, index: int | None) -> str:
         """A job or one task of an array, as the scheduler's commands spell it."""
         return job if index is None else f"{job}_{index}"
@@ -277,6 +316,54 @@ class Scheduler(abc.ABC):
         return f"{self.title} job {self.task_name(job, index)}"
 
     # -- the options of `up` ---------------------------------------------------------
+    #: dask-jobqueue's names for options that mean the same here: {their name: our key}.
+    jobqueue_names: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def jobqueue_options(cls, values: Mapping[str, Any]) -> dict:
+        """Option values by key (as :meth:`up_options` takes them), from keyword arguments
+        named as dask-jobqueue names them (``cores``, ``memory``, ``walltime``, ``queue``,
+        ``account``, ``job_extra_directives``) or as this backend's options' keys.
+
+        ``job_extra_directives`` (a list of flags) joins ``extra``. Raises
+        :class:`BadOption` for a name the backend does not know, or two names
+        given different values for the same option.
+        """
+        keys = {o.key for o in cls.options}
+        out: dict[str, Any] = {}
+        extra: list[str] = []
+        for name, value in values.items():
+            if value is None:
+                continue
+            key = cls.jobqueue_names.get(name, name)
+            if key == "extra":
+                extra += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+                continue
+            if key not in keys:
+                known = sorted(set(cls.jobqueue_names) | keys)
+                raise BadOption(name, f"{cls.title} has no option {name!r} (it knows: {', '.join(known)})")
+            try:
+                value = cls.convert(key, value)
+            except (TypeError, ValueError) as e:
+                raise BadOption(name, f"{name}={value!r}: {e}") from None
+            if key in out and out[key] != value:
+                raise BadOption(name, f"{name}={value!r} contradicts another name for the same option ({out[key]!r})")
+            out[key] = value
+        if extra:
+            out["extra"] = " ".join(extra)
+        return out
+
+    @classmethod
+    def convert(cls, key: str, value: Any) -> Any:
+        """A Python value of an option (``memory=8 * 2**30``, ``"8GB"``) as the command line
+        would give it; by default unchanged."""
+        return value
+
+    def provides(self, options: dict) -> dict:
+        """What a worker task with these options offers jobs (cpus, mem in bytes where the
+        options say): what an adaptive pool matches queued jobs' requirements against."""
+        return {"cpus": self.procs(options)}
+
     @staticmethod
     def seconds(text: str | None) -> float | None:
         """A time limit ('90', '1:30', '4:00:00') in seconds; None if unlimited.

@@ -22,7 +22,7 @@ import getpass
 import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..defaults import COMMAND_TIMEOUT, PROBE_TIMEOUT, QUERY_TIMEOUT
 from ..errors import SchedulerError
@@ -30,6 +30,7 @@ from .base import (
     ENDED,
     PENDING,
     RUNNING,
+    BadOption,
     JobEnvironment,
     JobSpec,
     Option,
@@ -37,6 +38,8 @@ from .base import (
     Task,
     command,
     first_line,
+    megabytes,
+    parse_bytes,
     positive_int,
 )
 
@@ -204,6 +207,50 @@ class SGE(Scheduler):
         Option("extra-qsub", "More qsub flags for every job, e.g. \"-P myproject -l arch=lx-amd64\".",
                metavar="FLAGS", master=True, key="extra"),
     )  # fmt: skip
+    jobqueue_names = {"walltime": "time", "job_extra_directives": "extra", "job_extra": "extra"}
+    #: The parallel environment of ``cores=N`` when none is named (``pe="mpi"``).
+    default_pe = "smp"
+
+    @classmethod
+    def jobqueue_options(cls, values: Mapping[str, Any]) -> dict:
+        """As the base's, and: ``cores=N`` asks for N slots of a parallel environment
+        (``pe="name"``, default smp); ``memory`` is the task's total, which becomes
+        ``h_vmem`` per slot; ``project`` is ``-P``, ``account`` ``-A``, ``resource_spec``
+        one more ``-l``."""
+        v = dict(values)
+        cores, pe, memory = v.pop("cores", None), v.pop("pe", None), v.pop("memory", None)
+        flags = [f"{flag} {v.pop(name)}" for name, flag in (("project", "-P"), ("account", "-A"),
+                                                           ("resource_spec", "-l")) if v.get(name)]  # fmt: skip
+        v.pop("project", None), v.pop("account", None), v.pop("resource_spec", None)
+        out = super().jobqueue_options(v)
+        if pe is not None and not isinstance(pe, str):  # the command line's form: ("smp", 4)
+            out["pe"] = [str(pe[0]), int(pe[1])]
+        if cores is not None and (int(cores) > 1 or isinstance(pe, str)):
+            out["pe"] = [pe if isinstance(pe, str) else cls.default_pe, int(cores)]
+        if memory is not None:
+            slots = int(out["pe"][1]) if out.get("pe") else 1
+            try:
+                out["mem"] = megabytes(parse_bytes(memory) // slots)
+            except ValueError as e:
+                raise BadOption("memory", str(e)) from None
+        if flags:
+            out["extra"] = " ".join(filter(None, [out.get("extra"), *flags]))
+        return out
+
+    @classmethod
+    def convert(cls, key, value):
+        if key == "mem" and isinstance(value, (int, float)):
+            return megabytes(int(value))
+        return value
+
+    def provides(self, options: dict) -> dict:
+        out = super().provides(options)
+        if options.get("mem"):  # h_vmem counts per slot
+            try:
+                out["mem"] = parse_bytes(options["mem"]) * self.procs(options)
+            except ValueError:
+                pass  # qsub will say what is wrong with it
+        return out
 
     # -- submission ---------------------------------------------------------------
     def _qsub(self, flags: list[str], script: Path) -> str:
@@ -229,7 +276,7 @@ class SGE(Scheduler):
 
     def submit_master(self, script: Path, spec: JobSpec) -> str:
         o = spec.options
-        flags = self._common(spec) + ["-o", f"{spec.logs}/master.$JOB_ID.out"]
+        flags = self._common(spec) + ["-o", f"{spec.logs}/{spec.log_name}.$JOB_ID.out"]
         if o.get("time"):  # else the queue's h_rt: the longest it allows
             flags += ["-l", f"h_rt={o['time']}"]
         flags += shlex.split(o.get("extra") or "")
@@ -288,14 +335,26 @@ class SGE(Scheduler):
         return job if index is None else f"{job}.{index}"
 
     def cancel(self, jobs: Sequence[str]) -> None:
-        whole = [j for j in jobs if "." not in j]
-        calls = [whole] if whole else []
-        calls += [[j.split(".")[0], "-t", j.split(".")[1]] for j in jobs if "." in j]
-        for args in calls:
-            rc, out, err = command(["qdel", *args], COMMAND_TIMEOUT)
-            text = f"{out} {err}"
-            if rc != 0 and "does not exist" not in text and "has already been deleted" not in text:
-                raise SchedulerError(f"qdel {' '.join(args)} failed: {err or out}")
+        if not jobs:
+            return
+        # ONE call: qdel takes a list of jobs and tasks, '77,78.3,78.5'
+        rc, out, err = command(["qdel", ",".join(jobs)], COMMAND_TIMEOUT)
+        text = f"{out} {err}"
+        if rc != 0 and not all(("does not exist" in line or "already" in line or "registered" in line)
+                               for line in text.strip().splitlines() if line.strip()):  # fmt: skip
+            raise SchedulerError(f"qdel {','.join(jobs)} failed: {err or out}")
+
+    def named(self, names: Sequence[str]) -> list[Task] | None:
+        root = _qstat_xml(["-u", getpass.getuser()], QUERY_TIMEOUT)
+        if root is None:
+            return None
+        found = []
+        for j in root.iter("job_list"):
+            if (j.findtext("JB_name") or "").strip() in names:
+                code = (j.findtext("state") or "").strip()
+                host = (j.findtext("queue_name") or "").partition("@")[2]
+                found.append(Task((j.findtext("JB_job_number") or "").strip(), None, _state(code), code, "", host))
+        return found
 
 
 BACKEND = SGE

@@ -14,6 +14,7 @@ Submission is a plain ``sbatch`` line: its flags say exactly what is asked.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shlex
 import time
@@ -33,6 +34,8 @@ from .base import (
     Task,
     command,
     first_line,
+    megabytes,
+    parse_bytes,
     positive_int,
 )
 
@@ -171,6 +174,26 @@ class Slurm(Scheduler):
         Option("extra-sbatch", "More sbatch flags for every job, e.g. \"--qos=long --constraint=skylake\".",
                metavar="FLAGS", master=True, key="extra"),
     )  # fmt: skip
+    jobqueue_names = {"cores": "cpus_per_task", "job_cpu": "cpus_per_task", "memory": "mem", "job_mem": "mem",
+                      "walltime": "time", "queue": "partition", "project": "account",
+                      "job_extra_directives": "extra", "job_extra": "extra"}  # fmt: skip
+
+    @classmethod
+    def convert(cls, key, value):
+        if key == "mem":  # sbatch's unit is the megabyte
+            return megabytes(parse_bytes(value, "M"))
+        if key == "cpus_per_task":
+            return int(value)
+        return value
+
+    def provides(self, options: dict) -> dict:
+        out = super().provides(options)
+        if options.get("mem"):
+            try:
+                out["mem"] = parse_bytes(options["mem"], "M")
+            except ValueError:
+                pass  # sbatch will say what is wrong with it
+        return out
 
     # -- submission ---------------------------------------------------------------
     def _sbatch(self, flags: list[str], script: Path) -> str:
@@ -194,7 +217,7 @@ class Slurm(Scheduler):
 
     def submit_master(self, script: Path, spec: JobSpec) -> str:
         o = spec.options
-        flags = self._common(spec) + [f"--output={spec.logs}/master-%j.out", "--cpus-per-task=1"]
+        flags = self._common(spec) + [f"--output={spec.logs}/{spec.log_name}-%j.out", "--cpus-per-task=1"]
         limit = o.get("time") or (self.partition_limit(o.get("partition")) if o.get("long") else None)
         if limit:
             flags.append(f"--time={limit}")
@@ -248,30 +271,14 @@ class Slurm(Scheduler):
             if "Invalid job id" in err:  # all of them purged: ended long ago
                 return []
             return None
-        from submitit.slurm.slurm import read_job_id
+        return _squeue_tasks(out)
 
-        out_tasks = []
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) != 4:
-                continue
-            jid, state, reason, node = parts
-            base = state.split()[0].rstrip("+") if state else ""
-            kind = PENDING if base in _PENDING else RUNNING if base in _RUNNING else ENDED
-            reason = "" if reason in ("None", "(null)") else reason
-            try:
-                ids = read_job_id(jid)
-            except (ValueError, IndexError):
-                continue
-            for main, *rng in ids:
-                if not rng:
-                    idx: list[int | None] = [None]
-                else:
-                    lo = int(rng[0])
-                    idx = list(range(lo, int(rng[1]) + 1)) if len(rng) > 1 else [lo]
-                for i in idx:
-                    out_tasks.append(Task(main, i, kind, base, reason, node, base == "COMPLETING"))
-        return out_tasks
+    def named(self, names: Sequence[str]) -> list[Task] | None:
+        if not names:
+            return []
+        rc, out, _ = command(["squeue", "-h", "-u", getpass.getuser(), "-n", ",".join(names),
+                              "-o", "%i|%T|%r|%N"], QUERY_TIMEOUT)  # fmt: skip
+        return _squeue_tasks(out) if rc == 0 else None
 
     def cancel(self, jobs: Sequence[str]) -> None:
         if not jobs:
@@ -279,6 +286,45 @@ class Slurm(Scheduler):
         rc, out, err = command(["scancel", *jobs], COMMAND_TIMEOUT)
         if rc != 0 and "already completing" not in err and "Invalid job id" not in err:
             raise SchedulerError(f"scancel {' '.join(jobs)} failed: {err or out}")
+
+    def drain(self, tasks: Sequence[str]) -> None:
+        """USR1 to the batch step alone (the worker, which the job script exec'd): it drains
+        and leaves by itself, with its grace, and no SIGKILL follows KillWait later."""
+        if not tasks:
+            return
+        rc, out, err = command(["scancel", "--batch", "--signal=USR1", *tasks], COMMAND_TIMEOUT)
+        if rc != 0 and "already completing" not in err and "Invalid job id" not in err:
+            raise SchedulerError(f"scancel --batch --signal=USR1 {' '.join(tasks)} failed: {err or out}")
+
+
+def _squeue_tasks(out: str) -> list[Task]:
+    """Tasks from squeue's ``%i|%T|%r|%N`` lines; array ranges ('123_[4-9%2]') expanded."""
+    from submitit.slurm.slurm import read_job_id
+
+    out_tasks = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4:
+            continue
+        jid, state, reason, node = parts
+        base = state.split()[0].rstrip("+") if state else ""
+        kind = PENDING if base in _PENDING else RUNNING if base in _RUNNING else ENDED
+        reason = "" if reason in ("None", "(null)") else reason
+        try:
+            ids = read_job_id(jid)
+        except (ValueError, IndexError):
+            continue
+        for main, *rng in ids:
+            if not rng:
+                idx: list[int | None] = [None]
+            else:
+                lo = int(rng[0])
+                idx = list(range(lo, int(rng[1]) + 1)) if len(rng) > 1 else [lo]
+            for i in idx:
+                out_tasks.append(Task(main, i, kind, base, reason, node, base == "COMPLETING"))
+    return out_tasks
+
+
 
 
 def _sacct_line(out: str, name: str) -> str | None:
