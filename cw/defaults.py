@@ -99,3 +99,27 @@ DOWN_WAIT = 150.0
 #: Seconds a stopping master waits for a companion thread (the keeper) to finish its turn.
 COMPANION_JOIN = QUERY_TIMEOUT + COMMAND_TIMEOUT
 
+# -- adaptive pools ------------------------------------------------------------
+#: The status document's runtime of a queue: the mean over the functions of this many jobs at its head.
+DEMAND_SAMPLE = 100
+#: An adaptive pool asks for enough workers to run what is queued in about this many seconds.
+ADAPT_TARGET = 60.0
+#: ... counting this many seconds for a job whose function has no measured runtime yet.
+ADAPT_UNKNOWN_RUNTIME = 5.0
+#: Workers idle this long are retired (drained) when the queue does not need them.
+ADAPT_IDLE_TIMEOUT = 300.0
+#: Seconds between an adaptive pool's decisions (one scheduler query and one status query each).
+ADAPT_INTERVAL = 10.0
+#: An adaptive pool adds at most max(ADAPT_STEP, its size) tasks per decision: it at most doubles.
+ADAPT_STEP = 8
+#: Seconds an owner-less pool waits after its owner (a SlurmCluster's process) stopped renewing its lease.
+OWNER_LEASE = 120.0
+#: Seconds between the keeper's looks at its owner (a process on its host: is it alive?).
+OWNER_CHECK = 1.0
+
+# -- cw doctor -------------------------------------------------------------------
+#: Seconds each network check (a TCP connect, the signed round trip) may take.
+DOCTOR_TIMEOUT = 3.0
+#: Seconds `cw doctor --from-node` waits for its job to run and report.
+DOCTOR_WAIT = 300.0
+

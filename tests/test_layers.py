@@ -5,7 +5,8 @@ The layers, bottom to top (docs/design.md draws them):
 1. contracts: version, errors, defaults, protocol, serialize, discovery, store, link
 2. batch systems: the launchers registry, base.py and one module per backend
 3. the engine: master, worker, client (none of the three imports another)
-4. launchers: the pool, its keeper, the local cluster
+4. launchers: the pool, its keeper, adaptive sizing and the pool's owner, the cluster
+   objects (local and batch), and the doctor
 5. the face: the CLI, ``cw/__init__.py`` and the ``__main__`` entry points
 
 Imports are read from the source (every ``import`` statement, also inside
@@ -25,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent / "cw"
 CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.serialize",
              "cw.discovery", "cw.store", "cw.link"}  # fmt: skip
 ENGINE = ("cw.master", "cw.worker", "cw.client")
-LAUNCHERS = {"cw.launchers.pool", "cw.launchers.keeper", "cw.launchers.local"}
+LAUNCHERS = {"cw.launchers.pool", "cw.launchers.keeper", "cw.launchers.local", "cw.launchers.adapt",
+             "cw.launchers.elastic", "cw.launchers.owner", "cw.launchers.cluster", "cw.launchers.surface",
+             "cw.doctor"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:

@@ -15,11 +15,18 @@ from typing import Any, Callable
 
 import click
 
-from ..defaults import DOWN_WAIT, HEALS_PER_WORKER, POLL, UP_WAIT
-from ..errors import CwError
+from ..defaults import ADAPT_IDLE_TIMEOUT, DOWN_WAIT, HEALS_PER_WORKER, POLL, UP_WAIT
+from ..errors import ConfigError, CwError
 from ..launchers import backends, environment_of
 from ..launchers.base import BadOption, Option, Scheduler
-from .common import CLUSTER_OPTIONS, cluster_from, log_option, setup_logging, with_options
+from .common import (
+    CLUSTER_OPTIONS,
+    cluster_from,
+    log_option,
+    parse_duration,
+    setup_logging,
+    with_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ _COMMON = [*CLUSTER_OPTIONS, log_option]
 #: Parameters of `up` every backend shares: a backend's option keys must differ from them.
 _SHARED = frozenset({"workers", "array_parallelism", "grace", "master_here", "master_time", "heal",
                      "max_heals", "poll", "wait", "interface", "cluster_name", "cluster_dir",
-                     "log_level"})  # fmt: skip
+                     "log_level", "adapt", "idle_timeout", "profiles"})  # fmt: skip
 
 
 def add_backends(group: click.Group) -> None:
@@ -87,8 +94,15 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
         pass
 
     @group.command("up")
-    @click.option("--workers", "-n", type=click.IntRange(min=1), required=True,
-                  help="Size of the pool: worker tasks in the array job.")
+    @click.option("--workers", "-n", type=click.IntRange(min=0), default=None,
+                  help="Size of the pool: worker tasks in the array job (with --adapt: the first ones).")
+    @click.option("--adapt", default=None, metavar="MIN:MAX",
+                  help="Size the pool by the queue between MIN and MAX workers (e.g. 0:200); decides every --poll.")
+    @click.option("--idle-timeout", default=None, metavar="DURATION",
+                  help="With --adapt: drain workers idle this long (default: 5m).")
+    @click.option("--profile", "profiles", multiple=True, metavar="NAME:KEY=VALUE,...:FLAGS",
+                  help="With --adapt: a kind of worker for jobs that require it, with its batch flags, e.g."
+                       " 'gpu:gpus=1:--gres=gpu:1 --partition=gpu' (repeatable; tag=T for tags).")
     @with_options(backend_options)
     @click.option("--array-parallelism", type=click.IntRange(min=1), default=None,
                   help="At most this many worker tasks run at once (default: all).")
@@ -110,9 +124,11 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
     @click.option("--interface", default=None,
                   help="Publish the master's address on this network interface (e.g. ib0).")
     @with_options(_COMMON)
-    def up_cmd(workers, array_parallelism, grace, master_here, master_time, heal, max_heals, poll, wait,
-               interface, cluster_name, cluster_dir, log_level, **values):  # fmt: skip
-        """Start a master and --workers N workers as ONE array job; return once the master is published."""
+    def up_cmd(workers, adapt, idle_timeout, profiles, array_parallelism, grace, master_here, master_time, heal,
+               max_heals, poll, wait, interface, cluster_name, cluster_dir, log_level, **values):  # fmt: skip
+        """Start a master and --workers N workers as ONE array job (or an adaptive pool:
+        --adapt MIN:MAX); return once the master is published."""
+        from ..launchers.adapt import Adaptive, parse_profile, parse_range
         from ..launchers.pool import Pool
 
         setup_logging(log_level)
@@ -120,6 +136,25 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
             options = cls.up_options(values)
         except BadOption as e:
             raise click.BadParameter(str(e), param_hint=f"--{e.option}") from None
+        settings, declared = None, []
+        if adapt is None and (idle_timeout or profiles):
+            raise click.UsageError("--idle-timeout and --profile go with --adapt")
+        if adapt is None and workers is None:
+            raise click.UsageError("give --workers N, or --adapt MIN:MAX")
+        if adapt is not None:
+            try:
+                low, high = parse_range(adapt)
+                settings = {"minimum": low, "maximum": high, "idle_timeout": parse_duration(idle_timeout)
+                            if idle_timeout else ADAPT_IDLE_TIMEOUT}  # fmt: skip
+                Adaptive(**settings)
+                settings["interval"] = poll
+                for text in profiles:
+                    name, provides, flags = parse_profile(text)
+                    declared.append({"name": name, "provides": provides, "maximum": None,
+                                     "options": {"extra": flags} if flags else {}})  # fmt: skip
+            except ConfigError as e:
+                raise click.BadParameter(str(e), param_hint="--adapt/--profile") from None
+            workers = low if workers is None else workers
         if array_parallelism:
             options["array_parallelism"] = array_parallelism
         if grace is not None:
@@ -128,9 +163,13 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
         pool = Pool(cls(), cluster_from(cluster_name, cluster_dir))
         try:
             pool.up(workers, options, master_options=master_options, heal=heal, max_heals=max_heals,
-                    master_here=master_here, poll=poll, wait=wait, interface=interface, report=click.echo)  # fmt: skip
+                    master_here=master_here, poll=poll, wait=wait, interface=interface, report=click.echo,
+                    adapt=settings, profiles=declared)  # fmt: skip
         except CwError as e:
             raise click.ClickException(str(e)) from None
+        if settings:
+            click.echo(f"adaptive: {settings['minimum']} to {settings['maximum']} workers, sized by the queue"
+                       f" every {poll:g} s; idle workers drain after {settings['idle_timeout']:g} s")  # fmt: skip
         click.echo(f"ready: clients find the master through {pool.cluster.master_json}"
                    f" (cw.Client(cluster={str(pool.cluster.path)!r}))")  # fmt: skip
 
@@ -151,6 +190,22 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
             click.echo(json.dumps(doc, indent=2, default=str))
             return
         click.echo(format_status(pool.scheduler, doc))
+
+    @group.command("scale")
+    @click.argument("workers", type=click.IntRange(min=0))
+    @with_options(_COMMON)
+    def scale_cmd(workers, cluster_name, cluster_dir, log_level):
+        """Hold the pool at WORKERS from now on (adapting stops): submit the missing ones, or
+        drain the surplus, idle workers first."""
+        from ..launchers.elastic import scale
+        from ..launchers.pool import Pool
+
+        setup_logging(log_level)
+        pool = Pool(cls(), cluster_from(cluster_name, cluster_dir))
+        try:
+            scale(pool, workers, report=click.echo)
+        except CwError as e:
+            raise click.ClickException(str(e)) from None
 
     @group.command("down")
     @click.option("--wait", type=float, default=DOWN_WAIT, show_default=True,
@@ -197,10 +252,16 @@ def format_status(sched: Scheduler, doc: dict) -> str:
     r = sum(a["running"] for a in doc["arrays"])
     e = sum(a["ended"] for a in doc["arrays"]) + doc.get("ended_before", 0)
     heal = f"healing, {doc['heals']} of {doc['max_heals']} heals used" if doc["heal"] else "not healing"
+    a = doc.get("adapt")
+    if a:
+        heal = (f"adaptive {a['minimum']}..{a['maximum']}, idle workers drain after {a['idle_timeout']:g} s"
+                + "".join(f"; profile {p['name']}" for p in doc.get("profiles") or ()))  # fmt: skip
     lines.append(f"workers: {doc['target']} wanted; {r} running, {p} pending, {e} ended ({heal})")
     for a in doc["arrays"]:
-        lines.append(f"  {sched.describe(a['job'])}: {a['tasks']} tasks, {a['running']} running,"
-                     f" {a['pending']} pending, {a['ended']} ended")  # fmt: skip
+        retiring = f", {a['retiring']} retiring" if a.get("retiring") else ""
+        profile = f" (profile {a['profile']})" if a.get("profile") else ""
+        lines.append(f"  {sched.describe(a['job'])}{profile}: {a['tasks']} tasks, {a['running']} running,"
+                     f" {a['pending']} pending, {a['ended']} ended{retiring}")  # fmt: skip
     if not doc.get("scheduler_answered", True):
         lines.append(f"  ({sched.title} did not answer: counts unknown)")
     conn = doc.get("connected")

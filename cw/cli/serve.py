@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from .. import defaults
 from .common import cluster_from, cluster_options, log_option, parse_duration, setup_logging
+
+
+def parse_caps(items: tuple[str, ...]) -> dict:
+    """('gpus=1', 'arch="x86"') -> {'gpus': 1, 'arch': 'x86'}: values are JSON, else text."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--cap")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 @click.command("master")
@@ -61,6 +77,8 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
 @click.option("--procs", type=int, default=None,
               help="Executor processes (default: $SLURM_CPUS_PER_TASK, $NSLOTS, or 1).")
 @click.option("--tag", "tags", multiple=True, help="A capability tag jobs may require (repeatable).")
+@click.option("--cap", "caps", multiple=True, metavar="KEY=VALUE",
+              help="A capability to advertise, over what the worker finds (e.g. gpus=1; repeatable).")
 @click.option("--heartbeat", type=float, default=defaults.HEARTBEAT, show_default=True,
               help="Seconds between heartbeats on an idle link.")
 @click.option("--master-timeout", type=float, default=defaults.MASTER_TIMEOUT, show_default=True,
@@ -74,7 +92,7 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
 @click.option("--watch-pid", type=int, default=None, metavar="PID",
               help="Drain when process PID ends (LocalCluster's processes end with their owner).")
 @log_option
-def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_timeout, give_up,
+def worker_cmd(host, cluster_name, cluster_dir, procs, tags, caps, heartbeat, master_timeout, give_up,
                grace, lifetime, watch_pid, log_level):
     """Run a worker for the master at HOST (default: the address in master.json).
 
@@ -88,7 +106,7 @@ def worker_cmd(host, cluster_name, cluster_dir, procs, tags, heartbeat, master_t
     setup_logging(log_level)
     try:
         run_worker(address=host, cluster=cluster_from(cluster_name, cluster_dir), procs=procs,
-                   tags=list(tags), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
+                   tags=list(tags), caps=parse_caps(caps), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
                    grace=grace, lifetime=parse_duration(lifetime) if lifetime else None,
                    watch_pid=watch_pid)  # fmt: skip
     except CwError as e:

@@ -4,7 +4,8 @@ The registry of batch systems lives here. A backend is a module of this
 package that defines ``BACKEND = <a Scheduler subclass>`` (see
 :mod:`cw.launchers.base`); :func:`backends` finds every one of them, so
 adding a batch system is adding its module. The framework modules
-(``base``, ``pool``, ``local``) are not backends.
+(``base``, ``pool``, ``keeper``, ``local``, ``adapt``, ``elastic``, ``owner``,
+``cluster``, ``surface``: :data:`FRAMEWORK`) are not backends.
 
 Inside a job, :func:`environment` names the batch system running this
 process: backends are asked in the alphabetical order of their module names
@@ -31,7 +32,7 @@ from .base import JobEnvironment, NoBatch, Option, Scheduler
 log = logging.getLogger(__name__)
 
 #: Modules of this package that are the framework, not backends.
-FRAMEWORK = frozenset({"base", "pool", "keeper", "local"})
+FRAMEWORK = frozenset({"base", "pool", "keeper", "local", "adapt", "elastic", "owner", "cluster", "surface"})
 
 _registry: dict[str, type[Scheduler]] | None = None
 _registry_lock = threading.Lock()

@@ -1,17 +1,24 @@
 """The keeper: the thread beside the master (``cw master --keep-pool``) that holds a
 pool at its size. Array tasks that end or die are resubmitted, up to a cap, with
-backoff; :func:`keeper_for` builds it from the pool's record (pool.json)."""
+backoff; an adaptive pool is sized by the queue instead (:mod:`cw.launchers.elastic`).
+A pool with an owner (a ``SlurmCluster``'s process) is taken down once that owner
+is gone (:mod:`cw.launchers.owner`). :func:`keeper_for` builds the keeper from the
+pool's record (pool.json)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 
-from ..defaults import HEAL_BACKOFF, HEAL_BACKOFF_MAX, POLL
+from ..defaults import DOWN_WAIT, HEAL_BACKOFF, HEAL_BACKOFF_MAX, OWNER_CHECK, POLL
 from ..discovery import ClusterDir
-from ..errors import ConfigError, SchedulerError
+from ..errors import ConfigError, CwError, SchedulerError
 from . import backends
+from .elastic import Elastic
+from .owner import OwnerWatch
 from .pool import Pool
 
 log = logging.getLogger(__name__)
@@ -42,6 +49,8 @@ class Keeper(threading.Thread):
         self.reported: set[str] = set()
         self._capped = False
         self._quiet_until = 0.0
+        self.elastic = Elastic(pool)
+        self.owner = OwnerWatch(pool.cluster)
 
     def stop(self) -> None:
         self._halt.set()
@@ -49,22 +58,56 @@ class Keeper(threading.Thread):
     def run(self) -> None:
         log.debug("pool keeper: keeping the %s pool of %s at its size", self.pool.scheduler.title,
                   self.pool.cluster.path)  # fmt: skip
-        while not self._halt.wait(self.interval()):
+        next_tick = time.monotonic() + self.interval()
+        while not self._halt.wait(min(OWNER_CHECK, max(0.05, next_tick - time.monotonic()))):
             try:
-                self.tick()
+                if self.check_owner():
+                    return
+                if time.monotonic() >= next_tick:
+                    self.tick()
+                    next_tick = time.monotonic() + self.interval()
             except Exception:
                 log.exception("pool keeper: unexpected error (it keeps going)")
 
     def interval(self) -> float:
+        rec = self.pool.read()
+        if rec.get("adapt") and rec["adapt"].get("interval"):
+            return float(rec["adapt"]["interval"])
         if self.poll is not None:
             return self.poll
-        return float(self.pool.read().get("poll") or POLL)
+        return float(rec.get("poll") or POLL)
+
+    def check_owner(self) -> bool:
+        """Take the pool down, and stop the master, if the pool's owner is gone; True then."""
+        rec = self.pool.read()
+        if rec.get("stopping"):
+            return False
+        why = self.owner.gone(rec.get("owner"))
+        if why is None:
+            return False
+        log.warning("pool keeper: %s: taking the pool down (its workers drain), then the master", why)
+        try:
+            self.pool.down(wait=DOWN_WAIT, master=False)
+        except CwError as e:
+            log.error("pool keeper: taking the pool down: %s", e)
+        with self.pool.record() as rec:
+            rec.pop("owner", None)
+        # the master withdraws master.json and stops; a master's batch job ends with it
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
 
     def tick(self, now: float | None = None) -> int:
         """One look at the scheduler; returns the number of tasks submitted."""
         now = time.monotonic() if now is None else now
         pool, sched = self.pool, self.pool.scheduler
         with pool.record() as rec:
+            if rec.get("adapt") and not rec.get("stopping"):
+                tasks = sched.tasks(pool.array_ids(rec))
+                if tasks is None:
+                    self._no_answer(now)
+                    return 0
+                decision = self.elastic.tick(rec, tasks, now)
+                return sum(decision.submit.values()) if decision else 0
             target = int(rec.get("target") or 0)
             if rec.get("stopping") or not target:
                 return 0
@@ -72,9 +115,7 @@ class Keeper(threading.Thread):
                 return 0
             tasks = sched.tasks(pool.array_ids(rec))
             if tasks is None:
-                if now >= self._quiet_until:
-                    log.warning("pool keeper: %s did not answer; trying again", sched.title)
-                    self._quiet_until = now + 300.0
+                self._no_answer(now)
                 return 0
             census = pool.census(rec, tasks, prune=True)
             missing = target - pool.live(census)
@@ -124,6 +165,11 @@ class Keeper(threading.Thread):
                         " next one no sooner than %.0f s)", missing, target, n, sched.describe(job),
                         rec["heals"], rec.get("max_heals", 0), pause)  # fmt: skip
             return n
+
+    def _no_answer(self, now: float) -> None:
+        if now >= self._quiet_until:
+            log.warning("pool keeper: %s did not answer; trying again", self.pool.scheduler.title)
+            self._quiet_until = now + 300.0
 
     def backoff(self) -> float:
         return min(HEAL_BACKOFF_MAX, HEAL_BACKOFF * 2**self.streak)

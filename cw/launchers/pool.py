@@ -118,7 +118,9 @@ class Pool:
             pending = sum(t.state == PENDING for t in listed)
             running = sum(t.state == RUNNING for t in listed)
             ended = max(0, a["tasks"] - pending - running)
-            out.append({**a, "pending": pending, "running": running, "ended": ended,
+            retired = set(a.get("retired", ()))
+            retiring = sum(t.state != ENDED and t.index in retired for t in listed)
+            out.append({**a, "pending": pending, "running": running, "ended": ended, "retiring": retiring,
                         "gone": [t for t in listed if t.state == ENDED]})  # fmt: skip
             if pending or running or not prune:
                 kept.append(a)
@@ -130,7 +132,8 @@ class Pool:
 
     @staticmethod
     def live(census: list[dict]) -> int:
-        return sum(a["pending"] + a["running"] for a in census)
+        """Tasks pending or running, less those asked to leave (retired, draining)."""
+        return sum(a["pending"] + a["running"] - a.get("retiring", 0) for a in census)
 
     # -- submission ---------------------------------------------------------------
     def _script(self, role: str, argv: list[str], what: str) -> Path:
@@ -152,18 +155,63 @@ class Pool:
         self.logs.mkdir(parents=True, exist_ok=True)
         return JobSpec(self.job_name(role), rec.get("workdir") or os.getcwd(), self.logs, options)
 
-    def submit_workers(self, rec: dict, count: int) -> str:
-        """Submit ``count`` workers as one array job and record it."""
-        options = rec.get("options") or {}
+    def profile(self, rec: dict, name: str = "") -> dict:
+        """A resource profile of the pool ('' the default): its name, what its workers
+        provide, its scheduler options (the pool's, with the profile's over them)."""
+        options = dict(rec.get("options") or {})
+        if not name:
+            return {"name": "", "provides": self.scheduler.provides(options), "options": options,
+                    "declared": {}}  # fmt: skip
+        p = next((p for p in rec.get("profiles") or () if p.get("name") == name), None)
+        if p is None:
+            raise ConfigError(f"the pool in {self.cluster.path} has no profile {name!r}")
+        own = dict(p.get("options") or {})
+        if options.get("extra") and own.get("extra"):
+            own["extra"] = f"{options['extra']} {own['extra']}"
+        options.update(own)
+        provides = {**self.scheduler.provides(options), **(p.get("provides") or {})}
+        return {"name": name, "provides": provides, "options": options, "declared": dict(p.get("provides") or {}),
+                "maximum": p.get("maximum")}  # fmt: skip
+
+    def submit_workers(self, rec: dict, count: int, profile: str = "") -> str:
+        """Submit ``count`` workers (of a resource profile) as one array job and record it."""
+        from .adapt import Profile
+
+        prof = self.profile(rec, profile)
+        options = prof["options"]
         argv = [rec.get("python") or sys.executable, "-m", "cw.worker",
                 "--cluster-dir", str(self.cluster.path),
                 "--procs", str(self.scheduler.procs(options))]  # fmt: skip
         if options.get("grace") is not None:
             argv += ["--grace", str(options["grace"])]
-        script = self._script("workers", argv, "one cw worker; each task of the array runs one")
-        job = self.scheduler.submit_workers(script, count, self._spec(rec, "workers", options))
-        rec.setdefault("arrays", []).append({"job": job, "tasks": count, "submitted": time.time()})
+        argv += Profile(profile, prof["declared"]).worker_args()
+        role = f"workers-{profile}" if profile else "workers"
+        what = f"one cw worker{f' of the profile {profile}' if profile else ''}; each task of the array runs one"
+        script = self._script(role, argv, what)
+        job = self.scheduler.submit_workers(script, count, self._spec(rec, role, options))
+        entry = {"job": job, "tasks": count, "submitted": time.time()}
+        if profile:
+            entry["profile"] = profile
+        rec.setdefault("arrays", []).append(entry)
         return job
+
+    def retire(self, rec: dict, names: list[str], tasks: list[Task]) -> list[str]:
+        """Ask tasks to leave, in at most two scheduler calls: pending ones are cancelled,
+        running ones drained (their workers hand back what they hold: nothing is lost or
+        charged). They are recorded as retired, so they no longer count. Returns the names."""
+        where = {self.scheduler.task_name(t.job, t.index): t for t in tasks if t.index is not None}
+        chosen = [where[n] for n in names if n in where]
+        pending = [self.scheduler.task_name(t.job, t.index) for t in chosen if t.state == PENDING]
+        running = [self.scheduler.task_name(t.job, t.index) for t in chosen if t.state == RUNNING]
+        if pending:
+            self.scheduler.cancel(pending)
+        if running:
+            self.scheduler.drain(running)
+        for a in rec.get("arrays", ()):
+            mine = sorted({t.index for t in chosen if t.job == a["job"]})
+            if mine:
+                a["retired"] = sorted(set(a.get("retired", ())) | set(mine))
+        return pending + running
 
     def submit_master(self, rec: dict, here: bool) -> dict:
         """Start the master (and its keeper) as a batch job, or as a process on this host."""
@@ -206,7 +254,7 @@ class Pool:
         if m.get("here"):
             if m.get("host") != socket.gethostname():
                 return RUNNING  # another host's process: we cannot tell, assume it runs
-            return RUNNING if pid_alive(m.get("pid")) else ENDED
+            return RUNNING if _running(m.get("pid")) else ENDED
         if not m.get("job"):
             return ENDED
         if tasks is None:
@@ -248,17 +296,22 @@ class Pool:
     # -- verbs --------------------------------------------------------------------
     def up(self, workers: int, options: dict, *, master_options: dict, heal: bool,
            max_heals: int | None, master_here: bool, poll: float, wait: float,
-           interface: str | None = None, report: Report | None = None) -> dict:  # fmt: skip
+           interface: str | None = None, report: Report | None = None, adapt: dict | None = None,
+           profiles: list[dict] | None = None, owner: dict | None = None) -> dict:  # fmt: skip
         """Start the master unless one runs, wait until it is published, then
         bring the workers up to ``workers`` with one array job.
 
         ``options`` are the scheduler's (:meth:`Scheduler.up_options`),
         ``master_options`` those of the master's job
-        (:meth:`Scheduler.master_options`). Progress lines go to ``report``
-        (default: INFO logging). Raises SchedulerError if the scheduler fails
-        or the master's job ends, cw's TimeoutError if the master does not
-        publish itself within ``wait`` seconds, ConfigError if the cluster
-        directory holds another scheduler's pool.
+        (:meth:`Scheduler.master_options`). With ``adapt`` (the settings of
+        :class:`~cw.launchers.adapt.Adaptive`) the keeper sizes the pool by
+        the queue, with the resource ``profiles``; with ``owner`` (see
+        :mod:`cw.launchers.owner`) it takes the pool down when that process
+        is gone. Progress lines go to ``report`` (default: INFO logging).
+        Raises SchedulerError if the scheduler fails or the master's job ends,
+        cw's TimeoutError if the master does not publish itself within
+        ``wait`` seconds, ConfigError if the cluster directory holds another
+        scheduler's pool.
         """
         report = report or log.info
         c = self.cluster
@@ -270,8 +323,11 @@ class Pool:
                 scheduler=self.scheduler.name, workdir=os.getcwd(), python=sys.executable,
                 options=options, master_options=master_options, heal=heal, poll=poll,
                 max_heals=max_heals if max_heals is not None else HEALS_PER_WORKER * workers,
-                heals=0, stopping=False, interface=interface,
+                heals=0, stopping=False, interface=interface, adapt=adapt, profiles=profiles or [],
+                max_heals_given=max_heals is not None,
             )  # fmt: skip
+            if owner is not None:
+                rec["owner"] = owner
             rec.setdefault("arrays", [])
             rec.setdefault("target", 0)  # raised below, once the master runs
             stale = c.read_master()
@@ -326,8 +382,10 @@ class Pool:
             "heals": rec.get("heals", 0), "max_heals": rec.get("max_heals", 0),
             "stopping": rec.get("stopping", False), "scheduler_answered": tasks is not None,
             "master": {**m, "state": self.master_state(rec, tasks) if m else ENDED},
-            "arrays": [{k: a[k] for k in ("job", "tasks", "pending", "running", "ended")} for a in census],
+            "arrays": [{**{k: a[k] for k in ("job", "tasks", "pending", "running", "ended", "retiring")},
+                        **({"profile": a["profile"]} if a.get("profile") else {})} for a in census],
             "ended_before": rec.get("ended", 0),
+            "adapt": rec.get("adapt"), "profiles": rec.get("profiles") or [], "owner": rec.get("owner"),
         }  # fmt: skip
         mt = next((t for t in tasks or () if t.job == m.get("job")), None)
         if mt:
@@ -340,19 +398,23 @@ class Pool:
                 # label and task: the master's name of each worker's batch job, where it gives one
                 doc["connected"] = {
                     "workers": [{**{k: w.get(k) for k in ("id", "host", "slots", "running", "draining", "info")},
-                                 **{k: w[k] for k in ("label", "task") if k in w}}
+                                 **{k: w[k] for k in ("label", "task", "prefetched", "idle") if k in w}}
                                 for w in s.get("workers", ())],
                     "queued": s.get("queued"), "running": s.get("running"), "done": s.get("done"),
+                    "queues": s.get("queues", []),
                 }  # fmt: skip
             except CwError as e:
                 doc["master"]["error"] = str(e)
         return doc
 
-    def down(self, wait: float = DOWN_WAIT, report: Report | None = None) -> bool:
+    def down(self, wait: float = DOWN_WAIT, report: Report | None = None, master: bool = True) -> bool:
         """Drain and cancel the workers, then stop the master; True if nothing is left.
 
-        Progress lines go to ``report`` (default: INFO logging).
+        Progress lines go to ``report`` (default: INFO logging). With
+        ``master=False`` the master is left to stop by itself (its keeper
+        takes down the pool of an owner that is gone).
         """
+        stop_master = master
         report = report or log.info
         with self.record() as rec:
             if not rec:
@@ -366,13 +428,21 @@ class Pool:
         if arrays:
             # the workers drain on the scheduler's signal: jobs not started go
             # back to the master (still running, so nothing is lost or charged)
-            self.scheduler.cancel(arrays)
-            report(f"cancelled worker arrays {', '.join(arrays)}: draining")
+            tasks = self.scheduler.tasks(arrays)
+            running = [self.scheduler.task_name(t.job, t.index) for t in tasks or ()
+                       if t.state == RUNNING and not t.leaving and t.index is not None]  # fmt: skip
+            if running:
+                self.scheduler.drain(running)
+            self.scheduler.cancel(arrays if tasks is None else
+                                  [self.scheduler.task_name(t.job, t.index) for t in tasks if t.state == PENDING])  # fmt: skip
+            report(f"worker arrays {', '.join(arrays)}: {len(running)} workers draining, pending tasks cancelled")
             self._wait_gone(arrays, deadline)
+        if not stop_master:
+            master = {}
         if master.get("here"):
-            if master.get("host") == socket.gethostname() and pid_alive(master.get("pid")):
+            if master.get("host") == socket.gethostname() and _running(master.get("pid")):
                 os.kill(int(master["pid"]), signal.SIGTERM)
-                while pid_alive(master["pid"]) and time.monotonic() < deadline:
+                while _running(master["pid"]) and time.monotonic() < deadline:
                     time.sleep(0.2)
             elif master.get("host") != socket.gethostname():
                 report(f"the master runs on {master.get('host')} (pid {master.get('pid')}): stop it there")
@@ -388,7 +458,9 @@ class Pool:
             rec["target"] = 0
             if not left:
                 rec["ended"] = rec.get("ended", 0) + sum(a["tasks"] for a in rec.get("arrays", ()))
-                rec["arrays"], rec["master"] = [], None
+                rec["arrays"] = []
+                if stop_master:
+                    rec["master"] = None
         if left:
             report(f"still in the queue: {', '.join(self.scheduler.task_name(t.job, t.index) for t in left)}")
             return False
@@ -405,3 +477,15 @@ class Pool:
             if time.monotonic() > deadline:
                 return left
             time.sleep(1.0)
+
+
+def _running(pid: Any) -> bool:
+    """Whether a process runs; a child of ours that ended (a master started here by a
+    cluster object) is reaped, not taken for alive."""
+    try:
+        done, _ = os.waitpid(int(pid), os.WNOHANG)
+        if done:
+            return False
+    except (ChildProcessError, TypeError, ValueError):
+        pass
+    return pid_alive(pid)
