@@ -47,8 +47,21 @@ from .launchers.local import LocalCluster  # noqa: E402
 # Client() with no master configured starts a LocalCluster (the client layer knows no launcher)
 Client.embedded = LocalCluster
 
+# loaded when first used: a worker or a client that needs none of them stays light
+_LAZY = {"SlurmCluster", "SGECluster", "slurm_master_host", "sge_master_host"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from .launchers import cluster
+
+        return getattr(cluster, name)
+    raise AttributeError(f"module 'cw' has no attribute {name!r}")
+
+
 __all__ = [
-    "Client", "ClientThread", "Executor", "Future", "LocalCluster", "as_completed",
+    "Client", "ClientThread", "Executor", "Future", "LocalCluster", "SGECluster", "SlurmCluster",
+    "as_completed", "sge_master_host", "slurm_master_host",
     "AuthenticationError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",
     "NoMasterError", "RemoteImportError", "SerializationError", "TimeoutError", "WorkerLostError",
 ]  # fmt: skip
