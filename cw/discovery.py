@@ -301,7 +301,24 @@ def advertised_host(host: str | None = None, interface: str | None = None) -> st
     return socket.gethostname()
 
 
+def interfaces() -> dict[str, str]:
+    """This host's network interfaces that have an IPv4 address: {name: address}."""
+    out = {}
+    for _, name in socket.if_nameindex():
+        try:
+            out[name] = interface_address(name)
+        except ConfigError:
+            pass
+    return out
+
+
 def master_info(address: str, host: str, port: int, store: Path) -> dict[str, Any]:
+    """What master.json says: where the master listens, who it is, and what `cw doctor`
+    checks from elsewhere (its interfaces, its Python and cloudpickle)."""
+    import platform
+
+    import cloudpickle
+
     return {
         "address": address,
         "host": socket.gethostname(),
@@ -311,4 +328,6 @@ def master_info(address: str, host: str, port: int, store: Path) -> dict[str, An
         "started": time.time(),
         "version": __version__,
         "store": str(store),
+        "versions": {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__, "cw": __version__},
+        "interfaces": interfaces(),
     }

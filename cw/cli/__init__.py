@@ -2,7 +2,8 @@
 
 - :mod:`cw.cli.serve`: `cw master`, `cw worker` (and ``python -m cw.master`` / ``cw.worker``);
 - :mod:`cw.cli.jobs`: `cw status`, `cw results`, `cw retry`;
-- :mod:`cw.cli.launch`: `cw <batch system> up | status | down`, one group per backend;
+- :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
+- :mod:`cw.cli.doctor`: `cw doctor`;
 - :mod:`cw.cli.common`: the options and helpers they share.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import click
 
 from ..version import __version__
+from .doctor import doctor_cmd
 from .jobs import results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
 from .serve import master_cmd, worker_cmd
@@ -22,7 +24,7 @@ def cli() -> None:
     """cw (Cluster-Workers): run Python functions on a pool of workers."""
 
 
-for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, retry_cmd):
+for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, retry_cmd, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 
