@@ -6,6 +6,7 @@ Four slots in all: pools of four workers run their master here
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import pytest
@@ -135,6 +136,10 @@ def test_qsub_scripts_work_as_documented(tmp_path, cw_home):
         cluster = ClusterDir(path=tmp_path / "home" / "hand")
         wait_for(cluster.master_address, timeout=60, what="master.json from the master's job")
         import cw
+
+        # the original API: the master's host, from master.json, else from the batch system (by job name)
+        assert cw.sge_master_host(cluster=str(cluster.path)) == socket.gethostname()
+        assert cw.sge_master_host(cluster=str(tmp_path / "no-master-here")) == socket.gethostname()
 
         with cw.Client(cluster=str(cluster.path)) as c:
             assert c.gather(c.map(square, range(50)), timeout=60) == [x * x for x in range(50)]

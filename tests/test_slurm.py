@@ -7,6 +7,7 @@ formats, and the pool keeper's healing on a scheduler that only pretends.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,6 +176,10 @@ def test_sbatch_scripts_work_as_documented(tmp_path, cw_home):
         cluster = ClusterDir(path=tmp_path / "home" / "hand")
         wait_for(cluster.master_address, timeout=60, what="master.json from the master's job")
         import cw
+
+        # the original API: the master's host, from master.json, else from the batch system (by job name)
+        assert cw.slurm_master_host(cluster=str(cluster.path)) == socket.gethostname()
+        assert cw.slurm_master_host(cluster=str(tmp_path / "no-master-here")) == socket.gethostname()
 
         with cw.Client(cluster=str(cluster.path)) as c:
             assert c.gather(c.map(square, range(50)), timeout=60) == [x * x for x in range(50)]

@@ -58,14 +58,15 @@ class Keeper(threading.Thread):
     def run(self) -> None:
         log.debug("pool keeper: keeping the %s pool of %s at its size", self.pool.scheduler.title,
                   self.pool.cluster.path)  # fmt: skip
-        next_tick = time.monotonic() + self.interval()
-        while not self._halt.wait(min(OWNER_CHECK, max(0.05, next_tick - time.monotonic()))):
+        last = time.monotonic()
+        while not self._halt.wait(min(OWNER_CHECK, max(0.05, last + self.interval() - time.monotonic()))):
             try:
                 if self.check_owner():
                     return
-                if time.monotonic() >= next_tick:
+                # the interval is read again each time: `adapt()` may have just changed it
+                if time.monotonic() >= last + self.interval():
                     self.tick()
-                    next_tick = time.monotonic() + self.interval()
+                    last = time.monotonic()
             except Exception:
                 log.exception("pool keeper: unexpected error (it keeps going)")
 
