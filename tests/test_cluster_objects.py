@@ -11,8 +11,10 @@ from conftest import start_workers, wait_for
 
 import cw
 from cw.discovery import ClusterDir
+from cw.launchers import cluster as cluster_objects
 from cw.launchers.base import ENDED, PENDING, RUNNING, Scheduler, Task
 from cw.launchers.elastic import scale
+from cw.launchers.owner import Lease, OwnerWatch
 from cw.launchers.pool import Pool
 
 
@@ -152,3 +154,31 @@ def test_scale_submits_the_missing_or_retires_the_surplus_pending_first(tmp_path
     assert sched.calls[-1] == ("tasks",)  # already there: nothing to do
     with pytest.raises(cw.CwError, match="not a number"):
         scale(pool, -1)
+
+
+def test_an_owner_elsewhere_is_gone_once_its_lease_is_not_renewed(tmp_path):
+    c = ClusterDir(path=tmp_path / "c")
+    c.make()
+    lease = Lease(c, lease=10)
+    owner = {**lease.record(), "host": "another-host"}  # its pid cannot be checked from here
+    watch = OwnerWatch(c)
+    assert watch.gone(owner, now=0) is None and watch.gone(owner, now=9) is None
+    lease.renew()  # renewed: the clock starts again
+    assert watch.gone(owner, now=15) is None and watch.gone(owner, now=24) is None
+    assert "has not renewed its lease" in watch.gone(owner, now=26)
+    here = lease.record()  # on this host, its process decides at once, lease or not
+    assert watch.gone(here, now=1e9) is None and watch.gone(None) is None
+    dead = {**here, "pid": 2**22 + 12345}
+    assert f"process {dead['pid']} on" in OwnerWatch(c).gone(dead)
+
+
+def test_master_host_says_where_to_look_when_nobody_knows(tmp_path, monkeypatch):
+    class Silent(Recording):
+        def named(self, names):
+            self.calls.append(("named", sorted(names)))
+            return []
+
+    monkeypatch.setattr(cluster_objects, "backends", lambda: {"silent": Silent})
+    with pytest.raises(cw.NoMasterError, match="names no live master") as e:
+        cluster_objects.master_host("silent", str(tmp_path / "c"))
+    assert "'cw-c-master'" in str(e.value) and "'cw-master'" in str(e.value)

@@ -69,6 +69,9 @@ def test_the_notebook_session_grows_from_zero_and_returns_to_zero(pool: Launched
             cw.Client(cluster) as client:  # fmt: skip
         cluster.adapt(maximum=3, idle_timeout="2s", target_duration="2s", interval="1s")
         assert pool.arrays() == [] and "adapt=0..3, idle 2s" in repr(cluster)
+        assert "<table>" in cluster._repr_html_() and "0..3, idle 2s" in cluster._repr_html_()
+        with pytest.raises(cw.CwError, match="already owns the pool"):
+            CLUSTERS[system](cluster=str(pool.dir))  # one owner per pool
         assert MASTER_HOST[system](cluster=str(pool.dir)) == socket.gethostname()
         assert client.gather(client.map(nap, range(40)), timeout=120) == list(range(40))
         # it grew from 0 with ONE array job of 3 tasks (40 jobs of unknown runtime on 2-slot
@@ -128,6 +131,12 @@ def test_up_adapt_with_a_resource_profile(pool: Launched):
     assert plain_arrays <= set(profiles)
     assert "adaptive 0..3" in pool.cli("status").stdout and "profile foam" in pool.cli("status").stdout
     wait_for(lambda: not queued("slurm", [*profiles]), timeout=60, interval=0.5, what="the pool to return to 0")
+    # a fixed size from now on: one worker, then none
+    assert "scale to 1: submitted 1 workers" in pool.cli("scale", "1").stdout
+    pool.wait_workers(1)
+    assert "not healing" not in pool.cli("status").stdout and "adaptive" not in pool.cli("status").stdout
+    assert "scale to 0: retiring 1 workers" in pool.cli("scale", "0").stdout
+    wait_for(lambda: not pool.connected(), timeout=60, interval=0.5, what="the worker to drain and leave")
 
 
 OWNER = textwrap.dedent("""

@@ -223,7 +223,7 @@ class Adaptive:
                 over = max(over, min(over_total, len(ms) - d.wanted[p.name]))
             if over <= 0:
                 continue
-            for m in sorted(ms, key=_retire_order)[:over]:
+            for m in sorted(ms, key=retire_order)[:over]:
                 d.retire.append(m)
                 retiring.add(m.name)
                 over_total -= 1
@@ -270,7 +270,8 @@ class Adaptive:
                 "target": self.target, "unknown_runtime": self.unknown_runtime, "step": self.step}  # fmt: skip
 
 
-def _retire_order(m: Member) -> tuple:
+def retire_order(m: Member) -> tuple:
+    """Which members go first: pending, starting, idle (longest idle first), then the least busy."""
     rank = {PENDING: 0, STARTING: 1, IDLE: 2, BUSY: 3}[m.state]
     return (rank, m.load, -m.idle)
 
@@ -370,4 +371,4 @@ def _number(text: str) -> Any:
 
 
 __all__ = ["BUSY", "IDLE", "PENDING", "STARTING", "Adaptive", "Decision", "Demand", "Member", "Profile",
-           "demand_of", "members_of", "parse_profile", "parse_range"]  # fmt: skip
+           "demand_of", "members_of", "parse_profile", "parse_range", "retire_order"]  # fmt: skip

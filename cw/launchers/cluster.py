@@ -116,6 +116,9 @@ class BatchCluster(ClusterSurface):
             return  # its owner is gone: its keeper is taking it down, or will
         if owner is None and not self.pool.answering_master():
             return
+        if owner and owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+            raise ConfigError(f"this process already owns the pool in {self.cluster.path}: close that cluster"
+                              " object first (cluster.close()), or pass another cluster=")  # fmt: skip
         who = f"process {owner['pid']} on {owner['host']}" if owner else f"`cw {self.backend} up`"
         raise ConfigError(f"{self.cluster.path} holds a live pool started by {who}: use another cluster="
                           f" (a name or a path), or keep=True to use that pool and leave it running")  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..defaults import HEALS_PER_WORKER, LOG_EVERY
 from ..errors import ConfigError, CwError, SchedulerError
-from .adapt import Adaptive, Decision, Member, Profile, _retire_order, demand_of, members_of
+from .adapt import Adaptive, Decision, Member, Profile, demand_of, members_of, retire_order
 from .base import ENDED, Task
 from .pool import Pool, Report
 
@@ -72,7 +72,7 @@ def scale(pool: Pool, n: int, report: Report | None = None) -> dict:
         elif live > n:
             status = master_status(pool) or {}
             members = members_of(rec.get("arrays", ()), tasks, status.get("workers", ()), pool.scheduler.task_name)
-            gone = pool.retire(rec, [m.name for m in sorted(members, key=_retire_order)[: live - n]], tasks)
+            gone = pool.retire(rec, [m.name for m in sorted(members, key=retire_order)[: live - n]], tasks)
             report(f"scale to {n}: retiring {len(gone)} workers ({', '.join(gone)})")
         rec["filled"] = True
         return dict(rec)

@@ -24,9 +24,9 @@ from typing import Any
 from ..client import Client
 from ..defaults import ADAPT_IDLE_TIMEOUT, ADAPT_TARGET
 from ..discovery import ClusterDir
-from ..errors import CwError
+from ..errors import ConfigError, CwError
 from ..link import query_status
-from .adapt import BUSY, IDLE, STARTING, Adaptive, Member, Profile, _retire_order, demand_of
+from .adapt import BUSY, IDLE, STARTING, Adaptive, Member, Profile, demand_of, retire_order
 from .surface import ClusterSurface, seconds_of, short_duration
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class LocalCluster(ClusterSurface):
         """Hold ``n`` workers from now on (stops adapting): start the missing ones, or drain
         the surplus (the idle ones first)."""
         if n < 0:
-            raise ValueError(f"scale: {n} is not a number of workers")
+            raise ConfigError(f"scale: {n} is not a number of workers")
         self._stop_adapter()
         with self._lock:
             self.n_workers = n
@@ -143,7 +143,7 @@ class LocalCluster(ClusterSurface):
             for _ in range(n - len(live)):
                 self._add_worker()
             if len(live) > n:
-                members = sorted(self._members(self._master_status()), key=_retire_order)
+                members = sorted(self._members(self._master_status()), key=retire_order)
                 self._retire([m.name for m in members[: len(live) - n]])
 
     def adapt(self, minimum: int = 0, maximum: int | None = None, idle_timeout: float | str = ADAPT_IDLE_TIMEOUT,

@@ -76,9 +76,9 @@ class OwnerWatch:
         if not owner:
             return None
         now = time.monotonic() if now is None else now
-        here = owner.get("host") == socket.gethostname()
-        if here and not pid_alive(owner.get("pid")):
-            return f"its owner, process {owner.get('pid')} on {owner.get('host')}, ended"
+        if owner.get("host") == socket.gethostname():  # its process decides, at once
+            return None if pid_alive(owner.get("pid")) else f"its owner, process {owner.get('pid')} on" \
+                f" {owner.get('host')}, ended"  # fmt: skip
         try:
             text = self.path.read_text()
         except OSError:
