@@ -10,7 +10,6 @@ the rest from :meth:`ClusterSurface.facts`.
 
 from __future__ import annotations
 
-import html
 import re
 from pathlib import Path
 from typing import Any
@@ -85,6 +84,8 @@ class ClusterSurface:
         return f"<{type(self).__name__} {body}>"
 
     def _repr_html_(self) -> str:
+        import html  # here: every worker imports this module, and none shows HTML
+
         try:
             facts = self.facts(live=True)
         except Exception as e:
