@@ -201,17 +201,22 @@ class Pool:
         charged). They are recorded as retired, so they no longer count. Returns the names."""
         where = {self.scheduler.task_name(t.job, t.index): t for t in tasks if t.index is not None}
         chosen = [where[n] for n in names if n in where]
-        pending = [self.scheduler.task_name(t.job, t.index) for t in chosen if t.state == PENDING]
-        running = [self.scheduler.task_name(t.job, t.index) for t in chosen if t.state == RUNNING]
-        if pending:
-            self.scheduler.cancel(pending)
-        if running:
-            self.scheduler.drain(running)
+        done: list[Task] = []
+        for state, verb in ((PENDING, self.scheduler.cancel), (RUNNING, self.scheduler.drain)):
+            these = [t for t in chosen if t.state == state]
+            if not these:
+                continue
+            try:
+                verb([self.scheduler.task_name(t.job, t.index) for t in these])
+            except SchedulerError as e:  # they still count; the next turn may try again
+                log.warning("cannot retire %d workers: %s", len(these), e)
+                continue
+            done += these
         for a in rec.get("arrays", ()):
-            mine = sorted({t.index for t in chosen if t.job == a["job"]})
+            mine = sorted({t.index for t in done if t.job == a["job"]})
             if mine:
                 a["retired"] = sorted(set(a.get("retired", ())) | set(mine))
-        return pending + running
+        return [self.scheduler.task_name(t.job, t.index) for t in done]
 
     def submit_master(self, rec: dict, here: bool) -> dict:
         """Start the master (and its keeper) as a batch job, or as a process on this host."""
