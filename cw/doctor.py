@@ -67,6 +67,7 @@ def examine(cluster: ClusterDir, nonce: str | None = None) -> list[Finding]:
     if not _directory(cluster, nonce, out):
         return out
     key = _key(cluster, out)
+    _trusted(cluster, out)
     info = _master_json(cluster, out)
     if info is None:
         return out
@@ -133,6 +134,8 @@ def filesystem(path: Path) -> tuple[str, str]:
 
 
 def _key(cluster: ClusterDir, out: list[Finding]) -> bytes | None:
+    """The key this side would sign with; its file's mode and owner checked first (the
+    key is read here even when cw would refuse it, so that the other checks still run)."""
     path = cluster.key_path
     if os.environ.get("CW_KEY"):
         try:
@@ -145,24 +148,41 @@ def _key(cluster: ClusterDir, out: list[Finding]) -> bytes | None:
     if not path.exists():
         out.append(Finding(FAIL, "key", f"no key at {path}: a master creates it when it starts on this directory"))
         return None
-    st = path.stat()
-    mode = stat.S_IMODE(st.st_mode)
     try:
-        key = cluster.key()
-    except ConfigError as e:
-        out.append(Finding(FAIL, "key", f"{e}: remove it and start the master again (it makes a new one)"))
-        return None
+        st = path.stat()
+        text = path.read_text()
     except OSError as e:
-        out.append(Finding(FAIL, "key", f"cannot read {path} ({e.strerror}): it must belong to you, mode 0600"))
+        out.append(Finding(FAIL, "key", f"cannot read {path} ({e.strerror}): it must be yours, mode 0600"))
         return None
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        out.append(Finding(FAIL, "key", f"{path} holds no key (hex, 32 bytes): remove it and start the master"
+                                        " again (it makes a new one)"))  # fmt: skip
+        return None
+    mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         out.append(Finding(FAIL, "key", f"{path} has mode {mode:04o}: anyone on this system can read it and sign"
                                         f" messages as the master or its workers: chmod 600 {path}"))  # fmt: skip
     elif st.st_uid != os.getuid():
-        out.append(Finding(WARN, "key", f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"))
+        out.append(Finding(FAIL, "key", f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}):"
+                                        " another user may have planted it; remove it and start the master"
+                                        " again, or set CW_SHARED_CLUSTER=1 if the cluster is shared on purpose"))  # fmt: skip
     else:
         out.append(Finding(OK, "key", f"{path}: mode {mode:04o}"))
     return key
+
+
+def _trusted(cluster: ClusterDir, out: list[Finding]) -> None:
+    """What cw itself refuses before it reads the key or master.json (the directory's and
+    the files' owners and modes), said once, unless the key check said it already."""
+    try:
+        cluster.check()
+    except ConfigError as e:
+        if str(cluster.key_path) not in str(e):
+            out.append(Finding(FAIL, "cluster directory", f"cw refuses it: {e}"))
 
 
 def _master_json(cluster: ClusterDir, out: list[Finding]) -> dict | None:
@@ -171,8 +191,11 @@ def _master_json(cluster: ClusterDir, out: list[Finding]) -> dict | None:
         out.append(Finding(FAIL, "master.json", f"none in {cluster.path}: no master has published itself here;"
                                                 " start one (`cw master`, `cw slurm up`, `cw sge up`)"))  # fmt: skip
         return None
-    info = cluster.read_master()
-    if not info or "address" not in info:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or "address" not in info:
         out.append(Finding(FAIL, "master.json", f"{path} is not a master's record: remove it and start the master"))
         return None
     who = f"pid {info.get('pid')} on {info.get('host')}"
@@ -342,16 +365,14 @@ def from_node(cluster: ClusterDir, scheduler: Any, options: dict, wait: float = 
     from .launchers.pool import Pool
 
     nonce = secrets.token_hex(4)
-    where = cluster.path / "doctor"
-    where.mkdir(parents=True, exist_ok=True)
+    where = cluster.subdir("doctor")
     (where / f"{nonce}.here").write_text(f"{socket.gethostname()} {time.time():.0f}\n")
     result = where / f"{nonce}.json"
     pool = Pool(scheduler, cluster)
     argv = [sys.executable, "-m", "cw", "doctor", "--cluster-dir", str(cluster.path), "--node-report",
             str(result), "--nonce", nonce]  # fmt: skip
     script = pool._script("doctor", argv, "cw doctor, from a compute node")
-    logs = cluster.path / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = cluster.subdir("logs")
     spec = JobSpec(pool.job_name("doctor"), str(cluster.path), logs, {**options, "time": "0:05:00"}, "doctor")
     job = scheduler.submit_master(script, spec)
     report(f"submitted {scheduler.describe(job)} to look from a compute node; waiting for it")

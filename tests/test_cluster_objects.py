@@ -79,7 +79,9 @@ def test_status_reports_queues_by_requirement_with_runtimes_and_idle_workers(mas
         assert c.gather(c.map(nap, range(3), [0.1] * 3), timeout=30) == [0, 1, 2]
         waiting = [c.submit(nap, i, 0.1, requires={"tags": ["big"]}) for i in range(4)]
         s = wait_for(lambda: (lambda s: s if s["queues"] else None)(c.status()), what="the queue")
-        assert s["queues"] == [{"requires": {"tags": ["big"]}, "queued": 4, "runtime": pytest.approx(0.1, abs=0.08)}]
+        (q,) = s["queues"]
+        assert (q["requires"], q["queued"]) == ({"tags": ["big"]}, 4)
+        assert 0.09 <= q["runtime"] < 1.0  # measured on the three that ran: 0.1 s each, and some overhead
         (w,) = s["workers"]
         assert w["running"] == 0 and w["idle"] > 0  # it holds nothing: none of those jobs are for it
         time.sleep(0.3)
