@@ -78,7 +78,8 @@ def test_the_notebook_session_grows_from_zero_and_returns_to_zero(pool: Launched
         # workers: more than its maximum's worth), each worker with the 2 cores it asked for
         arrays = all_arrays(pool)
         assert len(arrays) == 1 and pool.record()["arrays"][0]["tasks"] == 3, master_log(pool)
-        assert {w["slots"] for w in cluster.status()["connected"]["workers"]} == {2}
+        joined = [line for line in master_log(pool).splitlines() if " joined with " in line]
+        assert joined and all(" joined with 2 slots" in line for line in joined), joined
         # ... and back to 0 once its workers have been idle for 2 s
         wait_for(lambda: not queued(system, arrays), timeout=60, interval=0.5, what="the pool to return to 0")
         assert cluster.status()["connected"]["workers"] == []
@@ -93,13 +94,14 @@ def test_nothing_is_lost_when_workers_are_retired_mid_burst(pool: Launched):
     system = pool.scheduler
     with CLUSTERS[system](cores=1, memory="1G", walltime="0:10:00", cluster=str(pool.dir), poll=1,
                           grace=20) as cluster, cw.Client(cluster) as client:  # fmt: skip
-        cluster.adapt(maximum=3, idle_timeout=60, target_duration=1, interval=1)
+        # two workers (Grid Engine's queue has four slots, which other jobs may hold)
+        cluster.adapt(maximum=2, idle_timeout=60, target_duration=1, interval=1)
         futures = client.map(nap, range(20), [0.5] * 20)
-        wait_for(lambda: (lambda ws: len(ws) == 3 and all(w["running"] for w in ws))(
-            cluster.status()["connected"]["workers"]), timeout=60, interval=0.3, what="3 busy workers")  # fmt: skip
+        wait_for(lambda: (lambda ws: len(ws) == 2 and all(w["running"] for w in ws))(
+            cluster.status()["connected"]["workers"]), timeout=60, interval=0.3, what="2 busy workers")  # fmt: skip
         cluster.adapt(maximum=1, idle_timeout=60, target_duration=1, interval=1)  # lowered mid-burst
         wait_for(lambda: len(cluster.status()["connected"]["workers"]) == 1, timeout=60, interval=0.3,
-                 what="2 workers retired")  # fmt: skip
+                 what="a worker retired")  # fmt: skip
         assert not all(f.done() for f in futures)  # the burst goes on
         assert client.gather(futures, timeout=120) == list(range(20))
     with pool.store() as db:
@@ -108,7 +110,7 @@ def test_nothing_is_lost_when_workers_are_retired_mid_burst(pool: Launched):
         ran_on = {w for (w,) in db.execute("SELECT worker FROM results")}
     assert len(ran_on) >= 2  # the retired workers had run jobs before they left
     log = master_log(pool)
-    assert "retiring 2" in log and " lost " not in log, log
+    assert "retiring 1" in log and " lost " not in log, log
 
 
 @pytest.mark.slurm
