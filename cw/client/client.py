@@ -215,13 +215,6 @@ def _cluster_dir(cluster: str | os.PathLike | None) -> ClusterDir:
     return ClusterDir(path=c) if os.sep in c else ClusterDir(name=c)
 
 
-def _cluster_dir(cluster: str | os.PathLike | None) -> ClusterDir:
-    if cluster is None:
-        return ClusterDir()
-    c = os.fspath(cluster)
-    return ClusterDir(path=c) if os.sep in c else ClusterDir(name=c)
-
-
 
 def _context(env: dict | None, env_from: Iterable[str] | None) -> dict:
     """What a job needs to run where the client stands: cwd, sys.path, named variables."""
