@@ -46,6 +46,11 @@ PREFETCH_MAX = 500
 EXECUTOR_BATCH_SECONDS = 0.005
 #: ... and never more than this many tasks at once.
 EXECUTOR_BATCH_MAX = 200
+#: After a message or result of at least this many bytes, a master or executor hands
+#: freed memory back to the system (malloc_trim), so it returns to its baseline.
+RELEASE_BYTES = 16 * 1024 * 1024
+#: Seconds a worker keeps looking for processes of killed executors' jobs (to end them).
+ORPHAN_SWEEP = 5.0
 #: Weight of a new sample in the smoothed runtime of a function (exponential moving average).
 RUNTIME_WEIGHT = 0.2
 #: The master handles at most this many messages per turn before it commits and answers.
@@ -92,6 +97,8 @@ DEADLINE_CACHE = 60.0
 #: The scheduler signals a worker this many seconds before its time limit, so that
 #: it drains (capped at a third of the limit, for short limits).
 DRAIN_BEFORE = 90.0
+#: Seconds `cw store recover` lets SQLite's shell work on a damaged store.
+RECOVER_TIMEOUT = 3600.0
 #: Seconds `up` waits for the master to publish itself.
 UP_WAIT = 600.0
 #: Seconds `down` waits for the workers to drain and the jobs to leave the queue.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing
 import os
 import pickle
 import secrets
@@ -21,7 +20,7 @@ from typing import Any, Deque
 
 import zmq
 
-from .. import defaults
+from .. import defaults, system
 from .. import protocol as P
 from ..discovery import ClusterDir, pid_alive
 from ..launchers import environment
@@ -75,8 +74,11 @@ class Agent:
         self.max_message = max_message
         # pid alone is not unique across containers sharing a host name
         self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-        self.mp = multiprocessing.get_context("fork")
+        # each executor's CPUs: a slot's share of what the batch system gave the worker
+        self.shares = system.cpu_shares(self.procs, self.env.cpus())
         self.children: list[Child] = []
+        self.reaping: set[int] = set()  # killed processes not reaped yet
+        self.sweep_until = self.next_sweep = 0.0
         self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args)
         self.fn_blobs: dict[str, bytes] = {}
         self.contexts: dict[str, dict] = {}
@@ -131,12 +133,15 @@ class Agent:
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> None:
-        for _ in range(self.procs):  # fork before any ZeroMQ thread exists
-            self.children.append(Child(self.mp))
+        # the processes of a killed executor's job that left its group come to us, to be ended
+        system.become_subreaper()
+        for i in range(self.procs):  # fork before any ZeroMQ thread exists
+            self.children.append(self._spawn(i))
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
         for c in self.children:
-            self.poller.register(c.conn.fileno(), zmq.POLLIN)
+            for fd in c.fds():
+                self.poller.register(fd, zmq.POLLIN)
         self.link = Link(self.ctx, self.poller, self.key, self.cluster, self.explicit_address,
                          who="this worker", hello=self._hello, master_timeout=self.master_timeout,
                          give_up=self.give_up, max_message=self.max_message, linger=2000)  # fmt: skip
@@ -147,14 +152,18 @@ class Agent:
                 if self.link.sock in events:
                     self._read_master()
                 for c in list(self.children):
-                    if c.conn.fileno() in events:
+                    if c.fd in events:
                         self._read_child(c)
+                    if c.pidfd in events and c in self.children:
+                        self._child_died(c)  # ended, though its pipe may still be open
                 if self.cancelled:
                     self._cancel()
                 self._feed_children()
                 self._flush()
                 now = time.monotonic()
                 self._check_timeouts(now)
+                if now >= self.next_sweep:
+                    self._sweep(now)
                 if self.watch_pid and not pid_alive(self.watch_pid) and not self.drain_requested:
                     self.drain_requested = f"process {self.watch_pid} ended"
                 if self.drain_requested and not self.draining:
@@ -242,15 +251,37 @@ class Agent:
     def _read_child(self, c: Child) -> None:
         try:
             while c.conn.poll():
-                jid, status, runtime, err, tb, blob = pickle.loads(c.conn.recv_bytes())
-                fn = c.inflight.popleft()[1]
-                c.head_started = time.monotonic()
-                self._result(jid, status, runtime, err, tb, blob)
-                old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
-                self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
+                self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
         except (EOFError, OSError):
-            c.proc.join(1)
-            self._replace(c, f"the process running the job {describe_exit(c.proc.exitcode)}", P.CRASHED)
+            self._child_died(c)
+        except Exception as e:  # not one of our answers: nothing more it says can be trusted
+            self._child_died(c, f"the process running the job garbled its answer ({e!r})")
+
+    def _child_answered(self, c: Child, answer: tuple) -> None:
+        jid, status, runtime, err, tb, blob = answer
+        if not c.inflight or c.inflight[0][0] != jid:  # one answer per job, whatever the job does
+            log.warning("executor %d answered for job %s, which it is not running: ignored", c.pid, jid)
+            return
+        fn = c.inflight.popleft()[1]
+        c.head_started = time.monotonic()
+        self._result(jid, status, runtime, err, tb, blob)
+        old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
+        self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
+
+    def _child_died(self, c: Child, why: str | None = None) -> None:
+        """An executor ended (its pipe closed, or its pidfd said so): take the answers it
+        sent before it went, then report its job and replace it. Never blocks for long."""
+        if c not in self.children:
+            return
+        system.kill_group(c.pid)  # the job's processes end with it (and let go of the pipe)
+        try:
+            os.set_blocking(c.fd, False)  # a half-written answer must not stall us
+            while c.conn.poll():
+                self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
+        except Exception:
+            pass
+        code = c.wait(1.0)
+        self._replace(c, why or f"the process running the job {describe_exit(code)}", P.CRASHED)
 
     def _replace(self, c: Child, why: str, status: int) -> None:
         """Fail the child's current job, hand its other tasks back to the queue, restart it."""
@@ -263,13 +294,49 @@ class Agent:
         self.pending.extendleft(reversed(c.inflight))
         self._respawn(c)
 
+    def _spawn(self, i: int) -> Child:
+        """A new executor for slot i, on the slot's CPUs."""
+        cpus, n = self.shares[i]
+        others = tuple(fd for o in self.children if o.pid != -1 for fd in o.fds())
+        return Child(cpus, n, others)
+
     def _respawn(self, c: Child) -> Child:
-        self.poller.unregister(c.conn.fileno())
+        """Kill an executor (with every process of its job) and start another in its slot.
+
+        Never waits: a process not reaped yet is reaped by a later sweep.
+        """
+        for fd in c.fds():
+            self.poller.unregister(fd)
         c.kill()
+        if c.exitcode is None:
+            self.reaping.add(c.pid)
+        c.pid = -1
+        self.sweep_until = time.monotonic() + defaults.ORPHAN_SWEEP
         i = self.children.index(c)
-        self.children[i] = new = Child(self.mp)
-        self.poller.register(new.conn.fileno(), zmq.POLLIN)
+        self.children[i] = new = self._spawn(i)
+        for fd in new.fds():
+            self.poller.register(fd, zmq.POLLIN)
         return new
+
+    def _sweep(self, now: float) -> None:
+        """Reap killed executors; end the processes their jobs started outside their group
+        (orphans come to us: the agent is a child subreaper). Without a pidfd, an
+        executor's end is seen here."""
+        self.next_sweep = now + 0.2
+        if self.reaping:
+            self.reaping = {pid for pid in self.reaping if system.reap(pid) is None}
+        if now < self.sweep_until:
+            live = {c.pid for c in self.children}
+            for pid in system.children(os.getpid()):
+                if pid not in live and pid not in self.reaping:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    self.reaping.add(pid)
+        for c in list(self.children):
+            if c.pidfd is None and c in self.children and c.ended():
+                self._child_died(c)
 
     def _cancel(self) -> None:
         """Drop cancelled jobs not started; kill the process running a cancelled one."""
@@ -339,6 +406,17 @@ class Agent:
         """Kill the children; every job not finished goes back to the master uncharged."""
         for c in self.children:
             c.kill()
+        deadline = time.monotonic() + 1.0  # their jobs' orphans come to us: end them too
+        while time.monotonic() < deadline:
+            live = [pid for pid in system.children(os.getpid()) if system.reap(pid) is None]
+            if not live:
+                break
+            for pid in live:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.01)
         if self.link is not None and self.link.sock is not None:
             returned = [t[0] for t in self.pending] + [t[0] for c in self.children for t in c.inflight]
             self._flush()

@@ -8,24 +8,46 @@ pickled batch ``(tasks, new functions, context)``, the child answers one
 pickled tuple per job: the fields of :class:`cw.protocol.WorkerResult`, then
 the value's blob (a plain tuple: a named one costs five times as much to
 pickle, on every job).
+
+A job may do what programs do. The processes it starts stay inside the job:
+the child leads a process group of its own (the agent kills the group with
+it), is a child subreaper (descendants orphaned on the way come back to it),
+and after every job it ends whatever the job left running. A process the job
+forks never answers on the pipe (it ends where it would have returned into
+this loop). The child is an ordinary process, not a daemonic one, so a job
+may run a ``multiprocessing.Pool``, on the CPUs its slot was given.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
 import time
-from typing import Any, Deque
+import traceback
+from typing import Any, Deque, Optional
 
+from .. import defaults, system
 from .. import protocol as P
+from ..errors import SerializationError
 from ..serialize import dumps_exception, dumps_result, loads, loads_function
 
 log = logging.getLogger(__name__)
+
+#: Sent by the kernel to a child when its agent dies: it ends the job's processes, then itself.
+AGENT_GONE = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGHUP
+#: Thread pools that size themselves from these read them when they load.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "PYTHON_CPU_COUNT")  # fmt: skip
+
+_me = 0  # this executor's pid: a process with another pid is one the job forked
+_pipe_fd = -1
 
 
 def _enter_context(ctx: dict | None) -> None:
@@ -47,13 +69,99 @@ def _enter_context(ctx: dict | None) -> None:
             log.warning("cannot enter the client's directory %s: %s", cwd, e)
 
 
-def child_main(conn) -> None:
+def _take_cpus(cpus: Optional[list[int]], n: int) -> None:
+    """Run on this slot's CPUs; tell the job (and the pools it starts) how many it has.
+
+    ``os.cpu_count()`` is what ``multiprocessing.Pool()`` and
+    ``ProcessPoolExecutor()`` size themselves by; the thread variables size
+    BLAS and OpenMP. A variable already set (by the worker's environment, or
+    the client's ``env=``) wins.
+    """
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except (AttributeError, OSError) as e:
+            log.warning("cannot pin the executor to CPUs %s: %s", cpus, e)
+    if n:
+        if n != os.cpu_count():
+            os.cpu_count = lambda: n  # type: ignore[assignment]
+        for var in THREAD_VARIABLES:
+            os.environ.setdefault(var, str(n))
+
+
+def _publish_main(fn: Any) -> None:
+    """A function from the client's script (``__main__``), sent by value: put it and
+    the functions and classes it uses in this process's ``__main__``, so that
+    pickle finds them by name when the job hands them to a ``multiprocessing.Pool``."""
+    if getattr(fn, "__module__", None) != "__main__":
+        return
+    main = sys.modules["__main__"]
+    names = dict(getattr(fn, "__globals__", {}))
+    names[getattr(fn, "__name__", "")] = fn
+    for name, obj in names.items():
+        if (callable(obj) and getattr(obj, "__module__", None) == "__main__"
+                and getattr(obj, "__qualname__", None) == name):  # fmt: skip
+            setattr(main, name, obj)
+
+
+def _in_forked_child() -> None:
+    """After a fork in the job: the new process must not hold the agent's pipe."""
+    if os.getppid() == _me:
+        try:
+            os.close(_pipe_fd)
+        except OSError:
+            pass
+
+
+def _forked_exit(exc: BaseException | None) -> None:
+    """A process the job forked came back here (it returned or raised): it ends, as a
+    forked process does, with its exit status, and never answers for the job."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    elif exc is not None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+def _agent_gone(signum: int, frame: Any) -> None:
+    """The agent died: end the job's processes, then this one."""
+    if os.getpid() == _me:
+        system.kill_descendants()
+    os._exit(1)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
+
+
+def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 0) -> None:
     """Run batches of tasks sent by the agent; answer one message per job."""
+    global _me, _pipe_fd
+    _me, _pipe_fd = os.getpid(), conn.fileno()
+    try:  # a group of our own: the agent ends the job's processes with us
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    system.become_subreaper()
+    signal.signal(AGENT_GONE, _agent_gone)
+    system.die_with_parent(AGENT_GONE)
+    if os.getppid() != agent:  # it died before we asked to hear of it
+        _agent_gone(AGENT_GONE, None)
     # the agent decides when we stop. A Python handler, not SIG_IGN: programs a
     # job starts get the default actions back (an ignored signal would stay ignored)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, _ignore)
-    _die_with_parent()
+    os.register_at_fork(after_in_child=_in_forked_child)
+    _take_cpus(cpus, ncpus)
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
     entered = False
@@ -63,52 +171,71 @@ def child_main(conn) -> None:
             msg = recv()
         except (EOFError, OSError):
             os._exit(0)
+        large = len(msg) >= defaults.RELEASE_BYTES
         tasks, new_funcs, ctx = pickle.loads(msg)
+        msg = None  # an idle executor holds nothing of its last batch
         if not entered:
             _enter_context(ctx)
             entered = True
         blobs.update(new_funcs)
         for jid, fn_hash, args_blob in tasks:
-            t0 = time.perf_counter()
-            try:
-                fn = funcs.get(fn_hash)
-                if fn is None:
-                    try:
-                        fn = funcs[fn_hash] = loads_function(blobs[fn_hash])[1]
-                    except (ImportError, AttributeError) as e:
-                        what = f"the function {pickle.loads(blobs[fn_hash])[0]}"
-                        send(_import_failure(jid, what, e, t0))
-                        continue
-                try:
-                    args, kwargs = loads(args_blob)
-                except (ImportError, AttributeError) as e:
-                    send(_import_failure(jid, f"the arguments of job {jid}", e, t0))
-                    continue
-                value = fn(*args, **kwargs)
-                out = (jid, P.OK, time.perf_counter() - t0, None, None, dumps_result(value))
-            except BaseException as e:  # noqa: B036 - a job's SystemExit is its failure too
-                blob, err, tb = dumps_exception(e)
-                out = (jid, P.RAISED, time.perf_counter() - t0, err, tb, blob)
-            try:
-                data = pickle.dumps(out, protocol=5)
-            except Exception as e:  # the result itself would not pickle
-                out = (jid, P.FAILED, out[2], f"cannot pickle the result of job {jid}: {e}", None, b"")
-                data = pickle.dumps(out, protocol=5)
+            data = _run(jid, fn_hash, args_blob, blobs, funcs)
             send(data)
+            large = large or len(data) >= defaults.RELEASE_BYTES
+            data = None
+            try:  # the common case: the job left no process behind (one cheap syscall)
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            n = system.kill_descendants()
+            if n:
+                log.info("job %s left %d processes running: killed them", jid, n)
+        tasks = new_funcs = None
+        if large:
+            system.release_memory()
 
 
-def _ignore(signum: int, frame: Any) -> None:
-    pass
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the agent dies (even by SIGKILL)."""
+def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> bytes:
+    """Run one job; the pickled answer. A process the job forked never gets past here."""
+    t0 = time.perf_counter()
     try:
-        import ctypes
+        fn = funcs.get(fn_hash)
+        if fn is None:
+            try:
+                fn = funcs[fn_hash] = loads_function(blobs[fn_hash])[1]
+            except (ImportError, AttributeError) as e:
+                return _import_failure(jid, f"the function {pickle.loads(blobs[fn_hash])[0]}", e, t0)
+            _publish_main(fn)
+        try:
+            args, kwargs = loads(args_blob)
+        except (ImportError, AttributeError) as e:
+            return _import_failure(jid, f"the arguments of job {jid}", e, t0)
+        value = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: B036 - a job's SystemExit is its failure too
+        if os.getpid() != _me:
+            _forked_exit(e)
+        blob, err, tb = dumps_exception(e)
+        return pickle.dumps((jid, P.RAISED, time.perf_counter() - t0, err, tb, blob), protocol=5)
+    runtime = time.perf_counter() - t0
+    if os.getpid() != _me:
+        _forked_exit(None)
+    try:
+        blob = dumps_result(value)
+    except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
+        return _unpicklable(jid, value, e, runtime)
+    return pickle.dumps((jid, P.OK, runtime, None, None, blob), protocol=5)
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float) -> bytes:
+    """The job returned, but its value cannot travel: a SerializationError saying so."""
+    exc = SerializationError(
+        f"job {jid} returned a {type(value).__module__}.{type(value).__qualname__}, which cannot be"
+        f" pickled ({type(e).__name__}: {e}): return plain data (numbers, strings, lists, arrays)"
+        " or objects pickle can rebuild"
+    )
+    exc.__cause__ = e
+    blob, err, tb = dumps_exception(exc)
+    return pickle.dumps((jid, P.RAISED, runtime, err, tb, blob), protocol=5)
 
 
 def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> bytes:
@@ -122,24 +249,78 @@ def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> bytes:
 
 
 class Child:
-    """The agent's handle on one executor process."""
+    """The agent's handle on one executor process: its pipe, pid and pidfd."""
 
-    def __init__(self, mp):
-        self.conn, child_conn = mp.Pipe(duplex=True)
-        self.proc = mp.Process(target=child_main, args=(child_conn,), daemon=True)
-        self.proc.start()
+    def __init__(self, cpus: Optional[list[int]] = None, ncpus: int = 0, close: tuple = ()):
+        self.conn, child_conn = multiprocessing.Pipe(duplex=True)
+        agent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the executor: it never returns into the agent's code
+            code = 1
+            try:
+                self.conn.close()
+                for fd in close:  # its siblings' pipes and pidfds are the agent's business
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                child_main(child_conn, agent, cpus, ncpus)
+                code = 0
+            except BaseException:  # noqa: B036 - the agent hears of it as a crash
+                traceback.print_exc()
+            finally:
+                os._exit(code)
         child_conn.close()
+        self.pid = pid
+        self.fd = self.conn.fileno()
+        try:  # the child does it too: whichever runs first, the group exists before a kill
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        try:  # readable when the process ends: a crash is seen even if the pipe stays open
+            self.pidfd: Optional[int] = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
+        self.exitcode: Optional[int] = None
         self.funcs: set[str] = set()
         self.ctx: str | None = None  # the client context this child has entered
         self.used = False
         self.inflight: Deque[tuple] = collections.deque()  # tasks sent, in order
         self.head_started = 0.0  # when the first task of inflight started
 
+    def fds(self) -> tuple:
+        return (self.fd,) + ((self.pidfd,) if self.pidfd is not None else ())
+
+    def ended(self) -> bool:
+        """Whether the process has ended (without reaping it: its group is still safe to kill)."""
+        if self.exitcode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """Reap the ended process, waiting up to ``timeout`` for it to finish ending."""
+        if self.exitcode is None:
+            if self.pidfd is not None:
+                select.select([self.pidfd], [], [], timeout)
+                self.exitcode = system.reap(self.pid)
+            else:
+                deadline = time.monotonic() + timeout
+                while (code := system.reap(self.pid)) is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                self.exitcode = code
+        return self.exitcode
+
     def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(5)
+        """SIGKILL the executor and every process of its group; never waits."""
+        if self.exitcode is None:
+            system.kill_group(self.pid)
         self.conn.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 def describe_exit(code: int | None) -> str:
