@@ -71,7 +71,41 @@ class RemoteTraceback(Exception):
 
 
 class StoreError(CwError):
-    """The store cannot be used: disk full, I/O error, read-only, corrupt, or a newer schema."""
+    """The store cannot be used: disk full, I/O error, read-only, damaged, or a newer schema.
+
+    ``reason`` says which, in a word ("damaged", "full", "read-only", "io", "moved"),
+    when it is known.
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+    # SQLite's primary result codes (the low byte of sqlite_errorcode, Python 3.11+)
+    _CODES = {11: "damaged", 26: "damaged", 13: "full", 8: "read-only", 10: "io", 14: "io"}
+    _WORDS = (("malformed", "damaged"), ("not a database", "damaged"), ("disk is full", "full"),
+              ("no space left", "full"), ("readonly", "read-only"), ("read-only", "read-only"))  # fmt: skip
+
+    @classmethod
+    def describe(cls, path: object, e: BaseException) -> StoreError:
+        """A StoreError naming the store, what is wrong with it, and what to do."""
+        text = str(e)
+        reason = cls._CODES.get((getattr(e, "sqlite_errorcode", None) or 0) & 0xFF)
+        reason = reason or next((r for w, r in cls._WORDS if w in text.lower()), None)
+        if reason == "damaged":
+            what = ("is damaged ({}). `cw store check` tells what is wrong; `cw store recover`"
+                    " rebuilds it with SQLite's own .recover and keeps the damaged file beside it")  # fmt: skip
+        elif reason == "full":
+            what = ("cannot grow: disk full ({}). Nothing committed is lost: free space on its"
+                    " filesystem and start the master again")  # fmt: skip
+        elif reason == "read-only":
+            what = ("is read-only ({}): the master writes it, and the -wal and -shm files beside"
+                    " it; make the file and its directory writable by this user")  # fmt: skip
+        elif reason == "io":
+            what = "cannot be read or written ({}): check its disk and filesystem"
+        else:
+            return cls(f"store {path}: {text}")
+        return cls(f"the store {path} {what.format(text)}", reason)
 
 
 class StoreConflict(StoreError):

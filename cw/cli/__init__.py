@@ -2,6 +2,7 @@
 
 - :mod:`cw.cli.serve`: `cw master`, `cw worker` (and ``python -m cw.master`` / ``cw.worker``);
 - :mod:`cw.cli.jobs`: `cw status`, `cw results`, `cw retry`;
+- :mod:`cw.cli.store`: `cw store check | recover`;
 - :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
 - :mod:`cw.cli.doctor`: `cw doctor`;
 - :mod:`cw.cli.common`: the options and helpers they share.
@@ -16,6 +17,7 @@ from .doctor import doctor_cmd
 from .jobs import results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
 from .serve import master_cmd, worker_cmd
+from .store import store_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +26,7 @@ def cli() -> None:
     """cw (Cluster-Workers): run Python functions on a pool of workers."""
 
 
-for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, retry_cmd, doctor_cmd):
+for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, retry_cmd, store_group, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 

@@ -12,7 +12,8 @@ from .. import protocol as P
 from ..discovery import resolve_address
 from ..errors import CwError, StoreError
 from ..link import ask, query_status
-from ..store import Store, StoreReader
+from ..store import Store
+from ..store.reader import StoreReader
 from .common import cluster_from, cluster_options
 
 

@@ -1,29 +1,33 @@
-"""The SQLite store: the only place that knows SQL.
+"""The SQLite store: this package is the only place that knows SQL.
 
 One writer, the master, through :class:`Store`: a handful of verbs that take
 and return the typed records below, allocate job ids, and raise
 :class:`cw.errors.StoreError` (never a sqlite3 exception). The master runs
 them in explicit transactions, one per turn of its loop. Everyone else reads
-through :class:`StoreReader`, read-only (`cw status`, `cw results`). Journal
-mode is WAL where the filesystem allows it (see docs/store.md).
+through :class:`cw.store.reader.StoreReader`, read-only (`cw status`, `cw
+results`). Journal mode is WAL where the filesystem allows it (see docs/store.md).
+
+A store that cannot be trusted is refused loudly: the master checks it on
+start (``PRAGMA quick_check``, and a write), every failure names the file
+and what to do (:meth:`cw.errors.StoreError.describe`); `cw store check` and
+`cw store recover` are :mod:`cw.store.repair`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
-import pickle
 import sqlite3
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
-from .errors import StoreConflict, StoreError
-from .protocol import OK, STATUS_NAMES
+from .. import defaults
+from ..errors import StoreError
+from ..protocol import OK
+from .sqlite import Checkpointer, chunks, connect, file_identity, guarded, json_column
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,16 @@ class StoredResult(NamedTuple):
     seq: int
     status: int
     value: bytes
+    error: Optional[str]
+    traceback: Optional[str]
+
+
+class KeyMatch(NamedTuple):
+    """The job of a run with a given function and key: finished well, or not finished yet."""
+
+    job: int
+    status: Optional[int]  #: OK, or None while the job has no result
+    value: Optional[bytes]
     error: Optional[str]
     traceback: Optional[str]
 
@@ -136,84 +150,28 @@ CREATE TABLE workers (
 """
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _guarded(method: F) -> F:
-    """sqlite3's exceptions become cw's: a broken rule is a conflict, anything else a store failure."""
-
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.IntegrityError as e:
-            raise StoreConflict(f"store {self.path}: {e}") from e
-        except sqlite3.Error as e:
-            raise StoreError(f"store {self.path}: {e}") from e
-
-    return call  # type: ignore[return-value]
-
-
-def _connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    else:
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
-
-
-def _chunks(items: Sequence, n: int = 500) -> Iterator[Sequence]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
 _QUEUED = "SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts FROM jobs"
+_ADD_FUNCTION = "INSERT OR IGNORE INTO functions (hash, blob, created) VALUES (?, ?, ?)"
+_ADD_JOB = ("INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout, max_retries,"
+            " submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
+_ADD_RESULT = ("INSERT OR IGNORE INTO results (job, status, value, error, traceback, worker, runtime,"
+               " finished) VALUES (?,?,?,?,?,?,?,?)")  # fmt: skip
 
 
 def _queued(row: tuple) -> QueuedJob:
-    return QueuedJob(*row[:5], json.loads(row[5]) if row[5] else None, *row[6:])
-
-
-class _Checkpointer(threading.Thread):
-    """Copies the write-ahead log into the database, off the master's thread."""
-
-    EVERY = 1.0  # seconds between looks at the log
-    BYTES = 32 * 1024 * 1024  # checkpoint once the log is this large
-
-    def __init__(self, path: Path):
-        super().__init__(name="cw-checkpoint", daemon=True)
-        self.path, self.wal = path, Path(f"{path}-wal")
-        self._halt = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        conn = _connect(self.path)
-        try:
-            while not self._halt.wait(self.EVERY):
-                try:
-                    if self.wal.stat().st_size >= self.BYTES:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except (OSError, sqlite3.Error) as e:
-                    log.debug("checkpoint skipped: %s", e)
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(10)
+    return QueuedJob(*row[:5], json_column(row[5]), *row[6:])
 
 
 class Store:
     """The master's store. Not thread-safe: only the master's loop calls it."""
 
-    @_guarded
+    @guarded
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():  # owner only; SQLite gives its -wal and -shm the same mode
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self.conn = _connect(self.path)
+        self.conn = connect(self.path)
         # 16 KiB pages: large argument and result blobs take a quarter of the page
         # writes (applies to a new store only)
         self.conn.execute("PRAGMA page_size = 16384")
@@ -231,16 +189,48 @@ class Store:
             self.conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         elif version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema {version}, this cw knows {SCHEMA_VERSION}")
-        self._checkpointer = _Checkpointer(self.path)
+        # refuse a damaged store now, not at the first job that reads a bad page
+        problems = [r[0] for r in self.conn.execute("PRAGMA quick_check(20)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
+        # and one that cannot be written, before the master publishes its address
+        self.conn.executescript(f"BEGIN IMMEDIATE; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        self._files = {p: file_identity(p) for p in (self.path, Path(f"{self.path}-wal"))}
+        self._checkpointer = Checkpointer(self.path)
         self._in_tx = False
         self._next_id = (self.conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0) + 1
 
-    @_guarded
-    def close(self) -> None:
-        self.commit()
+    @guarded
+    def close(self, failed: bool = False) -> None:
+        """Commit, fold the log into the database and close; after a failure, only close."""
         self._checkpointer.stop()
+        if failed:
+            self.conn.close()
+            return
+        self.commit()
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
+
+    def moved(self) -> str | None:
+        """Why the file this store writes is no longer the one at its path (removed or
+        replaced under the master), or None while it is."""
+        for path, ident in self._files.items():
+            if ident is not None and file_identity(path) != ident:
+                what = "removed" if not path.exists() else "replaced by another file"
+                return (f"the store file {path} was {what} while the master was using it:"
+                        " the master stops rather than write where nobody will read")  # fmt: skip
+        return None
+
+    @guarded
+    def rescue(self) -> Path:
+        """Copy what this store holds (as this connection sees it) to a new file beside its path."""
+        dest = self.path.with_name(f"{self.path.name}.rescued-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = sqlite3.connect(str(dest))
+        try:
+            self.conn.backup(out)
+        finally:
+            out.close()
+        return dest
 
     # -- transactions: one per turn of the master's loop -------------------------
     def _begin(self) -> None:
@@ -255,28 +245,42 @@ class Store:
             self._begin()
             self.conn.execute("SAVEPOINT batch")
         except sqlite3.Error as e:
-            raise StoreError(f"store {self.path}: {e}") from e
+            raise StoreError.describe(self.path, e) from e
         try:
             yield
         except BaseException:
+            if not self.conn.in_transaction:  # SQLite rolled the whole turn back (disk full, I/O)
+                self._in_tx = False
+                raise
             try:
                 self.conn.execute("ROLLBACK TO batch")
                 self.conn.execute("RELEASE batch")
-            except sqlite3.Error as e:
-                raise StoreError(f"store {self.path}: {e}") from e
+            except sqlite3.Error:
+                self._in_tx = self.conn.in_transaction
             raise
         try:
             self.conn.execute("RELEASE batch")
         except sqlite3.Error as e:
-            raise StoreError(f"store {self.path}: {e}") from e
+            raise StoreError.describe(self.path, e) from e
 
-    @_guarded
+    def _unbind(self, sql: str, row: tuple) -> None:
+        """SQLite keeps a cached statement's last values bound: after a large blob, bind a
+        small row (rolled back at once), so that the master does not hold on to the blob."""
+        self.conn.execute("SAVEPOINT unbind")
+        try:
+            self.conn.execute(sql, row)
+        finally:
+            self.conn.execute("ROLLBACK TO unbind")
+            self.conn.execute("RELEASE unbind")
+
+    @guarded
     def rollback(self) -> None:
         if self._in_tx:
             self._in_tx = False
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
 
-    @_guarded
+    @guarded
     def commit(self) -> bool:
         """Commit what this turn wrote; True if there was anything."""
         if self._in_tx:
@@ -286,16 +290,16 @@ class Store:
         return False
 
     # -- writes ------------------------------------------------------------------
-    @_guarded
+    @guarded
     def add_functions(self, items: Iterable[tuple[str, bytes]]) -> None:
         self._begin()
         now = time.time()
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO functions (hash, blob, created) VALUES (?, ?, ?)",
-            [(h, b, now) for h, b in items],
-        )
+        rows = [(h, b, now) for h, b in items]
+        self.conn.executemany(_ADD_FUNCTION, rows)
+        if rows and len(rows[-1][1]) >= defaults.RELEASE_BYTES:
+            self._unbind(_ADD_FUNCTION, ("", b"", 0))
 
-    @_guarded
+    @guarded
     def add_session(self, session: str, run: str | None, context: dict) -> None:
         self._begin()
         self.conn.execute(
@@ -303,39 +307,36 @@ class Store:
             (session, run, json.dumps(context), time.time()),
         )
 
-    @_guarded
+    @guarded
     def add_jobs(self, jobs: Sequence[NewJob]) -> list[int]:
         """Store jobs (NewJob records, or plain tuples in its order); their ids, in order."""
         self._begin()
         first, now = self._next_id, time.time()
-        self.conn.executemany(
-            "INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout,"
-            " max_retries, submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            [(first + i, session, seq, run, key, fn, args, json.dumps(req) if req else None,
-              timeout, retries, now)
-             for i, (session, seq, run, key, fn, args, req, timeout, retries) in enumerate(jobs)],
-        )  # fmt: skip
+        self.conn.executemany(_ADD_JOB, [
+            (first + i, session, seq, run, key, fn, args, json.dumps(req) if req else None, timeout,
+             retries, now)
+            for i, (session, seq, run, key, fn, args, req, timeout, retries) in enumerate(jobs)])  # fmt: skip
+        if jobs and len(jobs[-1][5]) >= defaults.RELEASE_BYTES:
+            self._unbind(_ADD_JOB, (-1, "", -1, None, None, "", b"", None, None, 0, 0))
         self._next_id = first + len(jobs)
         return list(range(first, self._next_id))
 
-    @_guarded
+    @guarded
     def add_results(self, outcomes: Sequence[Outcome]) -> None:
         """Store results (Outcome records, or plain tuples in its order); a second one for a job is ignored."""
         self._begin()
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO results (job, status, value, error, traceback, worker,"
-            " runtime, finished) VALUES (?,?,?,?,?,?,?,?)",
-            outcomes,
-        )
+        self.conn.executemany(_ADD_RESULT, outcomes)
+        if outcomes and len(outcomes[-1][2]) >= defaults.RELEASE_BYTES:
+            self._unbind(_ADD_RESULT, (-1, 0, b"", None, None, None, None, 0))
 
-    @_guarded
+    @guarded
     def count_attempt(self, job_ids: Sequence[int]) -> None:
         self._begin()
         self.conn.executemany(
             "UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", [(j,) for j in job_ids]
         )
 
-    @_guarded
+    @guarded
     def worker_joined(self, wid: str, host: str, pid: int, caps: dict) -> None:
         self._begin()
         self.conn.execute(
@@ -343,14 +344,14 @@ class Store:
             (wid, host, pid, json.dumps(caps), time.time()),
         )
 
-    @_guarded
+    @guarded
     def worker_left(self, wid: str, reason: str) -> None:
         self._begin()
         self.conn.execute(
             "UPDATE workers SET left = ?, reason = ? WHERE id = ?", (time.time(), reason, wid)
         )
 
-    @_guarded
+    @guarded
     def retry_failed(self, run: str) -> list[QueuedJob]:
         """Forget the failed results of a run; its jobs, for the queue."""
         self._begin()
@@ -361,21 +362,21 @@ class Store:
         return [_queued(row) for i in ids for row in self.conn.execute(f"{_QUEUED} WHERE id = ?", (i,))]
 
     # -- reads -------------------------------------------------------------------
-    @_guarded
+    @guarded
     def function(self, fn_hash: str) -> bytes | None:
         row = self.conn.execute("SELECT blob FROM functions WHERE hash = ?", (fn_hash,)).fetchone()
         return row[0] if row else None
 
-    @_guarded
+    @guarded
     def finished(self, job_ids: Sequence[int]) -> list[int]:
         """Those of these jobs that have a result."""
         out: list[int] = []
-        for chunk in _chunks(list(job_ids)):
+        for chunk in chunks(list(job_ids)):
             out += [r[0] for r in self.conn.execute(
                 f"SELECT job FROM results WHERE job IN ({','.join('?' * len(chunk))})", chunk)]  # fmt: skip
         return out
 
-    @_guarded
+    @guarded
     def job_ids(self, session: str, seqs: Sequence[int]) -> dict[int, int]:
         """seq -> job id of the jobs this session already submitted (idempotent resend)."""
         out = {}
@@ -387,24 +388,32 @@ class Store:
                 out[seq] = row[0]
         return out
 
-    @_guarded
-    def cached_result(self, run: str, key: str, seq: int) -> StoredResult | None:
-        """A successful result of a job with this key in this run, answered as ``seq``."""
+    @guarded
+    def match_key(self, run: str, key: str, fn: str) -> KeyMatch | None:
+        """The job of this run with this function and key that succeeded, else the first
+        one still without a result; None if neither (a job's identity in a run is its
+        function and its key)."""
         row = self.conn.execute(
-            "SELECT r.status, r.value, r.error, r.traceback FROM jobs j JOIN results r"
-            " ON r.job = j.id WHERE j.run = ? AND j.key = ? AND r.status = ? LIMIT 1",
-            (run, key, OK),
+            "SELECT j.id, r.status, r.value, r.error, r.traceback FROM jobs j LEFT JOIN results r"
+            " ON r.job = j.id WHERE j.run = ? AND j.key = ? AND j.fn = ?"
+            " AND (r.job IS NULL OR r.status = ?) ORDER BY r.job IS NULL, j.id LIMIT 1",
+            (run, key, fn, OK),
         ).fetchone()
-        return None if row is None else StoredResult(seq, *row)
+        return None if row is None else KeyMatch(*row)
 
-    @_guarded
+    @guarded
+    def queued_job(self, job_id: int) -> QueuedJob | None:
+        row = self.conn.execute(f"{_QUEUED} WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _queued(row)
+
+    @guarded
     def pending(self, after: int = 0, limit: int = 10000) -> list[QueuedJob]:
         """Jobs without a result, in id order, from id ``after`` + 1."""
         return [_queued(row) for row in self.conn.execute(
             f"{_QUEUED} WHERE id > ? AND NOT EXISTS (SELECT 1 FROM results WHERE job = jobs.id)"
             " ORDER BY id LIMIT ?", (after, limit))]  # fmt: skip
 
-    @_guarded
+    @guarded
     def count_pending(self, after: int = 0) -> int:
         return self.conn.execute(
             "SELECT count(*) FROM jobs WHERE id > ?"
@@ -412,11 +421,11 @@ class Store:
             (after,),
         ).fetchone()[0]
 
-    @_guarded
+    @guarded
     def session_results(self, session: str, seqs: Sequence[int]) -> list[StoredResult]:
         """This session's finished jobs among seqs."""
         out: list[StoredResult] = []
-        for chunk in _chunks(list(seqs)):
+        for chunk in chunks(list(seqs)):
             out += map(StoredResult._make, self.conn.execute(
                 "SELECT j.seq, r.status, r.value, r.error, r.traceback FROM jobs j"
                 " JOIN results r ON r.job = j.id"
@@ -424,74 +433,7 @@ class Store:
                 (session, *chunk)))  # fmt: skip
         return out
 
-    @_guarded
-    def sessions(self) -> dict[str, SessionRecord]:
-        return {
-            sid: SessionRecord(run, json.loads(ctx))
-            for sid, run, ctx in self.conn.execute("SELECT id, run, context FROM sessions")
-        }
-
-
-class StoreReader:
-    """The store, read-only: what `cw status` and `cw results` show without a master.
-
-    Safe beside a live master (WAL readers do not block its writes).
-    """
-
-    @_guarded
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"no store at {self.path}")
-        self.conn = _connect(self.path, readonly=True)
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> StoreReader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    @_guarded
-    def summary(self) -> dict[str, Any]:
-        """Jobs by run and state, and the workers that ever joined."""
-        runs: dict[str, dict[str, int]] = {}
-        for run, status, n in self.conn.execute(
-            "SELECT j.run, r.status, count(*) FROM jobs j LEFT JOIN results r ON r.job = j.id"
-            " GROUP BY j.run, r.status"
-        ):
-            name = "pending" if status is None else STATUS_NAMES.get(status, str(status))
-            runs.setdefault(run or "", {})[name] = n
-        workers = [
-            dict(zip(("id", "host", "pid", "joined", "left", "reason"), row))
-            for row in self.conn.execute("SELECT id, host, pid, joined, left, reason FROM workers")
-        ]
-        return {"runs": runs, "workers": workers}
-
-    @_guarded
-    def results(self, run: str | None, failed: bool = False) -> list[dict[str, Any]]:
-        """Finished jobs of a run (None: jobs submitted without one), in id order:
-        job, seq, run, status, value (its repr, for a success), error, worker, runtime."""
-        where = "(j.run IS NULL OR j.run = '')" if not run else "j.run = ?"
-        sql = ("SELECT j.id, j.seq, j.run, r.status, r.value, r.error, r.worker, r.runtime"
-               f" FROM jobs j JOIN results r ON r.job = j.id WHERE {where}"
-               + (" AND r.status != ?" if failed else "") + " ORDER BY j.id")  # fmt: skip
-        params = ([run] if run else []) + ([OK] if failed else [])
-        return [
-            {"job": jid, "seq": seq, "run": r, "status": STATUS_NAMES.get(status, str(status)),
-             "value": _value_text(value) if status == OK else None, "error": error,
-             "worker": worker, "runtime": None if runtime is None else round(runtime, 6)}
-            for jid, seq, r, status, value, error, worker, runtime in self.conn.execute(sql, params)
-        ]  # fmt: skip
-
-
-def _value_text(value: bytes | None) -> str | None:
-    """repr() of a stored value, if it unpickles here (its classes may live elsewhere)."""
-    if value is None:
-        return None
-    try:
-        return repr(pickle.loads(value))
-    except Exception as e:
-        return f"<cannot unpickle here: {e!r}>"
+    @guarded
+    def session(self, sid: str) -> SessionRecord | None:
+        row = self.conn.execute("SELECT run, context FROM sessions WHERE id = ?", (sid,)).fetchone()
+        return None if row is None else SessionRecord(row[0], json_column(row[1]) or {})
