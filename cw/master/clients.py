@@ -44,7 +44,7 @@ class ClientHandlers:
 
     def _client_hello(self, ident: bytes, h: dict) -> None:
         sid = str(h["session"])
-        s = self.sessions.get(sid)
+        s = self._session(sid)
         if s is None:
             s = self.sessions[sid] = Session(sid, h.get("run"), h.get("context") or {})
             self.store.add_session(sid, s.run, s.context)
@@ -77,21 +77,36 @@ class ClientHandlers:
 
     def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:
         """Store a batch of jobs, then take them in: nothing changes in memory
-        unless the whole batch is in the store (a savepoint guards the store)."""
+        unless the whole batch is in the store (a savepoint guards the store).
+
+        In a named run, a job's identity is its function and its key: one that
+        already succeeded is answered from the store; one still queued or
+        running (of a client that died, or an earlier copy in this batch) gets
+        the submission attached, and its result answers both.
+        """
         specs = h["j"]
         fns = list(zip(h.get("f") or (), blobs[len(specs) :]))
         seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
         new: list[tuple] = []  # NewJob rows (plain tuples: this runs once per job)
-        hits = []
+        hits, hit_blobs, attach = [], [], []  # attach: (seq, job id) or (seq, -1 - index in new)
+        firsts: dict = {}  # (key, fn) -> index in new, for copies within this batch
         for (seq, fn, key, opts), args in zip(specs, blobs):  # SubmitSpec rows
-            if seq in seen:  # resent after a reconnect: the first copy stands
+            if seq in seen or seq in s.jobs:  # resent after a reconnect: the first copy stands
                 continue
             opts = opts or {}
             if s.run is not None and key is not None and opts.get("c", True):
-                hit = self.store.cached_result(s.run, key, seq)
-                if hit is not None:
-                    hits.append(hit)
+                if (key, fn) in firsts:
+                    attach.append((seq, -1 - firsts[key, fn]))
                     continue
+                m = self.store.match_key(s.run, key, fn)
+                if m is not None:
+                    if m.status is None:
+                        attach.append((seq, m.job))
+                    else:
+                        hits.append(P.ClientResult(seq, m.status, m.error, m.traceback))
+                        hit_blobs.append(m.value or b"")
+                    continue
+                firsts[key, fn] = len(new)
             timeout = None if opts.get("t") is None else float(opts["t"])
             new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), timeout,
                         int(opts.get("m", defaults.MAX_RETRIES))))  # fmt: skip
@@ -101,30 +116,69 @@ class ClientHandlers:
             ids = self.store.add_jobs(new) if new else []
         # stored: now the batch counts
         self.functions.update(fns)
-        s.acks.extend(sp[0] for sp in specs)
-        for hit in hits:
-            s.results.append(P.ClientResult(hit.seq, hit.status, hit.error, hit.traceback))
-            s.blobs.append(hit.value or b"")
+        attached = {seq for seq, _ in attach}
+        s.acks.extend(sp[0] for sp in specs if sp[0] not in attached)  # attached: with the result
+        s.results.extend(hits)
+        s.blobs.extend(hit_blobs)
+        led = {-1 - j for _, j in attach if j < 0}  # jobs of this batch that others wait for
         spill = self.backlog_from is not None or self.policy.window_full(len(new))
-        for jid, (_, seq, _, _, fn, args, requires, timeout, retries) in zip(ids, new):
-            if spill:  # the window is full: this job waits in the store only
+        jobs: list = []
+        for i, (jid, (_, seq, _, _, fn, args, requires, timeout, retries)) in enumerate(zip(ids, new)):
+            if spill and i not in led:  # the window is full: this job waits in the store only
                 if self.backlog_from is None:
                     self.backlog_from = jid
                 self.backlog += 1
+                jobs.append(None)
             else:
-                self._enqueue(Job(jid, s, seq, fn, args, requires, timeout, retries))
+                jobs.append(Job(jid, s, seq, fn, args, requires, timeout, retries))
+                self._enqueue(jobs[-1])
+        for seq, j in attach:
+            job = jobs[-1 - j] if j < 0 else self._held(j)
+            if job is None:  # cannot be: the store said it is unfinished
+                s.acks.append(seq)
+                s.results.append((seq, P.FAILED, f"job {j} vanished before this submission could"
+                                  " attach to it: submit it again", ""))  # fmt: skip
+                s.blobs.append(b"")
+                continue
+            if job.followers is None:
+                job.followers = []
+            job.followers.append((s, seq))
+            s.jobs[seq] = job
         if seen:  # resent because the ack was lost: the result may be lost with it
             self._stored_results(s, [q for q in seen if q not in s.jobs])
         self._dirty.add(s)
 
+    def _held(self, jid: int) -> Job | None:
+        """An unfinished job in memory, taken in from the store if it waits there only."""
+        job = self.policy.jobs.get(jid)
+        if job is None:
+            row = self.store.queued_job(jid)
+            if row is not None and not self.store.finished([jid]):
+                job = self._take(row)
+                self.backlog = max(0, self.backlog - 1)
+        return job
+
     def _cancel(self, s: Session, seqs: list[int]) -> None:
-        """Cancel jobs of a session: queued ones are dropped, running ones killed."""
+        """Cancel jobs of a session: queued ones are dropped, running ones killed.
+
+        A job other submissions are attached to runs on for them: the canceller
+        only lets go of it (as a dask client releasing a shared key).
+        """
         by_worker: dict = {}
         stored_only = []
         for seq in seqs:
             job = s.jobs.get(seq)
             if job is None:
                 stored_only.append(seq)
+                continue
+            if job.session is not s or job.seq != seq:  # attached to it: let go
+                job.followers.remove((s, seq))
+                self._cancelled(s, seq)
+                if job.session is not None or job.followers:
+                    continue
+            elif job.followers:  # others are attached to it: it runs on for them
+                job.session = None
+                self._cancelled(s, seq)
                 continue
             w = job.worker
             if w is not None:
@@ -144,13 +198,20 @@ class ClientHandlers:
                 s.blobs.append(b"")
             self._dirty.add(s)
 
+    def _cancelled(self, s: Session, seq: int) -> None:
+        """Tell a session its submission is cancelled (acknowledged too: it may never have been)."""
+        s.jobs.pop(seq, None)
+        s.acks.append(seq)
+        s.results.append((seq, P.CANCELLED, "cancelled", ""))
+        s.blobs.append(b"")
+        self._dirty.add(s)
+
     def _retry(self, run: str) -> int:
         """Requeue the failed jobs of a run, with fresh attempts."""
         rows = self.store.retry_failed(run)
         for row in rows:
             if row.id not in self.policy.jobs:
-                self._enqueue(Job(row.id, self.sessions.get(row.session), row.seq, row.fn, row.args,
-                                  row.requires, row.timeout, row.max_retries, row.attempts))  # fmt: skip
+                self._take(row)
         log.info("run %s: %d failed jobs requeued", run, len(rows))
         return len(rows)
 

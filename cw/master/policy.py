@@ -29,13 +29,14 @@ class Job:
 
     __slots__ = (
         "id", "session", "seq", "fn", "args", "requires", "timeout",
-        "max_retries", "attempts", "lost_on", "worker",
+        "max_retries", "attempts", "lost_on", "worker", "followers",
     )  # fmt: skip
 
     def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0):
         self.id, self.session, self.seq, self.fn, self.args = id, session, seq, fn, args
         self.requires, self.timeout, self.max_retries = requires, timeout, max_retries
         self.attempts, self.lost_on, self.worker = attempts, None, None
+        self.followers: Optional[list] = None  # (session, seq) of submissions attached to it
 
 
 class Worker:

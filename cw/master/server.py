@@ -16,13 +16,14 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Sequence
 
 import zmq
 
-from .. import defaults
+from .. import defaults, system
 from .. import protocol as P
 from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
@@ -59,6 +60,11 @@ class Master(ClientHandlers, WorkerHandlers):
                 f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('address', '?')})"
             )
         self.key = cluster.key(create=True)
+        try:  # checked (sound, writable) before anything is bound or published
+            self.store = Store(cluster.store_path)
+        except BaseException:
+            cluster.unlock()
+            raise
         self.heartbeat, self.worker_timeout = heartbeat, worker_timeout
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -72,7 +78,6 @@ class Master(ClientHandlers, WorkerHandlers):
         # a peer's TCP connection closing makes silent workers suspect at once
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.disconnected_at = 0.0
-        self.store = Store(cluster.store_path)
         self.publish = publish
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.policy = Policy(window=queue_window)
@@ -90,8 +95,9 @@ class Master(ClientHandlers, WorkerHandlers):
         self._pm_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.started = time.time()
         self.done = 0
-        for sid, rec in self.store.sessions().items():
-            self.sessions[sid] = Session(sid, rec.run, rec.context)
+        self.failure: StoreError | None = None  # why the store failed; the master then stops
+        self.release = False  # large payloads passed: hand freed memory back to the system
+        self._released = 0.0
         self._load_backlog()
         if self.backlog_from is not None:
             self.backlog = self.store.count_pending(self.backlog_from - 1)
@@ -131,7 +137,7 @@ class Master(ClientHandlers, WorkerHandlers):
                 events = poller.poll(10 if self._dirty else 100)
                 if events:
                     n = 0
-                    while n < defaults.MASTER_TURN:
+                    while n < defaults.MASTER_TURN and not self.stopping.is_set():
                         try:
                             frames = recv(zmq.NOBLOCK)
                         except zmq.Again:
@@ -145,17 +151,23 @@ class Master(ClientHandlers, WorkerHandlers):
                 if now >= next_timer:
                     self._timers(now)
                     next_timer = now + min(self.heartbeat, self.worker_timeout) / 4
+                if self.release and now - self._released >= 1.0:
+                    system.release_memory()
+                    self.release, self._released = False, now
         finally:
             self.close()
+        if self.failure is not None:
+            raise self.failure
 
     def stop(self) -> None:
         self.stopping.set()
 
     def close(self) -> None:
-        for ident in list(self.peers):
-            self._send(ident, P.BYE, {"why": "master shutting down"})
+        if self.failure is None:
+            for ident in list(self.peers):
+                self._send(ident, P.BYE, {"why": "master shutting down"})
         try:
-            self.store.close()
+            self.store.close(failed=self.failure is not None)
         except StoreError as e:
             log.error("closing the store: %s", e)
         finally:
@@ -240,6 +252,13 @@ class Master(ClientHandlers, WorkerHandlers):
             s.results.append((job.seq, status, err, tb))  # a ClientResult row
             s.blobs.append(blob)
             self._dirty.add(s)
+        if job.followers:  # submissions of the same run, function and key attached to it
+            for fs, fseq in job.followers:
+                fs.jobs.pop(fseq, None)
+                fs.acks.append(fseq)  # never acknowledged before: it rides with its result
+                fs.results.append((fseq, status, err, tb))
+                fs.blobs.append(blob)
+                self._dirty.add(fs)
         return outcome
 
     def _load_backlog(self) -> None:
@@ -248,15 +267,49 @@ class Master(ClientHandlers, WorkerHandlers):
         if not want:
             return
         rows = self.store.pending(self.backlog_from - 1, want)
+        taken = 0
         for row in rows:
-            if row.id not in self.policy.jobs:
-                self._enqueue(Job(row.id, self.sessions.get(row.session), row.seq, row.fn, row.args,
-                                  row.requires, row.timeout, row.max_retries, row.attempts))  # fmt: skip
+            if row.id not in self.policy.jobs:  # (a job attached to is taken in early)
+                self._take(row)
+                taken += 1
         if len(rows) == want:
             self.backlog_from = rows[-1].id + 1
-            self.backlog = max(0, self.backlog - len(rows))
+            self.backlog = max(0, self.backlog - taken)
         else:
             self.backlog_from, self.backlog = None, 0
+
+    def _take(self, row) -> Job:
+        """A stored job (a QueuedJob) into the queue, with its session."""
+        job = Job(row.id, self._session(row.session), row.seq, row.fn, row.args, row.requires,
+                  row.timeout, row.max_retries, row.attempts)  # fmt: skip
+        self._enqueue(job)
+        return job
+
+    def _session(self, sid: str) -> Session | None:
+        """A session by id: in memory, or brought back from the store (ended sessions
+        leave memory, their jobs and results stay in the store)."""
+        s = self.sessions.get(sid)
+        if s is None:
+            rec = self.store.session(sid)
+            if rec is not None:
+                s = self.sessions[sid] = Session(sid, rec.run, rec.context)
+        return s
+
+    def _forget_sessions(self) -> None:
+        """Sessions whose client left and whose jobs are all finished leave memory, and
+        the functions no job in memory needs with them: memory returns to its baseline."""
+        gone = [sid for sid, s in self.sessions.items() if s.ident is None and not s.jobs and not s.results]
+        for s in self.sessions.values():
+            if not s.jobs and sys.getsizeof(s.jobs) > 1024:  # a dict never shrinks by itself
+                s.jobs = {}
+        if not gone:
+            return
+        for sid in gone:
+            del self.sessions[sid]
+        self._warned = {w for w in self._warned if w[0] in self.sessions}
+        needed = {j.fn for j in self.policy.jobs.values()}
+        self.functions = {fn: b for fn, b in self.functions.items() if fn in needed}
+        self.release = True
 
     # -- end of a turn: commit, then put workers to work, then answer -------------
     def _end_turn(self) -> None:
@@ -272,24 +325,41 @@ class Master(ClientHandlers, WorkerHandlers):
         if self._dirty:
             self._answer_clients()
 
-    def _store_failed(self, e: Exception) -> None:
-        """The store refused a write or a commit (disk full, I/O error): nothing of this turn counts.
+    def _store_failed(self, e: StoreError) -> None:
+        """The store failed (disk full, I/O error, damaged, read-only, moved): nothing of
+        this turn counts, and the master stops serving.
 
         Nothing committed is lost. Submissions of this turn are not acknowledged
-        (clients resend them), results of this turn are dropped (their jobs run
-        again), and the master stops: it must not promise what it cannot keep.
+        (clients resend them to the next master), results of this turn are
+        dropped (their jobs run again), and the master exits with an error: it
+        must not promise what it cannot keep. Clients and workers are told why.
         """
-        log.critical("the store %s failed (%s): stopping; nothing committed is lost", self.store.path, e)
+        if self.failure is not None:
+            return
+        self.failure = e
+        log.critical("%s. The master stops; clients keep their jobs and wait for the next one", e)
         try:
             self.store.rollback()
         except StoreError:
             pass
+        why = f"the master stopped: {e}"
+        for ident, peer in list(self.peers.items()):
+            self._send(ident, P.BYE, {"why": why, "fatal": True} if isinstance(peer, Session) else {"why": why})
         for s in self.sessions.values():
-            if s.ident is not None:
-                self._send(s.ident, P.BYE, {"why": f"the master's store failed: {e}", "fatal": True})
-            s.acks, s.results, s.blobs = [], [], []
+            s.acks, s.started, s.results, s.blobs = [], [], [], []
         self._dirty = set()
         self.stop()
+
+    def _check_store_file(self) -> None:
+        """The store file removed or replaced under us: save what we hold, then stop."""
+        why = self.store.moved()
+        if why is None:
+            return
+        try:
+            why += f"; what it held is saved in {self.store.rescue()}"
+        except StoreError as e:
+            why += f"; saving what it held failed: {e}"
+        self._store_failed(StoreError(why, "moved"))
 
     # -- timers ------------------------------------------------------------------
     def _timers(self, now: float) -> None:
@@ -309,8 +379,10 @@ class Master(ClientHandlers, WorkerHandlers):
         try:
             self._record_post_mortems()
             self.store.commit()
+            self._check_store_file()
         except StoreError as e:
             self._store_failed(e)
+        self._forget_sessions()
 
     def _check_unschedulable(self, now: float) -> None:
         """Tell clients whose jobs require what no connected worker has (a warning:

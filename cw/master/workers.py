@@ -78,10 +78,16 @@ class WorkerHandlers:
         their next acknowledgement or result."""
         for jid in ids:
             job = w.running.get(jid)
-            s = job.session if job is not None else None
+            if job is None:
+                continue
+            s = job.session
             if s is not None and s.ident is not None:
                 s.started.append(job.seq)
                 self._dirty.add(s)
+            for fs, fseq in job.followers or ():
+                if fs.ident is not None:
+                    fs.started.append(fseq)
+                    self._dirty.add(fs)
 
     # -- tasks out -------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -100,7 +106,7 @@ class WorkerHandlers:
                         continue
                     self.functions[job.fn] = blob
                     w.funcs.add(job.fn)
-                s = job.session
+                s = job.session or (job.followers[0][0] if job.followers else None)
                 ctx = s.id if s is not None and s.context else None
                 new_ctx = None
                 if ctx is not None and ctx not in w.ctxs:
