@@ -61,6 +61,10 @@ def exits(code):
     sys.exit(code)
 
 
+def interrupts():
+    raise KeyboardInterrupt("from the job")
+
+
 @pytest.fixture(params=["ProcessPoolExecutor", "cw.Executor"])
 def make(request):
     """A factory of executors with 2 workers: the standard one, or cw's on a real master."""
@@ -206,6 +210,9 @@ def test_the_client_survives_a_result_that_exits_when_unpickled(workers):
         with pytest.raises(cw.JobError, match="SystemExit") as e:
             c.submit(exits, 4).result(30)
         assert isinstance(e.value.original, SystemExit) and e.value.original.code == 4
+        with pytest.raises(cw.JobError, match="KeyboardInterrupt") as e:  # not the user's Ctrl-C
+            c.gather([c.submit(interrupts)])
+        assert isinstance(e.value.original, KeyboardInterrupt)
         assert c.gather([c.submit(square, 5)]) == [25]
 
 

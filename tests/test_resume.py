@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import signal
 import sqlite3
@@ -282,3 +283,106 @@ def test_a_lost_ack_and_result_are_answered_on_resend(master, workers):
         ctx.term()
     db = sqlite3.connect(master.store_path)
     assert db.execute("SELECT count(*) FROM jobs WHERE session = 's-lost'").fetchone()[0] == 1
+
+
+RERUN = """
+import os, sys, time, uuid
+import cw
+
+def mark(x, where):
+    open(os.path.join(where, f"{x}-{uuid.uuid4().hex}"), "w").close()
+    time.sleep(0.05)
+    return x * 10
+
+with cw.Client(run="sweep-2") as c:
+    if sys.argv[2:] == ["again"]:  # cache=False runs it anew
+        print("R", c.submit(mark, 7, sys.argv[1], cache=False).result() // 10)
+        sys.exit(0)
+    futs = c.map(mark, range(300), [sys.argv[1]] * 300)
+    for f in cw.as_completed(futs):
+        print("R", f.result() // 10, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_rerun_attaches_to_the_dead_clients_unfinished_jobs(master, workers, tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(textwrap.dedent(RERUN))
+    execs = tmp_path / "execs"
+    execs.mkdir()
+    p = subprocess.Popen([sys.executable, str(script), str(execs)], stdout=subprocess.PIPE, text=True)
+    for n, _ in enumerate(p.stdout, 1):
+        if n >= 60:
+            break
+    p.kill()  # its other 240 jobs are still queued or running at the master
+    p.wait()
+    out = subprocess.run([sys.executable, str(script), str(execs)], capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stderr
+    assert sorted(int(line.split()[1]) for line in out.stdout.splitlines()) == list(range(300))
+    runs = Counter(name.split("-")[0] for name in os.listdir(execs))
+    assert sorted(runs) == sorted(map(str, range(300))) and set(runs.values()) == {1}, "a job ran twice"
+    db = sqlite3.connect(master.store_path)
+    assert db.execute("SELECT count(*) FROM jobs WHERE run = 'sweep-2'").fetchone()[0] == 300
+    again = subprocess.run([sys.executable, str(script), str(execs), "again"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert again.stdout.split() == ["R", "7"], again.stderr
+    assert len([n for n in os.listdir(execs) if n.startswith("7-")]) == 2
+
+
+def count_runs(marker, x, seconds=0.0):
+    with open(marker, "a") as f:
+        f.write(f"{x}\n")
+    time.sleep(seconds)
+    return x
+
+
+def other_function(marker, x, seconds=0.0):
+    with open(marker, "a") as f:
+        f.write(f"other {x}\n")
+    return -x
+
+
+@pytest.mark.timeout(120)
+def test_attached_submissions_share_one_run_and_outlive_a_cancel(master, workers, tmp_path):
+    marker = str(tmp_path / "runs")
+    with cw.Client(run="shared") as a, cw.Client(run="shared") as b:
+        first = a.submit(count_runs, marker, 1, 3.0, key="k1")
+        wait_for(first.running, timeout=30, what="the job to start")
+        second = b.submit(count_runs, marker, 1, 3.0, key="k1")  # attaches: no second run
+        twice = b.submit(count_runs, marker, 1, 3.0, key="k1")  # so does a copy in one session
+        assert first.cancel()  # a lets go; b still waits for it, so it runs on
+        assert second.result(30) == 1 and twice.result(30) == 1
+        with pytest.raises(cf.CancelledError):
+            first.result(1)
+        lone = b.submit(count_runs, marker, 2, 30.0, key="k2")
+        wait_for(lone.running, timeout=30, what="the second job to start")
+        assert b.cancel(lone) == 1 and lone.cancelled()  # nobody else waits for it: killed
+    assert open(marker).read().split().count("1") == 1  # k1 ran once for all three
+
+
+@pytest.mark.timeout(120)
+def test_a_key_names_a_job_of_one_function(master, workers, tmp_path):
+    """The same key= on two functions in one run: two jobs, each with its own result."""
+    marker = str(tmp_path / "runs")
+    with cw.Client(run="keys") as c:
+        assert c.submit(count_runs, marker, 5, key="same").result(30) == 5
+        assert c.submit(other_function, marker, 5, key="same").result(30) == -5
+    with cw.Client(run="keys") as c:  # a re-run gets each function's own stored result
+        assert c.submit(other_function, marker, 5, key="same").result(30) == -5
+        assert c.submit(count_runs, marker, 5, key="same").result(30) == 5
+    assert open(marker).read().splitlines() == ["5", "other 5"]
+
+
+@pytest.mark.timeout(180)
+def test_an_attached_submission_survives_a_master_restart(cw_home, procs, tmp_path):
+    marker = str(tmp_path / "runs")
+    m1 = start_master(procs, "m1")
+    start_workers(procs, 1, "--master-timeout", "2")
+    with cw.Client(run="restart", master_timeout=2) as a, cw.Client(run="restart", master_timeout=2) as b:
+        first = a.submit(count_runs, marker, 3, 2.0, key="k")
+        wait_for(first.running, timeout=30, what="the job to start")
+        second = b.submit(count_runs, marker, 3, 2.0, key="k")  # attached, never acknowledged:
+        m1.kill()  # b resends it to the next master, which attaches it again
+        m1.wait()
+        start_master(procs, "m2")
+        assert second.result(90) == 3 and first.result(90) == 3

@@ -105,12 +105,17 @@ def _publish_main(fn: Any) -> None:
 
 
 def _in_forked_child() -> None:
-    """After a fork in the job: the new process must not hold the agent's pipe."""
-    if os.getppid() == _me:
-        try:
-            os.close(_pipe_fd)
-        except OSError:
-            pass
+    """After a fork in the job: the new process must not hold the agent's pipe, and
+    gets the signal handling of an ordinary process (a pool's terminate() is a SIGTERM)."""
+    if os.getppid() != _me:
+        return
+    try:
+        os.close(_pipe_fd)
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, AGENT_GONE):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _forked_exit(exc: BaseException | None) -> None:
