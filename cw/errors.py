@@ -74,8 +74,10 @@ class StoreError(CwError):
     """The store cannot be used: disk full, I/O error, read-only, damaged, or a newer schema.
 
     ``reason`` says which, in a word ("damaged", "full", "read-only", "io", "moved"),
-    when it is known.
+    when it is known; ``reported`` is true once the master has logged it.
     """
+
+    reported = False
 
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)

@@ -68,6 +68,8 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
         click.echo(f"published {m.cluster.master_json}")
         run_master(m, companions)
     except CwError as e:
+        if getattr(e, "reported", False):  # its one line is in the log already
+            raise SystemExit(1) from None
         raise click.ClickException(str(e)) from None
 
 

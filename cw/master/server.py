@@ -338,6 +338,7 @@ class Master(ClientHandlers, WorkerHandlers):
             return
         self.failure = e
         log.critical("%s. The master stops; clients keep their jobs and wait for the next one", e)
+        e.reported = True
         try:
             self.store.rollback()
         except StoreError:
