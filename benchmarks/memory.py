@@ -1,6 +1,8 @@
-"""Memory with a deep queue: N (default 1,000,000) no-op jobs queued at a master with no worker.
+"""Memory with a deep queue, and memory back to its baseline after large jobs and sessions.
 
-    python -m benchmarks.memory [N]
+    python -m benchmarks.memory [N]            # both tables
+    python -m benchmarks.memory --queue [N]    # the deep queue only
+    python -m benchmarks.memory --baseline     # back to baseline only
 
 For each client API (futures: Client.submit; callbacks: ClientThread), in a
 process of its own: queue N jobs, then print the peak resident memory of the
@@ -12,6 +14,7 @@ per callback, per job). Then 2 workers drain the queue.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import subprocess
 import sys
@@ -20,6 +23,7 @@ import threading
 import time
 
 import cw
+from cw import system
 
 
 def noop(x=None):
@@ -66,6 +70,59 @@ def one(api: str, n: int) -> None:
                   f" {n / drain_s:>12,.0f}   {'yes' if master_mb <= 500 else 'NO'}", flush=True)  # fmt: skip
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    return system.rss(pid) / 2**20
+
+
+def _settled(pid: int, seconds: float = 5.0) -> float:
+    """Resident memory once it stops falling (memory is handed back within a second or two)."""
+    deadline, last = time.monotonic() + seconds, rss_mb(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = rss_mb(pid)
+        if now >= last - 1:
+            return now
+        last = now
+    return last
+
+
+def _child_of(pid: int) -> int:
+    return system.children(pid)[0]
+
+
+def baseline(big_mb: int = 500, sessions: int = 5, jobs: int = 100_000) -> None:
+    """After one job with a big_mb argument, and after each of `sessions` client sessions
+    of `jobs` no-op jobs: the master's and the executor's resident memory, beside a
+    ProcessPoolExecutor worker's after the same argument."""
+    print(f"\n{'back to baseline':<34} {'before MB':>10} {'after MB':>10}")
+    with tempfile.TemporaryDirectory(prefix="cw-mem-") as tmp:
+        with cw.LocalCluster(n_workers=1, cluster=os.path.join(tmp, "c")) as lc, lc.client() as c:
+            c.submit(noop, 0).result()
+            master, executor = lc.master.pid, _child_of(lc.procs[1].pid)
+            m0, e0 = _settled(master), _settled(executor)
+            blob = os.urandom(big_mb * 2**20)
+            c.submit(len, blob).result()
+            del blob
+            print(f"{'cw master, ' + str(big_mb) + ' MB argument':<34} {m0:>10,.0f} {_settled(master):>10,.0f}")
+            print(f"{'cw executor, ' + str(big_mb) + ' MB argument':<34} {e0:>10,.0f} {_settled(executor):>10,.0f}")
+            m0 = _settled(master)
+            for i in range(sessions):
+                with lc.client() as s:
+                    for f in cw.as_completed(s.map(noop, range(jobs))):
+                        f.result()
+                after = _settled(master)
+                print(f"{f'cw master, session {i + 1} of {jobs:,} jobs':<34} {m0:>10,.0f} {after:>10,.0f}", flush=True)
+        with cf.ProcessPoolExecutor(1) as pool:
+            pool.submit(noop, 0).result()
+            (worker,) = list(pool._processes)  # the pool's one worker process
+            w0 = _settled(worker)
+            blob = os.urandom(big_mb * 2**20)
+            pool.submit(len, blob).result()
+            del blob
+            label = f"ProcessPoolExecutor, {big_mb} MB arg"
+            print(f"{label:<34} {w0:>10,.0f} {_settled(worker):>10,.0f}", flush=True)
+
+
 def main(n: int = 1_000_000) -> int:
     print(f"{'client API':<10} {'jobs':>10} {'queued/s':>12} {'master MB':>10} {'client MB':>10}"
           f" {'drained/s':>12}   master <= 500 MB")  # fmt: skip
@@ -75,7 +132,16 @@ def main(n: int = 1_000_000) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        one(sys.argv[2], int(sys.argv[3]))
+    args = sys.argv[1:]
+    if args[:1] == ["--one"]:
+        one(args[1], int(args[2]))
         sys.exit(0)
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000))
+    if args[:1] == ["--baseline"]:
+        baseline()
+        sys.exit(0)
+    if args[:1] == ["--queue"]:
+        args = args[1:]
+    code = main(int(args[0]) if args else 1_000_000)
+    if not sys.argv[1:2] == ["--queue"]:
+        baseline()
+    sys.exit(code)

@@ -47,8 +47,9 @@ EXECUTOR_BATCH_SECONDS = 0.005
 #: ... and never more than this many tasks at once.
 EXECUTOR_BATCH_MAX = 200
 #: After a message or result of at least this many bytes, a master or executor hands
-#: freed memory back to the system (malloc_trim), so it returns to its baseline.
-RELEASE_BYTES = 16 * 1024 * 1024
+#: freed memory back to the system (malloc_trim, at most once a second, once idle), so
+#: that it returns to its baseline.
+RELEASE_BYTES = 1024 * 1024
 #: Seconds a worker keeps looking for processes of killed executors' jobs (to end them).
 ORPHAN_SWEEP = 5.0
 #: Weight of a new sample in the smoothed runtime of a function (exponential moving average).

@@ -19,6 +19,7 @@ import pytest
 from conftest import start_workers, wait_for
 
 import cw
+from cw import system
 from cw.discovery import ClusterDir
 
 
@@ -213,8 +214,7 @@ def test_a_killed_worker_takes_its_jobs_processes(master, procs, tmp_path):
         pidfile = str(tmp_path / "pids")
         c.submit(start_processes_and_hang, pidfile)
         pids = read_pids(pidfile)
-        executor = int(subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True,
-                                      text=True).stdout.split()[0])  # fmt: skip
+        (executor,) = system.children(agent.pid)
         agent.kill()  # kill -9: nothing of the worker may stay behind
         wait_for(lambda: not any(map(running, [executor, *pids])), what="the job's processes to end")
 

@@ -85,6 +85,8 @@ class ClientHandlers:
         the submission attached, and its result answers both.
         """
         specs = h["j"]
+        if blobs and max(map(len, blobs)) >= defaults.RELEASE_BYTES:
+            self.release = True  # hand the memory back once they are gone
         fns = list(zip(h.get("f") or (), blobs[len(specs) :]))
         seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
         new: list[tuple] = []  # NewJob rows (plain tuples: this runs once per job)

@@ -302,6 +302,8 @@ class Master(ClientHandlers, WorkerHandlers):
         for s in self.sessions.values():
             if not s.jobs and sys.getsizeof(s.jobs) > 1024:  # a dict never shrinks by itself
                 s.jobs = {}
+        if not self.policy.jobs and sys.getsizeof(self.policy.jobs) > 1024:
+            self.policy.jobs = {}
         if not gone:
             return
         for sid in gone:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from .. import defaults
 from .. import protocol as P
 from ..launchers import environment_of
 from ..store import Outcome
@@ -131,6 +132,8 @@ class WorkerHandlers:
     def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
         outcomes = []
         jobs, policy = self.policy.jobs, self.policy
+        if blobs and max(map(len, blobs)) >= defaults.RELEASE_BYTES:
+            self.release = True
         for (jid, status, runtime, err, tb), blob in zip(h["r"], blobs):  # WorkerResult rows
             job = w.running.pop(jid, None)
             if job is None:

@@ -170,13 +170,17 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
     entered = False
-    send, recv = conn.send_bytes, conn.recv_bytes
+    send, recv, poll = conn.send_bytes, conn.recv_bytes, conn.poll
+    large = False
     while True:
         try:
+            if large and not poll(1.0):  # idle after large payloads: hand memory back
+                system.release_memory()
+                large = False
             msg = recv()
         except (EOFError, OSError):
             os._exit(0)
-        large = len(msg) >= defaults.RELEASE_BYTES
+        large = large or len(msg) >= defaults.RELEASE_BYTES
         tasks, new_funcs, ctx = pickle.loads(msg)
         msg = None  # an idle executor holds nothing of its last batch
         if not entered:
@@ -195,9 +199,7 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
             n = system.kill_descendants()
             if n:
                 log.info("job %s left %d processes running: killed them", jid, n)
-        tasks = new_funcs = None
-        if large:
-            system.release_memory()
+        tasks = new_funcs = args_blob = None  # (the loop's last names hold on, too)
 
 
 def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> bytes:
