@@ -46,6 +46,10 @@ AGENT_GONE = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGH
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "PYTHON_CPU_COUNT")  # fmt: skip
 
+#: Seconds below which a job cannot have started a process (fork or spawn takes longer):
+#: such a job is not checked for processes left behind on its own, only with its batch.
+PROCESS_TIME = 20e-6
+
 _me = 0  # this executor's pid: a process with another pid is one the job forked
 _pipe_fd = -1
 
@@ -170,7 +174,7 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
     entered = False
-    send, recv, poll = conn.send_bytes, conn.recv_bytes, conn.poll
+    send, recv, poll, clock = conn.send_bytes, conn.recv_bytes, conn.poll, time.perf_counter
     large = False
     while True:
         try:
@@ -187,19 +191,30 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
             _enter_context(ctx)
             entered = True
         blobs.update(new_funcs)
+        jid = None
         for jid, fn_hash, args_blob in tasks:
+            t0 = clock()
             data = _run(jid, fn_hash, args_blob, blobs, funcs)
             send(data)
             large = large or len(data) >= defaults.RELEASE_BYTES
             data = None
-            try:  # the common case: the job left no process behind (one cheap syscall)
-                os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                continue
-            n = system.kill_descendants()
-            if n:
-                log.info("job %s left %d processes running: killed them", jid, n)
+            # a job that started a process took longer than this: the others skip the check
+            if clock() - t0 >= PROCESS_TIME:
+                _end_leftovers(jid)
+        if jid is not None:
+            _end_leftovers(jid)
         tasks = new_funcs = args_blob = None  # (the loop's last names hold on, too)
+
+
+def _end_leftovers(jid: int) -> None:
+    """End what the job left running; the common case (nothing) costs one syscall."""
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return
+    n = system.kill_descendants()
+    if n:
+        log.info("job %s left processes running (%d): killed them", jid, n)
 
 
 def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> bytes:
