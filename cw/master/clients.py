@@ -92,8 +92,12 @@ class ClientHandlers:
         new: list[tuple] = []  # NewJob rows (plain tuples: this runs once per job)
         hits, hit_blobs, attach = [], [], []  # attach: (seq, job id) or (seq, -1 - index in new)
         firsts: dict = {}  # (key, fn) -> index in new, for copies within this batch
+        acks = []  # attached submissions are acknowledged with their result, not now
         for (seq, fn, key, opts), args in zip(specs, blobs):  # SubmitSpec rows
-            if seq in seen or seq in s.jobs:  # resent after a reconnect: the first copy stands
+            if seq in seen:  # resent after a reconnect: the first copy stands
+                acks.append(seq)
+                continue
+            if seq in s.jobs:  # resent, and attached to a job already
                 continue
             opts = opts or {}
             if s.run is not None and key is not None and opts.get("c", True):
@@ -105,10 +109,12 @@ class ClientHandlers:
                     if m.status is None:
                         attach.append((seq, m.job))
                     else:
+                        acks.append(seq)
                         hits.append(P.ClientResult(seq, m.status, m.error, m.traceback))
                         hit_blobs.append(m.value or b"")
                     continue
                 firsts[key, fn] = len(new)
+            acks.append(seq)
             timeout = None if opts.get("t") is None else float(opts["t"])
             new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), timeout,
                         int(opts.get("m", defaults.MAX_RETRIES))))  # fmt: skip
@@ -118,8 +124,7 @@ class ClientHandlers:
             ids = self.store.add_jobs(new) if new else []
         # stored: now the batch counts
         self.functions.update(fns)
-        attached = {seq for seq, _ in attach}
-        s.acks.extend(sp[0] for sp in specs if sp[0] not in attached)  # attached: with the result
+        s.acks.extend(acks)
         s.results.extend(hits)
         s.blobs.extend(hit_blobs)
         led = {-1 - j for _, j in attach if j < 0}  # jobs of this batch that others wait for
@@ -157,7 +162,8 @@ class ClientHandlers:
             row = self.store.queued_job(jid)
             if row is not None and not self.store.finished([jid]):
                 job = self._take(row)
-                self.backlog = max(0, self.backlog - 1)
+                if self.backlog_from is not None and jid >= self.backlog_from:
+                    self.backlog = max(0, self.backlog - 1)  # no longer only in the store
         return job
 
     def _cancel(self, s: Session, seqs: list[int]) -> None:
