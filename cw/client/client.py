@@ -24,6 +24,7 @@ from ..serialize import dumps_args, dumps_function, dumps_result, job_key, loads
 from ..serialize import ship_modules as ship
 from .connection import Connection
 from .futures import Delivery, Future
+from .progress import track
 
 
 class Client:
@@ -155,13 +156,24 @@ class Client:
             fut.set_result(value)
         return fut
 
-    def map(self, fn: Callable, *iterables: Iterable, **options: Any) -> list[Future]:
-        """Submit ``fn`` over the zipped iterables; a list of futures, in order."""
-        return [self.submit(fn, *args, **options) for args in zip(*iterables)]
+    def map(self, fn: Callable, *iterables: Iterable, progress: bool = False, **options: Any) -> list[Future]:
+        """Submit ``fn`` over the zipped iterables; a list of futures, in order.
 
-    def gather(self, futures: Iterable[cf.Future], timeout: float | None = None) -> list:
-        """Results of the futures, in order; raises the first job exception met."""
+        ``progress=True`` draws a bar (tqdm.auto) that follows the jobs as they finish.
+        """
+        futures = [self.submit(fn, *args, **options) for args in zip(*iterables)]
+        if progress:
+            track(futures, getattr(fn, "__name__", "jobs"))
+        return futures
+
+    def gather(self, futures: Iterable[cf.Future], timeout: float | None = None,
+               progress: bool = False) -> list:  # fmt: skip
+        """Results of the futures, in order; raises the first job exception met.
+
+        ``progress=True`` draws a bar (tqdm.auto): done, failed, total and the rate.
+        """
         futures = list(futures)
+        bar = track(futures) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []
         for f in futures:
@@ -170,6 +182,10 @@ class Client:
                 out.append(f.result(left))
             except cf.TimeoutError:
                 raise TimeoutError(f"gather: {len(futures) - len(out)} jobs unfinished after {timeout} s") from None
+            except BaseException:
+                if bar is not None:
+                    bar.close()
+                raise
         return out
 
     def cancel(self, futures: Iterable[cf.Future] | cf.Future) -> int:
@@ -226,5 +242,3 @@ def _context(env: dict | None, env_from: Iterable[str] | None) -> dict:
         "path": [os.path.abspath(p) if p else os.getcwd() for p in sys.path],
         "env": {str(k): str(v) for k, v in variables.items()},
     }
-
-

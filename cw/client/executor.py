@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .client import Client
 from .futures import Future
+from .progress import track
 
 
 def run_chunk(fn: Callable, chunk: list[tuple]) -> list:
@@ -85,12 +86,13 @@ class Executor(cf.Executor):
             self._futures.discard(fut)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1) -> Iterator:  # fmt: skip
+            chunksize: int = 1, progress: bool = False) -> Iterator:  # fmt: skip
         """Like ``Executor.map``: results in order; jobs are submitted at once.
 
         ``chunksize`` > 1 runs that many calls in one job, as ProcessPoolExecutor
         does. Each future is dropped as its result is yielded, so a long map
-        over big results does not hold them all.
+        over big results does not hold them all. ``progress=True`` (cw's own
+        keyword) draws a bar (tqdm.auto) over the jobs.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -98,6 +100,7 @@ class Executor(cf.Executor):
             futures = [self.submit(fn, *args) for args in zip(*iterables)]
         else:
             futures = [self.submit(run_chunk, fn, chunk) for chunk in _chunks(iterables, chunksize)]
+        bar = track(futures, getattr(fn, "__name__", "jobs")) if progress else None
         futures.reverse()
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -112,6 +115,8 @@ class Executor(cf.Executor):
             finally:
                 for f in futures:
                     f.cancel()
+                if bar is not None:
+                    bar.close()
 
         return results()
 

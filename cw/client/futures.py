@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from .. import protocol as P
 from ..errors import JobCrashedError, JobError, RemoteImportError, TimeoutError, WorkerLostError
 from ..serialize import rebuild_exception
+from .progress import track
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -129,11 +130,21 @@ def error_for(status: int, err: str, tb: str, blob: bytes) -> BaseException:
     return cls(err)
 
 
-def as_completed(futures: Iterable[cf.Future], timeout: float | None = None) -> Iterator[cf.Future]:
-    """Futures in the order they finish (``concurrent.futures.as_completed``)."""
+def as_completed(futures: Iterable[cf.Future], timeout: float | None = None,
+                 progress: bool = False) -> Iterator[cf.Future]:  # fmt: skip
+    """Futures in the order they finish (``concurrent.futures.as_completed``).
+
+    ``progress=True`` draws a bar (tqdm.auto): done, failed, total and the rate.
+    """
+    if progress:
+        futures = list(futures)
+        bar = track(futures)
     try:
         yield from cf.as_completed(futures, timeout)
     except cf.TimeoutError as e:
         raise TimeoutError(str(e)) from None
+    finally:
+        if progress:
+            bar.close()
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
 from .client import Client
+from .progress import new_bar
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class ClientThread(threading.Thread):
         self.client: Client | None = None
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._outstanding = 0
+        self._submitted = self._failed = 0  # for a progress bar
         self._idle = threading.Condition()
 
     def start(self) -> None:
@@ -44,11 +47,13 @@ class ClientThread(threading.Thread):
             raise RuntimeError("call start() before submit()")
         with self._idle:
             self._outstanding += 1
+            self._submitted += 1
         try:
             return self.client._submit(func, args, kwargs, sink=self._deliver).jobid
         except BaseException:
             with self._idle:
                 self._outstanding -= 1
+                self._submitted -= 1
             raise
 
     def _deliver(self, jobid: int, value: Any, failed: bool) -> None:
@@ -70,12 +75,41 @@ class ClientThread(threading.Thread):
             finally:
                 with self._idle:
                     self._outstanding -= 1
+                    self._failed += failed
                     self._idle.notify_all()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every submitted job has called back; False on timeout."""
+    def wait(self, timeout: float | None = None, progress: bool = False) -> bool:
+        """Block until every submitted job has called back; False on timeout.
+
+        ``progress=True`` draws a bar (tqdm.auto) over the jobs submitted so far:
+        called back, failed, total and the rate.
+        """
+        if progress:
+            return self._wait_with_bar(timeout)
         with self._idle:
             return self._idle.wait_for(lambda: self._outstanding == 0, timeout)
+
+    def _wait_with_bar(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            base = self._submitted - self._outstanding  # called back before this wait
+            failed0 = self._failed
+            bar = new_bar(self._outstanding)
+            try:
+                while True:
+                    done = self._submitted - self._outstanding - base
+                    bar.total = self._submitted - base  # jobs submitted meanwhile count too
+                    if self._failed > failed0:
+                        bar.set_postfix_str(f"{self._failed - failed0} failed", refresh=False)
+                    bar.update(done - bar.n)
+                    if self._outstanding == 0:
+                        return True
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._idle.wait(0.2 if left is None else min(0.2, left))
+            finally:
+                bar.close()
 
     def stop(self) -> None:
         """Disconnect; the callback thread ends after the callbacks already due."""
