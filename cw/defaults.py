@@ -77,6 +77,14 @@ NO_WORKERS_WARNING = 60.0
 LOG_EVERY = 10.0
 #: Seconds a draining worker lets running jobs finish before handing them back.
 GRACE = 30.0
+#: Bytes of a job's stdout, and of its stderr, kept in the store: the tail (per Client and per submit).
+OUTPUT_LIMIT = 1024 * 1024
+#: Lines of a failed job's stderr shown with its exception in the client.
+STDERR_LINES = 20
+#: The status document lists this many of the latest failures ...
+STATUS_FAILURES = 20
+#: ... and the master keeps this many samples of its counters (one per timer tick) for its rates.
+STATUS_SAMPLES = 400
 
 # -- launchers (SLURM, Grid Engine) ---------------------------------------------
 #: Seconds between the keeper's looks at the scheduler (one batched query each).

@@ -30,6 +30,7 @@ SUBMIT = b"SUBMIT"  # client -> master: jobs (SubmitSpec rows) and the functions
 CANCEL = b"CANCEL"  # client -> master (seqs), master -> worker (job ids)
 STATUS = b"STATUS"  # a request for the master's status document, and the answer
 RETRY = b"RETRY"  # requeue a run's failed jobs; answered by STATUS {retried}
+OUTPUT = b"OUTPUT"  # a finished job's stdout and stderr; answered by STATUS {status, stdout, stderr}
 BYE = b"BYE"  # the sender is leaving, or the master tells a peer to go or say HELLO again
 WELCOME = b"WELCOME"  # master -> peer: the answer to HELLO
 ACK = b"ACK"  # master -> client: these submissions are committed
@@ -38,7 +39,7 @@ REJECT = b"REJECT"  # master -> peer, UNSIGNED: the master could not verify a me
 RESULT = b"RESULT"  # worker -> master (WorkerResult rows), master -> client (ClientResult rows)
 HEARTBEAT = b"HEARTBEAT"  # both ways: alive; a worker's carries its counters
 
-KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, RETRY, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
+KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, RETRY, OUTPUT, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
 
 
 # -- the rows of batched headers, by name ----------------------------------------------
@@ -51,7 +52,7 @@ class SubmitSpec(NamedTuple):
     seq: int  #: the client's own job number in its session
     fn: str  #: the function's hash
     key: Optional[str]  #: the job's identity in its run (stored results are reused)
-    opts: Optional[dict]  #: c: cache (default true), r: requirements, t: timeout s, m: max retries
+    opts: Optional[dict]  #: c: cache (default true), r: requirements, t: timeout s, m: max retries, o: output bytes
 
 
 class TaskSpec(NamedTuple):
@@ -61,6 +62,7 @@ class TaskSpec(NamedTuple):
     fn: str  #: the function's hash
     ctx: Optional[str]  #: the client context to run in (a key of the header's ``c``), or None
     timeout: Optional[float]  #: seconds, or None
+    output: Optional[int]  #: bytes of stdout and of stderr to keep (None: the client's, else 1 MiB)
 
 
 class WorkerResult(NamedTuple):
@@ -71,6 +73,8 @@ class WorkerResult(NamedTuple):
     runtime: Optional[float]  #: seconds the job ran, if it ran
     error: Optional[str]  #: one line, for a job that did not succeed
     traceback: Optional[str]
+    stdout: Optional[str] = None  #: the job's output: present (both) only if it wrote any
+    stderr: Optional[str] = None
 
 
 class ClientResult(NamedTuple):
@@ -99,6 +103,7 @@ MESSAGES = (
     Message("client", "master", CANCEL, ("s",)),
     Message("client", "master", STATUS, ()),
     Message("client", "master", RETRY, ("run",)),
+    Message("client", "master", OUTPUT, ("session", "seq")),
     Message("client", "master", HEARTBEAT, ()),
     Message("client", "master", BYE, ()),
     Message("master", "client", WELCOME, ("master", "heartbeat")),
@@ -107,15 +112,18 @@ MESSAGES = (
     Message("master", "client", HEARTBEAT, ("workers", "queued", "notices?")),
     Message("master", "client", STATUS, (
         "master", "address", "store", "uptime", "queued", "in_memory", "running", "prefetched",
-        "done", "bad_messages", "sessions", "queues", "workers"), "answer to STATUS"),
+        "done", "failed", "submitted", "rates", "store_bytes", "bad_messages", "sessions", "queues", "runs",
+        "failures", "workers"), "answer to STATUS"),
     Message("master", "client", STATUS, ("retried",), "answer to RETRY"),
+    Message("master", "client", STATUS, ("status", "stdout", "stderr"), "answer to OUTPUT"),
     Message("master", "client", BYE, ("why", "rehello?", "fatal?")),
     Message("master", "client", REJECT, ("why",)),
     Message("worker", "master", HELLO, (
         "role", "id", "host", "pid", "procs", "caps", "have", "holding", "running", "draining",
         "info", "label", "task", "versions")),
     Message("worker", "master", RESULT, ("r", "running")),
-    Message("worker", "master", HEARTBEAT, ("fn_received", "tasks", "results", "crashes", "running")),
+    Message("worker", "master", HEARTBEAT, (
+        "fn_received", "tasks", "results", "crashes", "running", "rss?", "cpu?")),
     Message("worker", "master", BYE, ("returned", "why", "final?")),
     Message("master", "worker", WELCOME, ("master", "heartbeat")),
     Message("master", "worker", TASKS, ("t", "f", "c?")),

@@ -1,7 +1,7 @@
 """The ``cw`` command line: the only place that prints or knows click.
 
 - :mod:`cw.cli.serve`: `cw master`, `cw worker` (and ``python -m cw.master`` / ``cw.worker``);
-- :mod:`cw.cli.jobs`: `cw status`, `cw results`, `cw retry`;
+- :mod:`cw.cli.jobs`: `cw status`, `cw results`, `cw logs`, `cw retry`;
 - :mod:`cw.cli.store`: `cw store check | recover`;
 - :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
 - :mod:`cw.cli.doctor`: `cw doctor`;
@@ -14,7 +14,7 @@ import click
 
 from ..version import __version__
 from .doctor import doctor_cmd
-from .jobs import results_cmd, retry_cmd, status_cmd
+from .jobs import logs_cmd, results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
 from .serve import master_cmd, worker_cmd
 from .store import store_group
@@ -26,7 +26,7 @@ def cli() -> None:
     """cw (Cluster-Workers): run Python functions on a pool of workers."""
 
 
-for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, retry_cmd, store_group, doctor_cmd):
+for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, store_group, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 

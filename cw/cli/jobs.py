@@ -1,10 +1,11 @@
-"""`cw status`, `cw results`, `cw retry`: jobs and workers, through the master or in the store."""
+"""`cw status`, `cw results`, `cw logs`, `cw retry`: jobs and workers, through the master or in the store."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import time
 
 import click
 
@@ -81,7 +82,9 @@ def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
     click.echo(format_rows(rows, fmt), nl=False)
 
 
-COLUMNS = ("job", "seq", "run", "status", "value", "error", "worker", "runtime")
+#: `cw results` table columns: `waited` is queued to started, `runtime` started to finished (seconds)
+COLUMNS = ("job", "seq", "run", "status", "value", "error", "worker", "waited", "runtime")
+ALL_COLUMNS = COLUMNS + ("started", "finished")  # CSV and JSON: epoch seconds too
 
 
 def format_rows(rows: list[dict], fmt: str) -> str:
@@ -90,13 +93,62 @@ def format_rows(rows: list[dict], fmt: str) -> str:
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        w = csv.DictWriter(out, COLUMNS, lineterminator="\n")
+        w = csv.DictWriter(out, ALL_COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
         return out.getvalue()
     from tabulate import tabulate
 
     return tabulate([[r[c] for c in COLUMNS] for r in rows], headers=COLUMNS) + "\n"
+
+
+@click.command("logs")
+@click.argument("run")
+@click.argument("which", required=False, metavar="[KEY|ID]")
+@cluster_options
+@click.option("--failed", is_flag=True, help="Only jobs that did not succeed.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing the output of jobs as they finish (Ctrl-C stops).")
+def logs_cmd(run, which, cluster_name, cluster_dir, failed, follow):
+    """Each finished job's own stdout and stderr in RUN ('-': jobs without a run name).
+
+    KEY or ID picks one job (its key in the run, or its job id). Reads the
+    store directly: it works with or without a live master.
+    """
+    cluster = cluster_from(cluster_name, cluster_dir)
+    run = None if run == "-" else run
+    seen: set[int] = set()
+    after = None
+    try:
+        with StoreReader(cluster.store_path) as store:
+            while True:
+                rows = [r for r in store.outputs(run, which, failed, after) if r["job"] not in seen]
+                for r in rows:
+                    click.echo(_log_text(r), nl=False)
+                    seen.add(r["job"])
+                    after = r["finished"] - 1.0 if r["finished"] else after  # clocks: keep a margin
+                if not follow:
+                    if not rows:
+                        click.echo(f"no finished jobs{' that failed' if failed else ''} in run {run or '(none)'}"
+                                   f"{f' matching {which}' if which else ''}", err=True)  # fmt: skip
+                    return
+                time.sleep(0.5)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        return
+
+
+def _log_text(r: dict) -> str:
+    """One job's output, under a line naming it."""
+    head = f"==> job {r['job']}" + (f" key {r['key']}" if r["key"] else "") + f" ({r['status']}"
+    head += f" on {r['worker']})" if r["worker"] else ")"
+    parts = [head + (f": {r['error'].splitlines()[0]}" if r["error"] else "") + " <=="]
+    for name in ("stdout", "stderr"):
+        if r[name]:
+            parts.append(f"--- {name}\n" + r[name] + ("" if r[name].endswith("\n") else "\n"))
+    if len(parts) == 1:
+        parts.append("(no output)")
+    return "\n".join(parts) + "\n"
 
 
 @click.command("retry")

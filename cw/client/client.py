@@ -55,6 +55,7 @@ class Client:
         ship_modules: Iterable[Any] = (),
         timeout: float | None = None,
         max_retries: int | None = None,
+        output_limit: int | None = None,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         master_timeout: float = defaults.MASTER_TIMEOUT,
     ):
@@ -77,8 +78,10 @@ class Client:
             self._local = Client.embedded(n_workers=n_workers)
             cdir, address = self._local.cluster, self._local.address
         try:
-            self._conn = Connection(cdir.key(), run, _context(env, env_from), cdir, address,
-                                    connect_timeout, master_timeout)  # fmt: skip
+            context = _context(env, env_from)
+            if output_limit is not None:  # each job's stdout and stderr keep their last bytes
+                context["output_limit"] = int(output_limit)
+            self._conn = Connection(cdir.key(), run, context, cdir, address, connect_timeout, master_timeout)
         except BaseException:
             if self._local is not None:
                 self._local.close()
@@ -95,20 +98,22 @@ class Client:
     # -- submission ---------------------------------------------------------------
     def submit(self, fn: Callable, /, *args: Any, key: str | None = None, cache: bool = True,
                requires: dict | None = None, timeout: float | None = None,
-               max_retries: int | None = None, **kwargs: Any) -> Future:  # fmt: skip
+               max_retries: int | None = None, output_limit: int | None = None,
+               **kwargs: Any) -> Future:  # fmt: skip
         """Run ``fn(*args, **kwargs)`` on the cluster; return its future at once.
 
-        ``key``, ``cache``, ``requires``, ``timeout`` and ``max_retries`` are
-        cw's own options and are not passed to ``fn`` (``Executor`` and
-        ``ClientThread`` pass every keyword to the function).
+        ``key``, ``cache``, ``requires``, ``timeout``, ``max_retries`` and
+        ``output_limit`` (bytes of the job's stdout, and of its stderr, that
+        the store keeps: the tail) are cw's own options and are not passed to
+        ``fn`` (``Executor`` and ``ClientThread`` pass every keyword to the function).
         """
         return self._submit(fn, args, kwargs, key=key, cache=cache, requires=requires,
-                            timeout=timeout, max_retries=max_retries)  # fmt: skip
+                            timeout=timeout, max_retries=max_retries, output_limit=output_limit)  # fmt: skip
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, key: str | None = None,
                 cache: bool = True, requires: dict | None = None, timeout: float | None = None,
-                max_retries: int | None = None, sink: Callable | None = None,
-                kill: bool = True) -> Future | Delivery:  # fmt: skip
+                max_retries: int | None = None, output_limit: int | None = None,
+                sink: Callable | None = None, kill: bool = True) -> Future | Delivery:  # fmt: skip
         fn_hash, fn_blob = dumps_function(fn)
         args_blob = dumps_args(args, kwargs)
         for what, blob in (("arguments", args_blob), ("function", fn_blob)):
@@ -139,6 +144,8 @@ class Client:
         m = max_retries if max_retries is not None else self.defaults["m"]
         if m is not None:
             opts["m"] = int(m)
+        if output_limit is not None:
+            opts["o"] = int(output_limit)
         return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink, kill)
 
     _serial_seq = itertools.count()
@@ -194,6 +201,14 @@ class Client:
         if isinstance(futures, cf.Future):
             futures = [futures]
         return sum(bool(f._cancel(kill=True) if isinstance(f, Future) else f.cancel()) for f in futures)
+
+    def output(self, jobid: int) -> tuple[str | None, str | None]:
+        """(stdout, stderr) of this client's job number ``jobid`` (a ``ClientThread`` id,
+        or ``future.jobid``); (None, None) while it has not finished."""
+        if self._conn is None:
+            raise ClientError("this client is closed (or serial): no output to ask for")
+        _, out, err = self._conn.output(jobid)
+        return out, err
 
     def status(self) -> dict:
         """The master's view: workers, queued and running jobs."""

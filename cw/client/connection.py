@@ -28,7 +28,7 @@ from .. import defaults
 from .. import protocol as P
 from ..discovery import ClusterDir
 from ..errors import AuthenticationError, ClientError, NoMasterError, SerializationError
-from ..link import Link
+from ..link import Link, ask
 from ..serialize import loads, runtime_versions
 from .futures import Delivery, Future, error_for
 
@@ -118,6 +118,12 @@ class Connection:
             self.outq.append(sub)
         self._wake()
         return fut
+
+    def output(self, seq: int) -> tuple[int | None, str | None, str | None]:
+        """A finished job's (status, stdout, stderr), asked of the master (None while unfinished)."""
+        h = ask(self.address, self.key, P.OUTPUT, {"session": self.session, "seq": seq},
+                timeout=self.connect_timeout)  # fmt: skip
+        return h.get("status"), h.get("stdout"), h.get("stderr")
 
     def cancel(self, seq: int) -> None:
         with self.space:

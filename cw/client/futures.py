@@ -30,11 +30,36 @@ class Future(cf.Future):
     cancelled (``client.cancel(futures)`` is the explicit kill).
     """
 
+    _output: tuple | None = None  # (status, stdout, stderr), asked once the job finished
+
     def __init__(self, jobid: int, conn: Connection | None = None, kill: bool = True):
         super().__init__()
         self.jobid = jobid
         self._conn = conn
         self._kill = kill
+
+    def stdout(self) -> str | None:
+        """What the job wrote to its stdout (file descriptor 1), as submitit's ``job.stdout()``.
+
+        The tail the store kept (what was cut is said at the top); ``""`` if it
+        wrote nothing; None while the job has not finished, for a cancelled
+        one, and with ``serial=True`` (the job's output went to this terminal).
+        Also for a failed job. Asks the master once, then remembers.
+        """
+        out = self._fetch_output()
+        return None if out is None else out[1]
+
+    def stderr(self) -> str | None:
+        """What the job wrote to its stderr (file descriptor 2); as :meth:`stdout`."""
+        out = self._fetch_output()
+        return None if out is None else out[2]
+
+    def _fetch_output(self) -> tuple | None:
+        if self._output is None and self.done() and self._conn is not None:
+            out = self._conn.output(self.jobid)
+            if out[0] is not None:
+                self._output = out
+        return self._output
 
     def cancel(self) -> bool:
         return self._cancel(self._kill)

@@ -111,6 +111,19 @@ class ClientThread(threading.Thread):
             finally:
                 bar.close()
 
+    def stdout(self, jobid: int) -> str | None:
+        """What job ``jobid`` wrote to its stdout (the tail kept); None until it finished."""
+        return self._client().output(jobid)[0]
+
+    def stderr(self, jobid: int) -> str | None:
+        """What job ``jobid`` wrote to its stderr (the tail kept); None until it finished."""
+        return self._client().output(jobid)[1]
+
+    def _client(self) -> Client:
+        if self.client is None:
+            raise RuntimeError("call start() first")
+        return self.client
+
     def stop(self) -> None:
         """Disconnect; the callback thread ends after the callbacks already due."""
         self._done.put(None)

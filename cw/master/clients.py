@@ -34,6 +34,7 @@ class Session:
         self.blobs: list[bytes] = []
         self.notices: list[str] = []
         self.last_sent = 0.0
+        self.submitted = self.done = self.failed = 0  # since this master started, for the status
 
     def __repr__(self) -> str:
         return f"<session {self.id[:8]}>"
@@ -68,6 +69,13 @@ class ClientHandlers:
             self.peers.pop(s.ident, None)
             s.ident = None
         # HEARTBEAT: hearing from it is all it is for
+
+    def _output(self, h: dict) -> dict:
+        """A finished job's own output, by session and seq (the answer to OUTPUT)."""
+        row = self.store.output(str(h["session"]), int(h["seq"]))
+        if row is None:
+            return {"status": None, "stdout": None, "stderr": None}
+        return {"status": row[0], "stdout": row[1], "stderr": row[2]}
 
     def _stored_results(self, s: Session, seqs: list[int]) -> None:
         for r in self.store.session_results(s.id, seqs):
@@ -117,7 +125,7 @@ class ClientHandlers:
             acks.append(seq)
             timeout = None if opts.get("t") is None else float(opts["t"])
             new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), timeout,
-                        int(opts.get("m", defaults.MAX_RETRIES))))  # fmt: skip
+                        int(opts.get("m", defaults.MAX_RETRIES)), opts.get("o")))  # fmt: skip
         with self.store.savepoint():
             if fns:
                 self.store.add_functions(fns)
@@ -129,15 +137,17 @@ class ClientHandlers:
         s.blobs.extend(hit_blobs)
         led = {-1 - j for _, j in attach if j < 0}  # jobs of this batch that others wait for
         spill = self.backlog_from is not None or self.policy.window_full(len(new))
+        s.submitted += len(new)
+        self.submitted += len(new)
         jobs: list = []
-        for i, (jid, (_, seq, _, _, fn, args, requires, timeout, retries)) in enumerate(zip(ids, new)):
+        for i, (jid, (_, seq, _, _, fn, args, requires, timeout, retries, limit)) in enumerate(zip(ids, new)):
             if spill and i not in led:  # the window is full: this job waits in the store only
                 if self.backlog_from is None:
                     self.backlog_from = jid
                 self.backlog += 1
                 jobs.append(None)
             else:
-                jobs.append(Job(jid, s, seq, fn, args, requires, timeout, retries))
+                jobs.append(Job(jid, s, seq, fn, args, requires, timeout, retries, 0, limit))
                 self._enqueue(jobs[-1])
         for seq, j in attach:
             job = jobs[-1 - j] if j < 0 else self._held(j)
@@ -199,8 +209,8 @@ class ClientHandlers:
         if stored_only:  # not in memory: waiting in the store, or already finished
             ids = self.store.job_ids(s.id, stored_only)
             now = time.time()
-            self.store.add_results([Outcome(i, P.CANCELLED, b"", "cancelled", "", None, None, now)
-                                    for i in ids.values()])  # fmt: skip
+            self.store.add_results([Outcome(i, P.CANCELLED, b"", "cancelled", "", None, None, now, None,
+                                            None, None, None) for i in ids.values()])  # fmt: skip
             for seq in ids:
                 s.results.append(P.ClientResult(seq, P.CANCELLED, "cancelled", ""))
                 s.blobs.append(b"")
@@ -217,9 +227,10 @@ class ClientHandlers:
     def _retry(self, run: str) -> int:
         """Requeue the failed jobs of a run, with fresh attempts."""
         rows = self.store.retry_failed(run)
+        now = time.time()
         for row in rows:
             if row.id not in self.policy.jobs:
-                self._take(row)
+                self._take(row).queued_at = now
         log.info("run %s: %d failed jobs requeued", run, len(rows))
         return len(rows)
 

@@ -29,14 +29,17 @@ class Job:
 
     __slots__ = (
         "id", "session", "seq", "fn", "args", "requires", "timeout",
-        "max_retries", "attempts", "lost_on", "worker", "followers",
+        "max_retries", "attempts", "lost_on", "worker", "followers", "output", "queued_at", "started_at",
     )  # fmt: skip
 
-    def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0):
+    def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0, output=None):
         self.id, self.session, self.seq, self.fn, self.args = id, session, seq, fn, args
         self.requires, self.timeout, self.max_retries = requires, timeout, max_retries
         self.attempts, self.lost_on, self.worker = attempts, None, None
         self.followers: Optional[list] = None  # (session, seq) of submissions attached to it
+        self.output = output  # its output limit in bytes (None: its client's)
+        # when this attempt was queued (None: when submitted) and when a worker said it started
+        self.queued_at = self.started_at = None
 
 
 class Worker:

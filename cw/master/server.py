@@ -11,6 +11,7 @@ the timers and the status document.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -19,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Deque, Sequence
 
 import zmq
 
@@ -30,12 +31,13 @@ from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
 from ..store import Outcome, Store
 from .clients import ClientHandlers, Session
 from .policy import Job, Policy, Worker
+from .status import StatusReport, stderr_tail
 from .workers import WorkerHandlers
 
 log = logging.getLogger(__name__)
 
 
-class Master(ClientHandlers, WorkerHandlers):
+class Master(ClientHandlers, WorkerHandlers, StatusReport):
     """A master on one cluster directory: its lock, key, store and published address."""
 
     def __init__(
@@ -94,7 +96,9 @@ class Master(ClientHandlers, WorkerHandlers):
         self.post_mortems: dict[str, str] = {}  # worker id -> what the batch system said
         self._pm_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.started = time.time()
-        self.done = 0
+        self.done = self.failed = self.submitted = 0
+        self.failures: Deque[dict] = collections.deque(maxlen=defaults.STATUS_FAILURES)
+        self.counts: Deque[tuple] = collections.deque(maxlen=defaults.STATUS_SAMPLES)  # (t, in, out)
         self.failure: StoreError | None = None  # why the store failed; the master then stops
         self.release = False  # large payloads passed: hand freed memory back to the system
         self._released = 0.0
@@ -212,6 +216,8 @@ class Master(ClientHandlers, WorkerHandlers):
                 self._send(ident, P.STATUS, self.status())
             elif kind == P.RETRY:
                 self._send(ident, P.STATUS, {"retried": self._retry(str(header["run"]))})
+            elif kind == P.OUTPUT:  # read-only; any key holder may ask
+                self._send(ident, P.STATUS, self._output(header))
             elif peer is None:  # we restarted, or it timed out: it must say HELLO again
                 if kind == P.RESULT:  # what it computed meanwhile still counts
                     self._orphan_results(header, blobs)
@@ -236,17 +242,34 @@ class Master(ClientHandlers, WorkerHandlers):
             job.session.jobs[job.seq] = job
 
     def _requeue(self, job: Job) -> None:
-        job.worker = None
+        job.worker = job.started_at = None
+        job.queued_at = time.time()
         self._enqueue(job, front=True)
 
-    def _finish(self, job: Job, status: int, blob: bytes, err, tb, wid, runtime, store=True) -> Outcome:
-        """Record a job's outcome and queue it for its client (sent after the commit)."""
+    def _finish(self, job: Job, status: int, blob: bytes, err, tb, wid, runtime, store=True,
+                stdout=None, stderr=None) -> Outcome:  # fmt: skip
+        """Record a job's outcome and queue it for its client (sent after the commit).
+
+        Its start is not stored when it ran: the store reads it as finish minus runtime.
+        """
         self.policy.forget(job)
         self.done += 1
-        outcome = (job.id, status, blob, err, tb, wid, runtime, time.time())  # an Outcome row
+        now = time.time()
+        outcome = (job.id, status, blob, err, tb, wid, runtime, now, job.queued_at,
+                   job.started_at if runtime is None else None, stdout, stderr)  # an Outcome row
         if store:
             self.store.add_results([outcome])
         s = job.session
+        if status:  # did not succeed
+            self.failed += 1
+            if status != P.CANCELLED:
+                self.failures.append(self._failure(job, status, err, wid, now))
+            if stderr:  # the client's exception carries the last lines of the job's stderr
+                tb = (tb or "") + stderr_tail(job.id, stderr)
+            if s is not None:
+                s.failed += 1
+        elif s is not None:
+            s.done += 1
         if s is not None:
             s.jobs.pop(job.seq, None)
             s.results.append((job.seq, status, err, tb))  # a ClientResult row
@@ -281,7 +304,7 @@ class Master(ClientHandlers, WorkerHandlers):
     def _take(self, row) -> Job:
         """A stored job (a QueuedJob) into the queue, with its session."""
         job = Job(row.id, self._session(row.session), row.seq, row.fn, row.args, row.requires,
-                  row.timeout, row.max_retries, row.attempts)  # fmt: skip
+                  row.timeout, row.max_retries, row.attempts, row.output_limit)  # fmt: skip
         self._enqueue(job)
         return job
 
@@ -366,6 +389,7 @@ class Master(ClientHandlers, WorkerHandlers):
 
     # -- timers ------------------------------------------------------------------
     def _timers(self, now: float) -> None:
+        self.counts.append((now, self.submitted, self.done))
         self._check_workers(now)
         queued = self.policy.waiting() + self.backlog
         for s in [p for p in self.peers.values() if isinstance(p, Session)]:
@@ -396,41 +420,6 @@ class Master(ClientHandlers, WorkerHandlers):
             log.warning(text)
             for s in {j.session for j in list(q)[:1000] if j.session is not None}:
                 s.notices.append(text)
-
-    def status(self) -> dict:
-        running, held = self.policy.running(), self.policy.held()
-        now = time.monotonic()
-        queues = [{"requires": r, "queued": n, "runtime": t} for r, n, t in self.policy.demand()]
-        if self.backlog:  # jobs only in the store: their requirements are not read back yet
-            row = next((q for q in queues if not q["requires"]), None)
-            if row is None:
-                queues.append({"requires": {}, "queued": self.backlog, "runtime": None})
-            else:
-                row["queued"] += self.backlog
-        return {
-            "master": self.id,
-            "address": self.address,
-            "store": str(self.store.path),
-            "uptime": time.time() - self.started,
-            "queued": self.policy.waiting() + self.backlog,
-            "in_memory": len(self.policy.jobs),
-            "running": running,
-            "prefetched": held - running,
-            "done": self.done,
-            "bad_messages": self.bad.count,
-            "sessions": sum(1 for s in self.sessions.values() if s.ident is not None),
-            "queues": queues,
-            "workers": [
-                {
-                    "id": w.id, "host": w.host, "pid": w.pid, "slots": w.slots, "caps": w.caps,
-                    "running": w.busy(), "prefetched": len(w.running) - w.busy(),
-                    "draining": w.draining, "counters": w.counters, "info": w.info,
-                    "label": w.label, "task": w.task, "versions": w.versions,
-                    "idle": 0.0 if w.running else round(now - w.idle_since, 3),
-                }  # fmt: skip
-                for w in self.policy.workers.values()
-            ],
-        }
 
 
 def run_master(master: Master, companions: Sequence[Any] = ()) -> None:

@@ -77,10 +77,12 @@ class WorkerHandlers:
     def _tell_started(self, w: Worker, ids: set[int]) -> None:
         """Clients hear which of their jobs started (their futures go RUNNING), with
         their next acknowledgement or result."""
+        now = time.time()
         for jid in ids:
             job = w.running.get(jid)
             if job is None:
                 continue
+            job.started_at = now
             s = job.session
             if s is not None and s.ident is not None:
                 s.started.append(job.seq)
@@ -113,7 +115,7 @@ class WorkerHandlers:
                 if ctx is not None and ctx not in w.ctxs:
                     new_ctx = (ctx, s.context)
                     w.ctxs.add(ctx)
-                tasks.append((job.id, job.fn, ctx, job.timeout))  # a TaskSpec row
+                tasks.append((job.id, job.fn, ctx, job.timeout, job.output))  # a TaskSpec row
                 args.append(job.args)
                 fns.append(blob)
                 ctxs.append(new_ctx)
@@ -134,7 +136,12 @@ class WorkerHandlers:
         jobs, policy = self.policy.jobs, self.policy
         if blobs and max(map(len, blobs)) >= defaults.RELEASE_BYTES:
             self.release = True
-        for (jid, status, runtime, err, tb), blob in zip(h["r"], blobs):  # WorkerResult rows
+        for row, blob in zip(h["r"], blobs):  # WorkerResult rows: stdout, stderr only if written
+            if len(row) == 5:
+                jid, status, runtime, err, tb = row
+                out = errout = None
+            else:
+                jid, status, runtime, err, tb, out, errout = row
             job = w.running.pop(jid, None)
             if job is None:
                 job = jobs.get(jid)
@@ -142,7 +149,7 @@ class WorkerHandlers:
                     continue  # already finished (a duplicate after a requeue), or owned elsewhere
             if runtime is not None:
                 policy.ran(job.fn, runtime)
-            outcomes.append(self._finish(job, status, blob, err, tb, w.id, runtime, store=False))
+            outcomes.append(self._finish(job, status, blob, err, tb, w.id, runtime, False, out, errout))
         if not w.running:
             w.idle_since = w.last_seen
         if outcomes:
@@ -155,7 +162,8 @@ class WorkerHandlers:
             r = P.WorkerResult(*row)
             job = self.policy.jobs.get(r.id)
             if job is not None and job.worker is None:
-                outcomes.append(self._finish(job, r.status, blob, r.error, r.traceback, None, r.runtime, store=False))
+                outcomes.append(self._finish(job, r.status, blob, r.error, r.traceback, None, r.runtime, False,
+                                             r.stdout, r.stderr))  # fmt: skip
         if outcomes:
             self.store.add_results(outcomes)
 
@@ -167,6 +175,8 @@ class WorkerHandlers:
         if h.get("final"):
             returned += list(w.running.values())
             w.running.clear()
+        self._record_attempts(w, [j for j in returned if j.started_at is not None], None,
+                              f"handed back: {h.get('why', 'drained')}")  # fmt: skip
         for job in reversed(returned):
             self._requeue(job)
         if h.get("final"):
@@ -177,6 +187,13 @@ class WorkerHandlers:
                      len(returned))  # fmt: skip
         else:
             log.info("worker %s draining: %d jobs handed back", w.describe(), len(returned))
+
+    def _record_attempts(self, w: Worker, jobs: list[Job], status: int | None, why: str) -> None:
+        """Attempts that ended without a result (lost, handed back), for the job's history."""
+        if jobs:
+            now = time.time()
+            self.store.add_attempts([(j.id, w.id, j.queued_at, j.started_at, now, status, why, None, None)
+                                     for j in jobs])  # fmt: skip
 
     def _check_workers(self, now: float) -> None:
         """Lose silent workers; heartbeat the others.
@@ -208,6 +225,7 @@ class WorkerHandlers:
         charged, spared = self.policy.lost(w)
         if charged:
             self.store.count_attempt([j.id for j in charged])
+            self._record_attempts(w, [j for j in charged if j.attempts < j.max_retries], P.LOST, why)
         failed = 0
         for job in reversed(spared):
             self._requeue(job)

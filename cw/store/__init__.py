@@ -5,7 +5,9 @@ and return the typed records below, allocate job ids, and raise
 :class:`cw.errors.StoreError` (never a sqlite3 exception). The master runs
 them in explicit transactions, one per turn of its loop. Everyone else reads
 through :class:`cw.store.reader.StoreReader`, read-only (`cw status`, `cw
-results`). Journal mode is WAL where the filesystem allows it (see docs/store.md).
+results`, `cw logs`, `cw top`, `cw dashboard`). The schema and its migrations
+are in :mod:`cw.store.schema`. Journal mode is WAL where the filesystem allows
+it (see docs/store.md).
 
 A store that cannot be trusted is refused loudly: the master checks it on
 start (``PRAGMA quick_check``, and a write), every failure names the file
@@ -27,11 +29,13 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from .. import defaults
 from ..errors import StoreError
 from ..protocol import OK
+from .schema import SCHEMA_VERSION, prepare
 from .sqlite import Checkpointer, chunks, connect, file_identity, guarded, json_column
 
-log = logging.getLogger(__name__)
+__all__ = ["Attempt", "NewJob", "Outcome", "QueuedJob", "SCHEMA_VERSION", "SessionRecord", "Store",
+           "StoredResult"]  # fmt: skip
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class NewJob(NamedTuple):
@@ -46,6 +50,7 @@ class NewJob(NamedTuple):
     requires: Optional[dict]
     timeout: Optional[float]
     max_retries: int
+    output_limit: Optional[int]  #: bytes of stdout and stderr kept (None: the session's)
 
 
 class QueuedJob(NamedTuple):
@@ -60,6 +65,7 @@ class QueuedJob(NamedTuple):
     timeout: Optional[float]
     max_retries: int
     attempts: int
+    output_limit: Optional[int]
 
 
 class Outcome(NamedTuple):
@@ -73,6 +79,24 @@ class Outcome(NamedTuple):
     worker: Optional[str]
     runtime: Optional[float]
     finished: float
+    queued: Optional[float]  #: when this attempt was queued (None: when the job was submitted)
+    started: Optional[float]  #: when it started, if it did not run to a runtime (else finished - runtime)
+    stdout: Optional[str]  #: the tail of the job's own output, if it wrote any
+    stderr: Optional[str]
+
+
+class Attempt(NamedTuple):
+    """An attempt before the last: lost with its worker, or a result that was retried."""
+
+    job: int
+    worker: Optional[str]
+    queued: Optional[float]
+    started: Optional[float]
+    ended: float
+    status: int
+    error: Optional[str]
+    stdout: Optional[str]
+    stderr: Optional[str]
 
 
 class StoredResult(NamedTuple):
@@ -100,62 +124,13 @@ class SessionRecord(NamedTuple):
     context: dict
 
 
-SCHEMA = """
-CREATE TABLE functions (
-    hash TEXT PRIMARY KEY,          -- BLAKE2b of blob
-    blob BLOB,                      -- (name, by reference, by value) pickles
-    created REAL
-);
-CREATE TABLE sessions (
-    id TEXT PRIMARY KEY,            -- one per client session
-    run TEXT,
-    context TEXT,                   -- JSON: cwd, sys.path, named variables
-    started REAL
-);
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,         -- assigned by the master
-    session TEXT NOT NULL,
-    seq INTEGER NOT NULL,           -- the client's own job number
-    run TEXT,
-    key TEXT,                       -- identity within a run: stored results are reused
-    fn TEXT NOT NULL,
-    args BLOB NOT NULL,
-    requires TEXT,                  -- JSON
-    timeout REAL,
-    max_retries INTEGER,
-    attempts INTEGER DEFAULT 0,     -- workers lost while running it
-    submitted REAL
-);
-CREATE UNIQUE INDEX idx_jobs_session_seq ON jobs (session, seq);
-CREATE INDEX idx_jobs_run_key ON jobs (run, key);
-CREATE TABLE results (
-    job INTEGER PRIMARY KEY REFERENCES jobs (id),  -- at most one result per job
-    status INTEGER,                 -- protocol.STATUS_NAMES
-    value BLOB,                     -- pickled value or exception
-    error TEXT,
-    traceback TEXT,
-    worker TEXT,
-    runtime REAL,
-    finished REAL
-);
-CREATE TABLE workers (
-    id TEXT PRIMARY KEY,
-    host TEXT,
-    pid INTEGER,
-    caps TEXT,                      -- JSON
-    joined REAL,
-    left REAL,
-    reason TEXT                     -- why it left; the batch system's post-mortem
-);
-"""
-
-
-_QUEUED = "SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts FROM jobs"
+_QUEUED = ("SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts, output_limit"
+           " FROM jobs")
 _ADD_FUNCTION = "INSERT OR IGNORE INTO functions (hash, blob, created) VALUES (?, ?, ?)"
 _ADD_JOB = ("INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout, max_retries,"
-            " submitted) VALUES (?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
+            " submitted, output_limit) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
 _ADD_RESULT = ("INSERT OR IGNORE INTO results (job, status, value, error, traceback, worker, runtime,"
-               " finished) VALUES (?,?,?,?,?,?,?,?)")  # fmt: skip
+               " finished, queued, started, stdout, stderr) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
 
 
 def _queued(row: tuple) -> QueuedJob:
@@ -184,11 +159,7 @@ class Store:
         # a checkpoint copies the log into the database and syncs the disk: a
         # thread of its own does it, so the master's loop never waits for it
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            self.conn.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        elif version != SCHEMA_VERSION:
-            raise StoreError(f"store {path} has schema {version}, this cw knows {SCHEMA_VERSION}")
+        prepare(self.conn, path)  # a new store's schema, or an older one migrated forward
         # refuse a damaged store now, not at the first job that reads a bad page
         problems = [r[0] for r in self.conn.execute("PRAGMA quick_check(20)")]
         if problems != ["ok"]:
@@ -314,10 +285,10 @@ class Store:
         first, now = self._next_id, time.time()
         self.conn.executemany(_ADD_JOB, [
             (first + i, session, seq, run, key, fn, args, json.dumps(req) if req else None, timeout,
-             retries, now)
-            for i, (session, seq, run, key, fn, args, req, timeout, retries) in enumerate(jobs)])  # fmt: skip
+             retries, now, limit)
+            for i, (session, seq, run, key, fn, args, req, timeout, retries, limit) in enumerate(jobs)])  # fmt: skip
         if jobs and len(jobs[-1][5]) >= defaults.RELEASE_BYTES:
-            self._unbind(_ADD_JOB, (-1, "", -1, None, None, "", b"", None, None, 0, 0))
+            self._unbind(_ADD_JOB, (-1, "", -1, None, None, "", b"", None, None, 0, 0, None))
         self._next_id = first + len(jobs)
         return list(range(first, self._next_id))
 
@@ -327,7 +298,13 @@ class Store:
         self._begin()
         self.conn.executemany(_ADD_RESULT, outcomes)
         if outcomes and len(outcomes[-1][2]) >= defaults.RELEASE_BYTES:
-            self._unbind(_ADD_RESULT, (-1, 0, b"", None, None, None, None, 0))
+            self._unbind(_ADD_RESULT, (-1, 0, b"", None, None, None, None, 0, None, None, None, None))
+
+    @guarded
+    def add_attempts(self, attempts: Sequence[Attempt]) -> None:
+        """Record attempts that ended without the job's result (a lost worker)."""
+        self._begin()
+        self.conn.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?)", attempts)
 
     @guarded
     def count_attempt(self, job_ids: Sequence[int]) -> None:
@@ -357,6 +334,10 @@ class Store:
         self._begin()
         failed = "SELECT job FROM results r JOIN jobs j ON j.id = r.job WHERE j.run IS ? AND r.status != ?"
         ids = [r[0] for r in self.conn.execute(failed, (run, OK))]
+        # the failed attempt stays in the job's history
+        self.conn.executemany(
+            "INSERT INTO attempts SELECT job, worker, queued, started, finished, status, error, stdout,"
+            " stderr FROM results WHERE job = ?", [(i,) for i in ids])  # fmt: skip
         self.conn.executemany("DELETE FROM results WHERE job = ?", [(i,) for i in ids])
         self.conn.executemany("UPDATE jobs SET attempts = 0 WHERE id = ?", [(i,) for i in ids])
         return [_queued(row) for i in ids for row in self.conn.execute(f"{_QUEUED} WHERE id = ?", (i,))]
@@ -432,6 +413,14 @@ class Store:
                 f" WHERE j.session = ? AND j.seq IN ({','.join('?' * len(chunk))})",
                 (session, *chunk)))  # fmt: skip
         return out
+
+    @guarded
+    def output(self, session: str, seq: int) -> tuple[int, Optional[str], Optional[str]] | None:
+        """A finished job's (status, stdout, stderr), by its client's seq; None while it has no result."""
+        return self.conn.execute(
+            "SELECT r.status, coalesce(r.stdout, ''), coalesce(r.stderr, '') FROM jobs j"
+            " JOIN results r ON r.job = j.id WHERE j.session = ? AND j.seq = ?", (session, seq)
+        ).fetchone()
 
     @guarded
     def session(self, sid: str) -> SessionRecord | None:

@@ -22,12 +22,12 @@ from typing import NamedTuple
 
 from .. import defaults
 from ..errors import StoreError
-from . import SCHEMA, SCHEMA_VERSION
 from .reader import integrity
+from .schema import SCHEMA, SCHEMA_VERSION
 
 #: Our tables, and the column each is ordered by (its rowid).
 TABLES = (("functions", "rowid"), ("sessions", "rowid"), ("jobs", "id"), ("results", "job"),
-          ("workers", "rowid"))  # fmt: skip
+          ("attempts", "rowid"), ("workers", "rowid"))  # fmt: skip
 
 
 class Recovery(NamedTuple):
@@ -91,7 +91,7 @@ def _shell_recover(src: Path, out: Path) -> str | None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
         conn.close()
-    missing = [t for t, _ in TABLES if t not in names]
+    missing = [t for t, _ in TABLES if t not in names and t != "attempts"]  # (schema 2 on)
     return f"sqlite3 .recover rebuilt no table {', '.join(missing)}" if missing else None
 
 
@@ -111,6 +111,8 @@ def _copy_rows(src: Path, out: Path) -> None:
                 cols = [r[1] for r in old.execute(f"PRAGMA table_info({table})")]
             except sqlite3.DatabaseError:
                 continue  # the schema itself is unreadable: nothing of this table
+            if not cols:
+                continue  # a table an older schema did not have
             insert = f"INSERT OR IGNORE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
             select = f"SELECT {key}, {', '.join(cols)} FROM {table} WHERE {key} > ? ORDER BY {key}"
             last, step = -(2**63), 1

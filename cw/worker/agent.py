@@ -15,6 +15,7 @@ import pickle
 import secrets
 import signal
 import socket
+import sys
 import time
 from typing import Any, Deque
 
@@ -45,6 +46,32 @@ def capabilities(procs: int, tags: list[str], env: Any) -> dict:
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     caps["gpus"] = len([g for g in gpus.split(",") if g.strip()]) if gpus else 0
     return caps
+
+
+def process_usage(pids: list[int]) -> tuple[int, float]:
+    """Resident memory (bytes) and CPU seconds used so far by these processes (Linux /proc)."""
+    rss, cpu = 0, 0.0
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        rss += int(fields[21]) * page
+    return rss, cpu
+
+
+def echo_output(jid: int, output: tuple) -> None:
+    """A job's output in the worker's own log too, each line after the job's id."""
+    for text, stream in zip(output, (sys.stdout, sys.stderr)):
+        if text:
+            try:
+                stream.write("".join(f"[job {jid}] {line}\n" for line in text.splitlines()))
+                stream.flush()
+            except (OSError, ValueError):
+                pass
 
 
 class Agent:
@@ -79,7 +106,7 @@ class Agent:
         self.children: list[Child] = []
         self.reaping: set[int] = set()  # killed processes not reaped yet
         self.sweep_until = self.next_sweep = 0.0
-        self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args)
+        self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args, output limit)
         self.fn_blobs: dict[str, bytes] = {}
         self.contexts: dict[str, dict] = {}
         self.outbox: list[P.WorkerResult] = []
@@ -94,6 +121,7 @@ class Agent:
         self.cancelled: set[int] = set()
         self.hello_sent = 0.0
         self.heads_changed = False
+        self._last_usage = (0.0, 0.0)
         self.watch_pid = watch_pid
         self.ctx: zmq.Context | None = None
         self.link: Link | None = None
@@ -123,6 +151,15 @@ class Agent:
         })  # fmt: skip
         self.hello_sent = time.monotonic()
         log.info("worker %s saying hello to %s with %d procs", self.id, self.link.address, self.procs)
+
+    def _usage(self, now: float) -> dict:
+        """Memory (RSS, bytes) and CPU (% of one core since the last look) of the agent and its children."""
+        pids = [os.getpid()] + [c.pid for c in self.children if c.pid > 0]
+        rss, cpu = process_usage(pids)
+        last_t, last_cpu = self._last_usage
+        self._last_usage = (now, cpu)
+        pct = 100.0 * (cpu - last_cpu) / (now - last_t) if last_t and now > last_t else 0.0
+        return {"rss": rss, "cpu": round(max(0.0, pct), 1)}
 
     def _running(self) -> list[int]:
         """The jobs our children are running now: the head of each one's batch."""
@@ -171,7 +208,7 @@ class Agent:
                 elif self.deadline is not None and time.time() >= self.deadline and not self.draining:
                     self._begin_drain("lifetime reached")
                 if now - self.link.last_sent >= self.heartbeat:
-                    self._send(P.HEARTBEAT, {**self.counters, "running": self._running()})
+                    self._send(P.HEARTBEAT, {**self.counters, "running": self._running(), **self._usage(now)})
                 if not self.link.keep_alive(now):
                     break
                 if self.draining:
@@ -190,8 +227,8 @@ class Agent:
                     self.fn_blobs[fn] = blob
                     self.counters["fn_received"] += 1
                 self.contexts.update(h.get("c") or {})
-                for (jid, fn, ctx, timeout), args in zip(tasks, blobs):  # TaskSpec rows
-                    self.pending.append((jid, fn, ctx, timeout, args))
+                for (jid, fn, ctx, timeout, limit), args in zip(tasks, blobs):  # TaskSpec rows
+                    self.pending.append((jid, fn, ctx, timeout, args, limit))
                 self.counters["tasks"] += n
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
@@ -233,19 +270,22 @@ class Agent:
             ctx = self.pending[0][2]
             if c.used and c.ctx != ctx:  # another client's job: start from a clean process
                 c = self._respawn(c)
-            batch, new_funcs = [], []
+            batch, new_funcs, limits = [], [], {}
             while self.pending and len(batch) < per and self.pending[0][2] == ctx:
                 if batch and self.pending[0][1] != batch[0][1]:
                     break  # one function per batch: its runtime sized the batch
-                jid, fn, _, timeout, args = task = self.pending.popleft()
+                jid, fn, _, timeout, args, limit = task = self.pending.popleft()
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
                 batch.append((jid, fn, args))
+                if limit is not None:
+                    limits[jid] = limit
                 c.inflight.append(task)
             c.head_started = now
             self.heads_changed = True
-            c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None), protocol=5))
+            c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None,
+                                            limits or None), protocol=5))  # fmt: skip
             c.ctx, c.used = ctx, True
 
     def _read_child(self, c: Child) -> None:
@@ -258,13 +298,13 @@ class Agent:
             self._child_died(c, f"the process running the job garbled its answer ({e!r})")
 
     def _child_answered(self, c: Child, answer: tuple) -> None:
-        jid, status, runtime, err, tb, blob = answer
+        jid, status, runtime, err, tb, blob, output = answer
         if not c.inflight or c.inflight[0][0] != jid:  # one answer per job, whatever the job does
             log.warning("executor %d answered for job %s, which it is not running: ignored", c.pid, jid)
             return
         fn = c.inflight.popleft()[1]
         c.head_started = time.monotonic()
-        self._result(jid, status, runtime, err, tb, blob)
+        self._result(jid, status, runtime, err, tb, blob, output)
         old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
         self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
 
@@ -287,9 +327,10 @@ class Agent:
         """Fail the child's current job, hand its other tasks back to the queue, restart it."""
         self.counters["crashes"] += 1
         if c.inflight:
-            jid = c.inflight.popleft()[0]
-            self._result(jid, status, time.monotonic() - c.head_started,
-                         f"job {jid} on {socket.gethostname()}: {why}", None, b"")  # fmt: skip
+            task = c.inflight.popleft()
+            jid, ran = task[0], time.monotonic() - c.head_started
+            output = c.leftover(self._limit(task))  # what it wrote before it died
+            self._result(jid, status, ran, f"job {jid} on {socket.gethostname()}: {why}", None, b"", output)
             log.warning("job %s: %s; replacing the executor process", jid, why)
         self.pending.extendleft(reversed(c.inflight))
         self._respawn(c)
@@ -297,7 +338,8 @@ class Agent:
     def _spawn(self, i: int) -> Child:
         """A new executor for slot i, on the slot's CPUs."""
         cpus, n = self.shares[i]
-        others = tuple(fd for o in self.children if o.pid != -1 for fd in o.fds())
+        # its siblings' pipes, pidfds and capture files are theirs alone
+        others = tuple(fd for o in self.children if o.pid != -1 for fd in (*o.fds(), o.out_fd, o.err_fd))
         return Child(cpus, n, others)
 
     def _respawn(self, c: Child) -> Child:
@@ -364,20 +406,33 @@ class Agent:
                 if timeout is not None and now - c.head_started > timeout:
                     self._replace(c, f"timed out after {timeout} s and was killed", P.TIMEOUT)
 
-    def _result(self, jid, status, runtime, err, tb, blob) -> None:
+    def _limit(self, task: tuple) -> int:
+        """The output limit of a task: its own, its client's, or the default."""
+        if task[5] is not None:
+            return task[5]
+        ctx = self.contexts.get(task[2]) if task[2] else None
+        return int((ctx or {}).get("output_limit") or defaults.OUTPUT_LIMIT)
+
+    def _result(self, jid, status, runtime, err, tb, blob, output=None) -> None:
         if len(blob) > self.max_message:
             status, err, tb = P.FAILED, (
                 f"result of job {jid} is {len(blob)} bytes, larger than the largest message "
                 f"({self.max_message} bytes)"
             ), None
             blob = b""
-        self.outbox.append((jid, status, runtime, err, tb))  # a WorkerResult row
+        if output is None:
+            self.outbox.append((jid, status, runtime, err, tb))  # a WorkerResult row
+        else:
+            self.outbox.append((jid, status, runtime, err, tb, *output))
+            echo_output(jid, output)
         self.outblobs.append(blob)
         self.counters["results"] += 1
 
     def _flush(self) -> None:
         if self.outbox:
-            for part in P.batches([len(b) for b in self.outblobs]):
+            sizes = [len(b) + (len(r[5] or "") + len(r[6] or "") if len(r) > 5 else 0)
+                     for r, b in zip(self.outbox, self.outblobs)]  # fmt: skip
+            for part in P.batches(sizes):
                 self._send(P.RESULT, {"r": self.outbox[part], "running": self._running()}, self.outblobs[part])
             self.outbox, self.outblobs = [], []
         elif self.heads_changed:  # the master charges a lost worker's running jobs only

@@ -4,10 +4,11 @@ The isolation is what makes a segfault, ``os._exit``, a memory blow-up or a
 timeout survivable: the agent reports the job, replaces the child and keeps
 its slot. A child serves one client context (cwd, sys.path, environment) for
 its whole life. The agent and a child speak over a pipe: the agent sends a
-pickled batch ``(tasks, new functions, context)``, the child answers one
-pickled tuple per job: the fields of :class:`cw.protocol.WorkerResult`, then
-the value's blob (a plain tuple: a named one costs five times as much to
-pickle, on every job).
+pickled batch ``(tasks, new functions, context, output limits)``, the child
+answers one pickled tuple per job: the fields of :class:`cw.protocol.WorkerResult`,
+the value's blob, then what the job wrote to its fds 1 and 2, or None
+(:mod:`cw.worker.output`) (a plain tuple: a named one costs five times as
+much to pickle, on every job).
 
 A job may do what programs do. The processes it starts stay inside the job:
 the child leads a process group of its own (the agent kills the group with
@@ -37,6 +38,7 @@ from .. import defaults, system
 from .. import protocol as P
 from ..errors import SerializationError
 from ..serialize import dumps_exception, dumps_result, loads, loads_function
+from .output import Watched, capture, capture_file, collect, leftover
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +150,20 @@ def _agent_gone(signum: int, frame: Any) -> None:
     os._exit(1)
 
 
+def _shared(text: str | None, before: list[int]) -> str | None:
+    """Output found at a batch's end that any of its unchecked jobs may have written."""
+    if text is None:
+        return None
+    who = f"job {before[0]}" if len(before) == 1 else f"jobs {before[0]} to {before[-1]}"
+    return f"[cw: written by this job or by {who} before it, in the same batch]\n" + text
+
+
 def _ignore(signum: int, frame: Any) -> None:
     pass
 
 
-def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 0) -> None:
+def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 0,
+               out_fd: int = -1, err_fd: int = -1) -> None:  # fmt: skip
     """Run batches of tasks sent by the agent; answer one message per job."""
     global _me, _pipe_fd
     _me, _pipe_fd = os.getpid(), conn.fileno()
@@ -171,6 +182,9 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
         signal.signal(sig, _ignore)
     os.register_at_fork(after_in_child=_in_forked_child)
     _take_cpus(cpus, ncpus)
+    capture(out_fd, err_fd)  # fds 1 and 2: each job's own output (cw.worker.output)
+    noisy: set[str] = set()  # functions that wrote in this process: looked at after every job
+    limit = defaults.OUTPUT_LIMIT
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
     entered = False
@@ -185,16 +199,32 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
         except (EOFError, OSError):
             os._exit(0)
         large = large or len(msg) >= defaults.RELEASE_BYTES
-        tasks, new_funcs, ctx = pickle.loads(msg)
+        tasks, new_funcs, ctx, limits = pickle.loads(msg)
         msg = None  # an idle executor holds nothing of its last batch
         if not entered:
             _enter_context(ctx)
             entered = True
+            if ctx and ctx.get("output_limit") is not None:
+                limit = int(ctx["output_limit"])
         blobs.update(new_funcs)
         jid = None
+        last, unchecked = tasks[-1][0], []
         for jid, fn_hash, args_blob in tasks:
             t0 = clock()
-            data = _run(jid, fn_hash, args_blob, blobs, funcs)
+            out = _run(jid, fn_hash, args_blob, blobs, funcs)
+            output = None
+            if Watched.written or out[1] or fn_hash in noisy:  # it wrote, or failed (out[1])
+                output = collect(out_fd, err_fd, limits.get(jid, limit) if limits else limit, [])
+                unchecked = []
+            elif jid == last:  # the batch's end: what its quiet jobs may have written around Python
+                output = collect(out_fd, err_fd, limits.get(jid, limit) if limits else limit, unchecked)
+                unchecked = []
+            else:
+                unchecked.append(jid)
+            if output is not None:
+                noisy.add(fn_hash)
+            data = pickle.dumps((*out, output), protocol=5)
+            out = output = None
             send(data)
             large = large or len(data) >= defaults.RELEASE_BYTES
             data = None
@@ -217,8 +247,9 @@ def _end_leftovers(jid: int) -> None:
         log.info("job %s left processes running (%d): killed them", jid, n)
 
 
-def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> bytes:
-    """Run one job; the pickled answer. A process the job forked never gets past here."""
+def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> tuple:
+    """Run one job; its answer (WorkerResult fields, then the blob). A process the job
+    forked never gets past here."""
     t0 = time.perf_counter()
     try:
         fn = funcs.get(fn_hash)
@@ -237,7 +268,7 @@ def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> 
         if os.getpid() != _me:
             _forked_exit(e)
         blob, err, tb = dumps_exception(e)
-        return pickle.dumps((jid, P.RAISED, time.perf_counter() - t0, err, tb, blob), protocol=5)
+        return (jid, P.RAISED, time.perf_counter() - t0, err, tb, blob)
     runtime = time.perf_counter() - t0
     if os.getpid() != _me:
         _forked_exit(None)
@@ -245,10 +276,10 @@ def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> 
         blob = dumps_result(value)
     except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
         return _unpicklable(jid, value, e, runtime)
-    return pickle.dumps((jid, P.OK, runtime, None, None, blob), protocol=5)
+    return (jid, P.OK, runtime, None, None, blob)
 
 
-def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float) -> bytes:
+def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float) -> tuple:
     """The job returned, but its value cannot travel: a SerializationError saying so."""
     exc = SerializationError(
         f"job {jid} returned a {type(value).__module__}.{type(value).__qualname__}, which cannot be"
@@ -257,17 +288,17 @@ def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float) -> byte
     )
     exc.__cause__ = e
     blob, err, tb = dumps_exception(exc)
-    return pickle.dumps((jid, P.RAISED, runtime, err, tb, blob), protocol=5)
+    return (jid, P.RAISED, runtime, err, tb, blob)
 
 
-def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> bytes:
+def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> tuple:
     """An IMPORT result naming what could not be imported, where, and from which path."""
     err = (
         f"cannot import {what} on {socket.gethostname()}: {type(e).__name__}: {e}."
         f" The worker's sys.path: {sys.path}. Make the module importable there"
         " (a shared path), or send it by value: Client(ship_modules=[module])"
     )
-    return pickle.dumps((jid, P.IMPORT, time.perf_counter() - t0, err, None, b""), protocol=5)
+    return (jid, P.IMPORT, time.perf_counter() - t0, err, None, b"")
 
 
 class Child:
@@ -275,6 +306,8 @@ class Child:
 
     def __init__(self, cpus: Optional[list[int]] = None, ncpus: int = 0, close: tuple = ()):
         self.conn, child_conn = multiprocessing.Pipe(duplex=True)
+        # the child's fds 1 and 2; the agent keeps them to read what a crashed job wrote
+        self.out_fd, self.err_fd = capture_file(), capture_file()
         agent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the executor: it never returns into the agent's code
@@ -286,7 +319,7 @@ class Child:
                         os.close(fd)
                     except OSError:
                         pass
-                child_main(child_conn, agent, cpus, ncpus)
+                child_main(child_conn, agent, cpus, ncpus, self.out_fd, self.err_fd)
                 code = 0
             except BaseException:  # noqa: B036 - the agent hears of it as a crash
                 traceback.print_exc()
@@ -335,6 +368,10 @@ class Child:
                 self.exitcode = code
         return self.exitcode
 
+    def leftover(self, limit: int) -> tuple | None:
+        """What the child wrote since its last answer (its job crashed, timed out, was cancelled)."""
+        return leftover(self.out_fd, self.err_fd, limit)
+
     def kill(self) -> None:
         """SIGKILL the executor and every process of its group; never waits."""
         if self.exitcode is None:
@@ -343,6 +380,10 @@ class Child:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+        for fd in (self.out_fd, self.err_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.out_fd = self.err_fd = -1
 
 
 def describe_exit(code: int | None) -> str:
