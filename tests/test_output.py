@@ -114,11 +114,6 @@ def test_client_thread_reads_output_by_job_id(master, workers):
         t.stop()
 
 
-def _cw(*args, cwd=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "cw.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)  # fmt: skip
-
-
 def test_cw_logs_prints_each_jobs_output_by_run_key_failed_and_follows(master, workers):
     with cw.Client(run="logs-run") as c:
         c.gather([c.submit(chatty, 1, key="first"), c.submit(silent, 2, key="second")], timeout=30)

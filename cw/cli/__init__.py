@@ -3,6 +3,8 @@
 - :mod:`cw.cli.serve`: `cw master`, `cw worker` (and ``python -m cw.master`` / ``cw.worker``);
 - :mod:`cw.cli.jobs`: `cw status`, `cw results`, `cw logs`, `cw retry`;
 - :mod:`cw.cli.store`: `cw store check | recover`;
+- :mod:`cw.cli.top`: `cw top`, the live terminal view; :mod:`cw.cli.views`: what it and the
+  dashboard show (the master's status and the store, read-only);
 - :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
 - :mod:`cw.cli.doctor`: `cw doctor`;
 - :mod:`cw.cli.common`: the options and helpers they share.
@@ -18,6 +20,7 @@ from .jobs import logs_cmd, results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
 from .serve import master_cmd, worker_cmd
 from .store import store_group
+from .top import top_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +29,8 @@ def cli() -> None:
     """cw (Cluster-Workers): run Python functions on a pool of workers."""
 
 
-for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, store_group, doctor_cmd):
+for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, top_cmd, store_group,
+             doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 
