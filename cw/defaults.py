@@ -77,6 +77,8 @@ NO_WORKERS_WARNING = 60.0
 LOG_EVERY = 10.0
 #: Seconds a draining worker lets running jobs finish before handing them back.
 GRACE = 30.0
+#: A worker measures its memory and CPU (for the status) and sends them at least this often.
+USAGE_EVERY = 2.0
 #: Bytes of a job's stdout, and of its stderr, kept in the store: the tail (per Client and per submit).
 OUTPUT_LIMIT = 1024 * 1024
 #: Lines of a failed job's stderr shown with its exception in the client.

@@ -8,7 +8,7 @@ The layers, bottom to top (docs/design.md draws them):
 3. the engine: master, worker, client (none of the three imports another)
 4. launchers: the pool, its keeper, adaptive sizing and the pool's owner, the cluster
    objects (local and batch), and the doctor
-5. the face: the CLI, ``cw/__init__.py`` and the ``__main__`` entry points
+5. the face: the CLI, the dashboard, ``cw/__init__.py`` and the ``__main__`` entry points
 
 Imports are read from the source (every ``import`` statement, also inside
 functions), so a lazy import cannot hide an upward one; only imports under
@@ -44,7 +44,7 @@ MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
 def layer(mod: str) -> int:
     if mod in CONTRACTS:
         return 1
-    if mod == "cw" or mod.endswith(".__main__") or mod == "cw.cli" or mod.startswith("cw.cli."):
+    if mod == "cw" or mod.endswith(".__main__") or mod.split(".")[:2] in (["cw", "cli"], ["cw", "dashboard"]):
         return 5
     if mod in LAUNCHERS:
         return 4

@@ -143,10 +143,14 @@ class StoreReader:
         return rows
 
     @guarded
-    def failures(self, limit: int = 20, run: str | None = None) -> list[dict[str, Any]]:
-        """The latest jobs that did not succeed, newest first, with traceback and output."""
+    def failures(self, limit: int = 20, run: str | None = None, tail: int = 0) -> list[dict[str, Any]]:
+        """The latest jobs that did not succeed, newest first, with their traceback, and
+        with ``tail`` > 0 the last ``tail`` characters of their stdout and stderr."""
         where, params = ("", []) if run is None else ("AND " + self._where_run(run)[0], self._where_run(run)[1])
-        out = ", coalesce(r.stdout, '') AS stdout, coalesce(r.stderr, '') AS stderr" if self._v2 else ""
+        out = ""
+        if tail and self._v2:
+            out = ", substr(coalesce(r.stdout, ''), -?) AS stdout, substr(coalesce(r.stderr, ''), -?) AS stderr"
+            params = [tail, tail] + params
         rows = self._rows(
             "SELECT j.id AS job, j.run, j.key, r.status, r.error, r.traceback, r.worker, r.finished"
             f"{out} FROM results r JOIN jobs j ON j.id = r.job WHERE {_FAILED} {where}"

@@ -207,7 +207,8 @@ class Agent:
                     self._begin_drain(self.drain_requested)
                 elif self.deadline is not None and time.time() >= self.deadline and not self.draining:
                     self._begin_drain("lifetime reached")
-                if now - self.link.last_sent >= self.heartbeat:
+                # also under load (results keep the link busy): the status shows RSS and CPU
+                if now - self.link.last_sent >= self.heartbeat or now - self._last_usage[0] >= defaults.USAGE_EVERY:
                     self._send(P.HEARTBEAT, {**self.counters, "running": self._running(), **self._usage(now)})
                 if not self.link.keep_alive(now):
                     break
