@@ -6,6 +6,7 @@ formats, and the pool keeper's healing on a scheduler that only pretends.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from clusters import (
     worker_of,
 )
 
+import cw
 from cw import defaults
 from cw.discovery import ClusterDir
 from cw.launchers import environment, environment_of
@@ -64,6 +66,35 @@ def test_pool_of_4_runs_200_jobs(pool: Launched):
     assert st["arrays"] == [{"job": array, "tasks": 4, "pending": 0, "running": 4, "ended": 0, "retiring": 0}]
     text = pool.cli("status").stdout
     assert f"SLURM job {array}: 4 tasks, 4 running" in text and "connected: 4 workers" in text
+
+
+def shout(x):
+    print(f"working on {x}")
+    if x == 3:
+        print(f"cannot handle {x}", file=sys.stderr)
+        raise ValueError(f"bad {x}")
+    return x
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_seeing_the_work_on_a_pool(pool: Launched, capsys):
+    """The README's walk on SLURM: a progress bar, a failed job's own stderr from Python and
+    from `cw logs`, `cw top`, and the dashboard's data naming each worker's batch job."""
+    pool.up("--workers", "2", "--time", "10")
+    c = pool.client(run="seen")
+    futs = c.map(shout, range(6))
+    failed = sum(f.exception() is not None for f in cw.as_completed(futs, progress=True, timeout=120))
+    assert failed == 1 and "6/6" in capsys.readouterr().err
+    assert futs[3].stderr() == "cannot handle 3\n" and futs[2].stdout() == "working on 2\n"
+    logs = run([sys.executable, "-m", "cw", "logs", "seen", "--failed", "--cluster-dir", str(pool.dir)]).stdout
+    assert "cannot handle 3" in logs and "ValueError: bad 3" in logs and "working on 2" not in logs
+    workers = pool.wait_workers(2)
+    labels = sorted(w["label"] for w in workers)
+    assert all(label.startswith("SLURM job ") for label in labels)
+    top = run([sys.executable, "-m", "cw", "top", "--once", "--cluster-dir", str(pool.dir)],
+              env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
+    assert "seen" in top and "ValueError: bad 3" in top and all(label in top for label in labels), top
 
 
 @pytest.mark.slurm
