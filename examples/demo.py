@@ -12,6 +12,7 @@ import cw
 
 def darts(n, seed):
     """Throw n darts at the unit square; count those inside the quarter circle."""
+    print(f"throwing {n} darts with seed {seed}")  # kept with the job: future.stdout(), cw logs
     rng = random.Random(seed)
     return sum(rng.random() ** 2 + rng.random() ** 2 <= 1.0 for _ in range(n))
 
@@ -22,7 +23,7 @@ def main():
     with cw.Client(run="demo-pi") as client:
         t = time.perf_counter()
         futures = client.map(darts, [200_000] * 40, range(40))
-        inside = sum(f.result() for f in cw.as_completed(futures))
+        inside = sum(f.result() for f in cw.as_completed(futures, progress=True))
         pi = 4 * inside / (200_000 * 40)
         print(f"pi ~ {pi:.5f} from 8,000,000 darts in 40 jobs, {time.perf_counter() - t:.2f} s")
 
@@ -31,6 +32,7 @@ def main():
             client.submit(darts, "many", 0).result()
         except TypeError as e:
             print(f"a failing job raised here: {type(e).__name__}: {e}")
+        print(f"what job 0 printed: {futures[0].stdout()!r}")
 
     # The original Cluster-Workers API: a callback per finished job.
     def my_callback(jobid, result):
@@ -44,7 +46,8 @@ def main():
     thread.stop()
     store = os.path.join(os.path.expanduser(os.environ.get("CW_HOME", "~/.cw")), "local", "cw.sqlite")
     print(f"done; every job and result is in {store}")
-    print("try: cw status --cluster local;  cw results demo-pi --cluster local;  or run me again")
+    print("try: cw status --cluster local;  cw results demo-pi --cluster local;"
+          "  cw logs demo-pi --cluster local;  or run me again")
 
 
 if __name__ == "__main__":
