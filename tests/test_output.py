@@ -273,3 +273,22 @@ def test_output_in_batches_of_short_jobs_is_neither_lost_nor_misplaced(master, p
     text = got[0][1]
     assert text == "fd write 150\n" or (text.startswith("[cw: written by this job or by jobs ")
                                          and text.endswith("\nfd write 150\n")), text
+
+
+def capture_files():
+    """The distinct capture files this executor holds open."""
+    seen = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "cw-output-" in os.readlink(f"/proc/self/fd/{fd}"):
+                seen.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:
+            pass
+    return len(seen)
+
+
+def test_an_executor_holds_only_its_own_two_capture_files(master, procs):
+    start_workers(procs, 1, "--procs", "3")
+    with cw.Client() as c:
+        c.submit(crash_after_writing).exception(30)  # one executor replaced
+        assert set(c.gather([c.submit(capture_files) for _ in range(12)], timeout=30)) == {2}

@@ -36,8 +36,9 @@ def test_gather_draws_done_failed_total_and_rate(master, workers, capsys):
             assert str(e) == "bad 5"
         else:
             raise AssertionError("gather did not raise")
-    # the bar stops where gather raised, and says that a job failed
-    assert "1 failed" in _final(capsys.readouterr().err)
+    # the bar stops where gather raised, and says that jobs failed (5, and maybe 10 already)
+    last = _final(capsys.readouterr().err)
+    assert int(re.search(r"(\d+) failed", last).group(1)) >= 1, last
 
 
 def test_as_completed_counts_every_failure(master, workers, capsys):

@@ -32,8 +32,7 @@ def cli() -> None:
 
 
 for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, top_cmd, dashboard_cmd,
-             store_group,
-             doctor_cmd):
+             store_group, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 

@@ -21,6 +21,9 @@ from ..store.reader import StoreReader
 
 #: Seconds of samples kept for rates (per run) and for the dashboard's charts.
 HISTORY = 600.0
+#: While a master answers, the store (its runs and failures: a scan of every job) is read
+#: at most this often; with no master, at every refresh.
+STORE_EVERY = 5.0
 
 
 class Watcher:
@@ -31,12 +34,16 @@ class Watcher:
         self.address = address
         self.samples: Deque[dict] = collections.deque()  # {t, done, failed, queued, running, workers, runs}
         self.error: str | None = None
+        self._stored: tuple = ([], [], [], None)
+        self._stored_at = 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """The master's status (or None), the store's runs and failures, and derived rates."""
         now = time.time()
         status = self._status()
-        runs, failures, workers_seen, store = self._store()
+        if status is None or now - self._stored_at >= STORE_EVERY:
+            self._stored, self._stored_at = self._store(), now
+        runs, failures, workers_seen, store = self._stored
         live_runs = (status or {}).get("runs") or {}
         table = []
         names = list(dict.fromkeys([r["run"] for r in runs] + list(live_runs)))

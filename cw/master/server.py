@@ -260,16 +260,15 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         if store:
             self.store.add_results([outcome])
         s = job.session
-        if status:  # did not succeed
+        if status and status != P.CANCELLED:  # failed
             self.failed += 1
-            if status != P.CANCELLED:
-                self.failures.append(self._failure(job, status, err, wid, now))
+            self.failures.append(self._failure(job, status, err, wid, now))
             if stderr:  # the client's exception carries the last lines of the job's stderr
                 tb = (tb or "") + stderr_tail(job.id, stderr)
             if s is not None:
                 s.failed += 1
         elif s is not None:
-            s.done += 1
+            s.done += 1  # done, or cancelled
         if s is not None:
             s.jobs.pop(job.seq, None)
             s.results.append((job.seq, status, err, tb))  # a ClientResult row

@@ -314,7 +314,7 @@ class Child:
             code = 1
             try:
                 self.conn.close()
-                for fd in close:  # its siblings' pipes and pidfds are the agent's business
+                for fd in close:  # its siblings' pipes, pidfds and capture files are the agent's business
                     try:
                         os.close(fd)
                     except OSError:
