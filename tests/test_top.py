@@ -98,8 +98,9 @@ def test_top_shows_master_runs_workers_and_failures_and_takes_keys(master, worke
     with cw.Client(run="watched") as c, cw.Client(run="other") as c2:
         c.submit(bad, 7).exception(30)
         c2.submit(nap, 0.1).result(30)
-        longs = [c.submit(nap, 60) for _ in range(2)]  # both workers idle: one each
-        queued = [c.submit(nap, 60) for _ in range(3)]
+        # distinct arguments: in a run, the same call twice is one job
+        longs = [c.submit(nap, 60 + i) for i in range(2)]  # both workers idle: one each
+        queued = [c.submit(nap, 70 + i) for i in range(3)]
         wait_for(lambda: all(f.running() for f in longs), timeout=30, what="two jobs running")
         tmux.start(top)
         screen = tmux.wait("cw top", "master ", "watched", "other", "ValueError: top sees this 7", timeout=40)
@@ -126,7 +127,7 @@ def test_top_shows_master_runs_workers_and_failures_and_takes_keys(master, worke
 
 def test_top_without_a_master_reads_the_store(master, workers, procs, tmux):
     with cw.Client(run="kept") as c:
-        c.gather([c.submit(nap, 0.01) for _ in range(4)], timeout=30)
+        c.gather([c.submit(nap, 0.01 * (i + 1)) for i in range(4)], timeout=30)
         c.submit(bad, 3).exception(30)
     for name, p in procs.procs:
         if name == "master":
