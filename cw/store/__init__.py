@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -166,6 +167,9 @@ class Store:
             raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
         # and one that cannot be written, before the master publishes its address
         self.conn.executescript(f"BEGIN IMMEDIATE; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(16),))
+        #: this store's epoch: job ids never mean the same job in two epochs
+        self.epoch: str = self.conn.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0]
         self._files = {p: file_identity(p) for p in (self.path, Path(f"{self.path}-wal"))}
         self._checkpointer = Checkpointer(self.path)
         self._in_tx = False

@@ -12,7 +12,7 @@ from ..errors import StoreError
 
 #: The schema's version (SQLite's user_version). An older store is migrated forward when
 #: the master opens it; a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE functions (
@@ -78,6 +78,10 @@ CREATE TABLE workers (
     left REAL,
     reason TEXT                     -- why it left; the batch system's post-mortem
 );
+CREATE TABLE meta (
+    name TEXT PRIMARY KEY,          -- epoch: a random id the store gets when it is made
+    value TEXT
+);
 """
 
 
@@ -95,6 +99,11 @@ CREATE TABLE attempts (
     ended REAL, status INTEGER, error TEXT, stdout TEXT, stderr TEXT
 );
 CREATE INDEX idx_attempts_job ON attempts (job);
+""",
+    # the cluster epoch: job ids start again at 1 in a new store; the epoch tells its jobs
+    # from those of the store it replaced (the Store makes it: see docs/protocol.md)
+    2: """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);
 """,
 }
 
