@@ -15,6 +15,40 @@ PORT = 7757
 MAX_MESSAGE = 512 * 1024 * 1024
 #: Room for the frames around the payload (version, kind, MAC, header) above MAX_MESSAGE.
 HEADER_ROOM = 64 * 1024
+#: Bytes of a message from a peer without a session (an OPEN is about 150).
+OPEN_MESSAGE = 4096
+#: Bytes of the first message on a new session (a HELLO, or a STATUS or RETRY request),
+#: before it verifies: a HELLO lists the jobs a client waits for or a worker holds.
+HELLO_MESSAGE = 64 * 1024 * 1024
+#: Messages the master queues from one connection before it stops reading it (backpressure).
+PEER_QUEUE = 1000
+#: Handshakes (an OPEN answered, no message on the session yet) the master holds at once ...
+PENDING_MAX = 1024
+#: ... each for at most this many seconds.
+HANDSHAKE_TIMEOUT = 10.0
+#: A peer sends a new OPEN when its last one has gone unanswered this many seconds.
+HANDSHAKE_RETRY = 2.0
+#: The master answers a connection without a session (CHALLENGE, BYE, REJECT) at most once
+#: per this many seconds ...
+STRANGER_EVERY = 1.0
+#: ... at most this many times over the connection's life ...
+STRANGER_REPLIES = 16
+#: ... and at most this many times a second in all.
+STRANGER_RATE = 200
+#: Seconds a session may stay silent before the master forgets it (peers heartbeat every second).
+SESSION_IDLE = 60.0
+#: Connections a master accepts at once; it also keeps FD_RESERVE descriptors of its
+#: open-file limit (raised to the hard limit at start) for itself.
+MAX_CONNECTIONS = 10_000
+FD_RESERVE = 256
+#: Milliseconds a new connection has to finish the ZeroMQ handshake before it is closed.
+HANDSHAKE_IVL = 5000
+#: Seconds a connection token (the gate in front of the wire, see cw/security.py) stays
+#: valid around its time: clocks of the hosts of one cluster may differ this much.
+TOKEN_WINDOW = 300.0
+#: Tokens the master remembers (each is accepted once).
+TOKEN_CACHE = 100_000
+
 #: Messages whose blobs total at least this many bytes are sent without a copy.
 ZERO_COPY_BYTES = 64 * 1024
 
@@ -38,6 +72,9 @@ MAX_RETRIES = 3
 #: Batching: at most this many jobs or bytes in one message on any hop.
 BATCH_JOBS = 1000
 BATCH_BYTES = 16 * 1024 * 1024
+#: Frames in one message, at most: a batch of BATCH_JOBS jobs carries one blob each, and
+#: at most one function each. A receiver counts frames before it computes a MAC.
+MAX_FRAMES = 2 * BATCH_JOBS + 16
 #: A worker keeps about this many seconds of work queued per slot (adaptive prefetch).
 PREFETCH_SECONDS = 0.02
 #: ... and never more than this many jobs per slot.

@@ -3,6 +3,7 @@
 Layout of ``$CW_HOME/<cluster>/`` (default ``~/.cw/default/``)::
 
     key           the secret (hex), mode 0600, created by the first master
+    curve         present: the wire is encrypted (CurveZMQ), written by `cw master --encrypt`
     master.json   address, host, port, pid, start time, version of the live master
     master.lock   held (flock) by the live master
     cw.sqlite     the store
@@ -58,6 +59,29 @@ class ClusterDir:
     @property
     def store_path(self) -> Path:
         return self.path / "cw.sqlite"
+
+    @property
+    def curve_path(self) -> Path:
+        return self.path / "curve"
+
+    # -- encryption ---------------------------------------------------------------
+    def encrypted(self) -> bool:
+        """Whether this cluster's wire runs over CurveZMQ: ``$CW_ENCRYPT=1``, or the
+        ``curve`` file beside the key (checked first, as the key is)."""
+        if os.environ.get("CW_ENCRYPT", "").lower() in ("1", "true", "yes"):
+            return True
+        if os.environ.get("CW_KEY") and not self.path.exists():
+            return False  # a key from the environment, and no cluster directory to read
+        self.check()
+        return self.curve_path.exists()
+
+    def set_encrypted(self) -> None:
+        """Record that this cluster's wire is encrypted: every peer follows, nothing to configure."""
+        self.make()
+        if not self.curve_path.exists():
+            fd = os.open(self.curve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write("CurveZMQ: every connection to this cluster's master is encrypted\n")
 
     # -- the key ----------------------------------------------------------------
     def key(self, create: bool = False) -> bytes:
@@ -139,7 +163,8 @@ class ClusterDir:
                 raise ConfigError(f"{what} {path} is writable by its group: a member could replace its"
                                   f" key and master.json. Fix it with: chmod g-w {path}"
                                   f" (or set CW_SHARED_CLUSTER=1 if the cluster is shared on purpose)")  # fmt: skip
-        for path, mask, fix in ((self.key_path, 0o077, "chmod 600"), (self.master_json, 0o022, "chmod go-w")):
+        for path, mask, fix in ((self.key_path, 0o077, "chmod 600"), (self.master_json, 0o022, "chmod go-w"),
+                                (self.curve_path, 0o022, "chmod go-w")):
             st = _stat(path)
             if st is None:
                 continue

@@ -31,6 +31,14 @@ class BadMAC(ProtocolError):
     """The MAC does not verify: the sender's key is not ours (or the bytes were changed)."""
 
 
+class Replayed(ProtocolError):
+    """A message whose sequence number was seen already on its session: replayed, or stale."""
+
+
+class StoreReplacedError(ClientError):
+    """The master now serves another store: jobs submitted to the one it replaced are gone."""
+
+
 class SerializationError(CwError, TypeError):
     """A function, argument or result could not be pickled or unpickled."""
 

@@ -1,18 +1,27 @@
-"""A peer's connection to the master: one DEALER socket, found, signed, checked, kept alive.
+"""A peer's connection to the master: one DEALER socket, found, gated, in session, kept alive.
 
 The worker agent and the client's I/O thread each hold one :class:`Link` and
-drive it from their own loop: they poll its socket, take verified messages
-from :meth:`Link.recv`, speak with :meth:`Link.send`, and call
-:meth:`Link.keep_alive` once a turn, which reconnects with backoff when the
-master falls silent (re-reading master.json: a restarted master may have moved).
+drive it from their own loop: they poll its sockets (:meth:`Link.readable`),
+take verified messages from :meth:`Link.recv`, speak with :meth:`Link.send`,
+and call :meth:`Link.keep_alive` once a turn, which reconnects with backoff
+when the master falls silent (re-reading master.json: a restarted master may
+have moved).
 
-:func:`ask` is the one-shot form: a single signed request answered by STATUS
+Each ZeroMQ connection passes the master's gate (a one-time token, or
+CurveZMQ: :mod:`cw.security`), then opens a session: OPEN with our nonce,
+CHALLENGE with the master's, and from then on every message both ways is
+signed with the session's key under a strictly increasing sequence number
+(:class:`cw.protocol.Channel`). A new connection (the master restarted, the
+network broke) is a new session; nothing queued for the old one is sent.
+
+:func:`ask` is the one-shot form: a single request answered by STATUS
 (`cw status`, ``Client.status()``, the launchers).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,17 +31,24 @@ from . import defaults
 from . import protocol as P
 from .discovery import ClusterDir, resolve_address
 from .errors import AuthenticationError, ConfigError, NoMasterError, ProtocolError
+from .security import secure_client
 
 log = logging.getLogger(__name__)
 
+_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+           | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)  # fmt: skip
+_EVENT = struct.Struct("=Hi")
+
 
 class Link:
-    """A DEALER to the master that reconnects with backoff and understands REJECT.
+    """A DEALER to the master that opens a session on every connection, reconnects with
+    backoff and understands refusals.
 
-    ``hello`` is called after every (re)connection: the owner introduces
-    itself there. A REJECT (the master could not verify us) before the first
-    WELCOME raises :class:`AuthenticationError` from :meth:`recv`; after it,
-    another master has taken the address, so the link looks for ours again.
+    ``hello`` is called once each session is open: the owner introduces itself
+    there. A refusal of our key (the gate, or a REJECT) before the first
+    WELCOME raises :class:`AuthenticationError` from :meth:`recv` or
+    :meth:`keep_alive`; after it, another master has taken the address, so the
+    link looks for ours again.
     """
 
     def __init__(
@@ -49,18 +65,25 @@ class Link:
         give_up: float | None = None,
         max_message: int = defaults.MAX_MESSAGE,
         linger: int = 1000,
+        encrypt: bool | None = None,
     ):
         self.ctx, self.poller, self.key = ctx, poller, key
         self.cluster, self.explicit, self.who, self.hello = cluster, explicit, who, hello
         self.master_timeout, self.give_up = master_timeout, give_up
         self.max_message, self.linger = max_message, linger
+        self.encrypt = cluster.encrypted() if encrypt is None and cluster is not None else bool(encrypt)
         self.bad = P.RateLimited(log, "dropped bad messages from the master")
         self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
         self.address = self._resolve()
         if self.address is None:
             where = self.cluster.path if self.cluster else "the cluster directory"
             raise ConfigError(f"no master address: none given, no master.json in {where}")
-        self.welcomed = False  # the current connection has been welcomed
+        self.channel: P.Channel | None = None  # the session of the current connection, once open
+        self._nonces: list[bytes] = []  # our OPENs not answered yet
+        self._opened = 0.0
+        self._handshaken = False  # some connection of this socket passed the gate
+        self.welcomed = False  # the current session has been welcomed
         self.ever_welcomed = False
         self.last_heard = self.last_sent = time.monotonic()
         self._lost_since: float | None = None
@@ -74,67 +97,169 @@ class Link:
 
     # -- the socket -----------------------------------------------------------------
     def connect(self) -> None:
-        """(Re)connect to the master's current address, then say hello."""
+        """(Re)connect to the master's current address with a fresh socket and token; the
+        session opens once the connection passes the master's gate."""
         self.address = self._resolve() or self.address
-        if self.sock is not None:
-            self.poller.unregister(self.sock)
-            self.sock.close(linger=0)
+        self._close_sockets(0)
         sock = self.sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, self.linger)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + defaults.HEADER_ROOM)
-        # flow control is by acknowledgements and credit, never by dropping
+        # flow control is by acknowledgements and credit, never by dropping; and nothing
+        # waits for a connection: a message signed for a session is no use to another one
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        secure_client(sock, self.key, self.encrypt)
+        self.monitor = sock.get_monitor_socket(_EVENTS)
         sock.connect(self.address)
         self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.channel, self._nonces, self._handshaken = None, [], False
         self.welcomed = False
-        self.hello()
 
-    def send(self, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> None:
-        frames = P.pack(self.key, kind, header, blobs)
-        self.sock.send_multipart(frames, copy=sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
+    def readable(self, events: Any) -> bool:
+        """Whether a poll's events concern this link (its socket or its monitor)."""
+        return self.sock in events or self.monitor in events
+
+    @property
+    def ready(self) -> bool:
+        """A session is open: :meth:`send` sends."""
+        return self.channel is not None
+
+    def send(self, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> bool:
+        """Sign and send on the session; False (nothing sent) while none is open."""
+        ch = self.channel
+        if ch is None:
+            return False
+        frames = ch.pack(kind, header, blobs)
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
+        except zmq.Again:  # the connection just went: so did its session
+            return False
         self.last_sent = time.monotonic()
+        return True
+
+    def _open(self) -> None:
+        """Open a session on the current connection: OPEN with a fresh nonce."""
+        n = P.nonce()
+        self._nonces = [*self._nonces[-3:], n]
+        self._opened = time.monotonic()
+        try:
+            self.sock.send_multipart(P.open_message(self.key, n), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no connection: the next one opens its own
 
     def recv(self) -> Iterator[tuple[bytes, dict, list[bytes]]]:
         """Every verified message waiting on the socket: (kind, header, blobs)."""
+        self._events()
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                kind, header, blobs = P.unpack(self.key, frames)
-            except ProtocolError as e:
-                why = P.is_reject(frames)
-                if why is None:
-                    self.bad(str(e))
+            ch = self.channel
+            if ch is not None:
+                try:
+                    kind, header, blobs = ch.unpack(frames)
+                except ProtocolError:
+                    pass  # perhaps the master's word outside our session: see below
+                else:
+                    self.last_heard = time.monotonic()
+                    self._lost_since, self._backoff = None, defaults.BACKOFF
+                    if kind == P.WELCOME:
+                        self.welcomed = self.ever_welcomed = True
+                    yield kind, header, blobs
                     continue
-                if not self.ever_welcomed:
-                    where = f" (key file {self.cluster.key_path})" if self.cluster else ""
-                    raise AuthenticationError(
-                        f"the master at {self.address} rejected {self.who}'s key ({why}): use the"
-                        f" master's cluster directory{where}, or its CW_KEY"
-                    ) from None
-                log.warning("master at %s rejects our key now (%s): looking for ours", self.address, why)
-                self.drop()
+            if not self._outside_session(frames):
                 return
-            self.last_heard = time.monotonic()
-            self._lost_since, self._backoff = None, defaults.BACKOFF
-            if kind == P.WELCOME:
-                self.welcomed = self.ever_welcomed = True
-            yield kind, header, blobs
+
+    def _outside_session(self, frames: list[bytes]) -> bool:
+        """A message not of our session: CHALLENGE, a BYE asking for a new session, a
+        REJECT, or something to drop. False when the link dropped its connection."""
+        why = P.is_reject(frames)
+        if why is not None:
+            self._refused(why)
+            return False
+        try:
+            kind, header, _ = P.unpack(self.key, frames, 0, defaults.OPEN_MESSAGE)
+        except ProtocolError as e:
+            self.bad(str(e))
+            return True
+        now = time.monotonic()
+        if kind == P.CHALLENGE:
+            ch = P.accept_challenge(self.key, header, self._nonces)
+            if ch is None:
+                self.bad("a CHALLENGE to no OPEN of ours (replayed?)")
+                return True
+            self.channel, self._nonces, self.welcomed = ch, [], False
+            self.last_heard = now
+            self.hello()
+        elif kind == P.BYE and header.get("rehello"):
+            # the master knows no session of ours (it restarted, or forgot us): open one
+            self.last_heard = now
+            if self.channel is not None or now - self._opened > defaults.HANDSHAKE_RETRY:
+                self.channel, self.welcomed = None, False
+                self._open()
+        else:
+            self.bad(f"a {kind.decode(errors='replace')} signed with the cluster key")
+        return True
+
+    def _events(self) -> None:
+        """What happened to the connection: passed the gate (open a session), refused, gone."""
+        while self.monitor is not None:
+            try:
+                event = self.monitor.recv_multipart(zmq.NOBLOCK)[0]
+            except zmq.Again:
+                return
+            kind, value = _EVENT.unpack(event[:6])
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+                self.channel, self.welcomed, self._nonces = None, False, []
+                self._open()
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.channel, self.welcomed = None, False  # the session died with its connection
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if value == 300:  # the master is full: libzmq tries again by itself
+                    log.warning("master at %s refuses new connections for now (too many open)", self.address)
+                elif self._handshaken:  # our token was used: the next connection needs a new one
+                    self.drop()
+                    return
+                else:
+                    self._refused("the master's gate refused our token or key")
+                    return
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self.bad(f"the ZeroMQ handshake with {self.address} failed: is the master"
+                         f" {'not ' if self.encrypt else ''}encrypted (cw master --encrypt)?")  # fmt: skip
+
+    def _refused(self, why: str) -> None:
+        if not self.ever_welcomed:
+            where = f" (key file {self.cluster.key_path})" if self.cluster else ""
+            raise AuthenticationError(
+                f"the master at {self.address} rejected {self.who}'s key ({why}): use the master's"
+                f" cluster directory{where}, or its CW_KEY; if the key is right, this host's clock"
+                f" may be more than {defaults.TOKEN_WINDOW:.0f} s off the master's"
+            )
+        log.warning("master at %s rejects our key now (%s): looking for ours", self.address, why)
+        self.drop()
 
     def drop(self) -> None:
         """The master is gone (BYE, or another master at its address): reconnect at once."""
         self.welcomed = False
+        self.channel = None
         self.last_heard = time.monotonic() - self.master_timeout - 1
         self._retry_at = 0.0
 
     def keep_alive(self, now: float) -> bool:
-        """Reconnect, with backoff, once the master has been silent too long.
+        """Reconnect, with backoff, once the master has been silent too long; open the
+        session again if an OPEN went unanswered.
 
-        False once it has been unreachable for ``give_up`` seconds.
+        False once it has been unreachable for ``give_up`` seconds. Raises
+        AuthenticationError if the master's gate refuses our key before any WELCOME.
         """
+        self._events()
+        if (self.channel is None and self._handshaken and self.sock is not None
+                and now - self._opened > defaults.HANDSHAKE_RETRY):  # fmt: skip
+            self._open()
         if now - self.last_heard <= self.master_timeout or now < self._retry_at:
             return True
         self._lost_since = self._lost_since or self.last_heard
@@ -148,39 +273,47 @@ class Link:
         self._backoff = min(2 * self._backoff, defaults.BACKOFF_MAX)
         return True
 
-    def close(self, linger: int | None = None) -> None:
+    def _close_sockets(self, linger: int) -> None:
         if self.sock is not None:
             self.poller.unregister(self.sock)
-            self.sock.close(linger=self.linger if linger is None else linger)
+            self.sock.disable_monitor()
+            self.sock.close(linger=linger)
             self.sock = None
+        if self.monitor is not None:
+            self.poller.unregister(self.monitor)
+            self.monitor.close(linger=0)
+            self.monitor = None
+
+    def close(self, linger: int | None = None) -> None:
+        self._close_sockets(self.linger if linger is None else linger)
 
 
 # ---------------------------------------------------------------------- one request
-def ask(address: str, key: bytes, kind: bytes, header: dict, timeout: float = 5.0) -> dict:
-    """One signed request to a live master, answered by a STATUS message."""
+def ask(address: str, key: bytes, kind: bytes, header: dict, timeout: float = 5.0,
+        encrypt: bool = False) -> dict:  # fmt: skip
+    """One request to a live master on a session of its own, answered by a STATUS message."""
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE + defaults.HEADER_ROOM)
+    poller = zmq.Poller()
+    link = Link(ctx, poller, key, None, address, who="this request", master_timeout=timeout,
+                hello=lambda: link.send(kind, header), linger=200, encrypt=encrypt)  # fmt: skip
     try:
-        sock.connect(address)
-        sock.send_multipart(P.pack(key, kind, header))
+        link.connect()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sock.poll(100):
-                frames = sock.recv_multipart()
-                why = P.is_reject(frames)
-                if why:
-                    raise AuthenticationError(f"the master at {address} rejected our key: {why}")
-                got, h, _ = P.unpack(key, frames)
-                if got == P.STATUS:
-                    return h
-        raise NoMasterError(f"no answer from a master at {address} within {timeout} s")
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoMasterError(f"no answer from a master at {address} within {timeout} s")
+            events = dict(poller.poll(min(100, max(1, int(left * 1000)))))
+            if link.readable(events):
+                for got, h, _ in link.recv():
+                    if got == P.STATUS:
+                        link.send(P.BYE)  # the session ends here
+                        return h
     finally:
-        sock.close()
+        link.close()
         ctx.term()
 
 
-def query_status(address: str, key: bytes, timeout: float = 5.0) -> dict:
+def query_status(address: str, key: bytes, timeout: float = 5.0, encrypt: bool = False) -> dict:
     """A live master's status document."""
-    return ask(address, key, P.STATUS, {}, timeout)
+    return ask(address, key, P.STATUS, {}, timeout, encrypt)

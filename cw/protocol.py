@@ -1,13 +1,17 @@
-"""The wire, in code: message kinds, framing and HMAC signing (docs/protocol.md).
+"""The wire, in code: message kinds, framing, sessions and HMAC signing (docs/protocol.md).
 
 Every message is a ZeroMQ multipart message::
 
-    [version, kind, mac, header, *blobs]
+    [version, kind, mac, seq, header, *blobs]
 
 ``header`` is compact JSON; ``blobs`` are opaque bytes (pickled functions,
-arguments, results). ``mac`` is HMAC-SHA256, keyed by the cluster's secret,
-over the length and bytes of version, kind, header and every blob. A receiver
-checks version and MAC before it parses JSON or unpickles anything.
+arguments, results); ``seq`` is an 8-byte big-endian counter. ``mac`` is
+HMAC-SHA256 over the length and bytes of version, kind, seq, header and every
+blob. Each connection opens a session (OPEN, CHALLENGE): both sides derive a
+session key from the cluster key and a nonce of each, and every later message,
+both ways, is signed with it under a strictly increasing ``seq``
+(:class:`Channel`). A receiver checks the frame count, version and MAC before
+it parses JSON or unpickles anything, and drops a ``seq`` it has seen.
 """
 
 from __future__ import annotations
@@ -15,17 +19,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import struct
 import time
 from hashlib import sha256
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 from . import defaults
-from .errors import BadMAC, ProtocolError
+from .errors import BadMAC, ProtocolError, Replayed
 
-VERSION = b"CW1"
+VERSION = b"CW2"
 
-HELLO = b"HELLO"  # the first message of a client or worker; WELCOME answers it
+OPEN = b"OPEN"  # peer -> master, signed with the cluster key: opens a session (CHALLENGE answers)
+CHALLENGE = b"CHALLENGE"  # master -> peer, signed with the cluster key: the session's other nonce
+HELLO = b"HELLO"  # the first message of a client or worker on a session; WELCOME answers it
 SUBMIT = b"SUBMIT"  # client -> master: jobs (SubmitSpec rows) and the functions they need
 CANCEL = b"CANCEL"  # client -> master (seqs), master -> worker (job ids)
 STATUS = b"STATUS"  # a request for the master's status document, and the answer
@@ -35,11 +42,12 @@ BYE = b"BYE"  # the sender is leaving, or the master tells a peer to go or say H
 WELCOME = b"WELCOME"  # master -> peer: the answer to HELLO
 ACK = b"ACK"  # master -> client: these submissions are committed
 TASKS = b"TASKS"  # master -> worker: tasks (TaskSpec rows), functions and contexts
-REJECT = b"REJECT"  # master -> peer, UNSIGNED: the master could not verify a message
+REJECT = b"REJECT"  # master -> peer, UNSIGNED: the master could not verify an OPEN
 RESULT = b"RESULT"  # worker -> master (WorkerResult rows), master -> client (ClientResult rows)
 HEARTBEAT = b"HEARTBEAT"  # both ways: alive; a worker's carries its counters
 
-KINDS = frozenset({HELLO, SUBMIT, CANCEL, STATUS, RETRY, OUTPUT, BYE, WELCOME, ACK, TASKS, REJECT, RESULT, HEARTBEAT})
+KINDS = frozenset({OPEN, CHALLENGE, HELLO, SUBMIT, CANCEL, STATUS, RETRY, OUTPUT, BYE, WELCOME, ACK, TASKS,
+                   REJECT, RESULT, HEARTBEAT})
 
 
 # -- the rows of batched headers, by name ----------------------------------------------
@@ -98,6 +106,7 @@ class Message(NamedTuple):
 
 #: Every message on the wire, as docs/protocol.md's tables list them (a test compares them).
 MESSAGES = (
+    Message("client", "master", OPEN, ("n",)),
     Message("client", "master", HELLO, ("role", "session", "run", "context", "versions", "waiting?")),
     Message("client", "master", SUBMIT, ("j", "f?", "resend?")),
     Message("client", "master", CANCEL, ("s",)),
@@ -106,7 +115,8 @@ MESSAGES = (
     Message("client", "master", OUTPUT, ("session", "seq")),
     Message("client", "master", HEARTBEAT, ()),
     Message("client", "master", BYE, ()),
-    Message("master", "client", WELCOME, ("master", "heartbeat")),
+    Message("master", "client", CHALLENGE, ("n", "p", "epoch")),
+    Message("master", "client", WELCOME, ("master", "heartbeat", "epoch", "store")),
     Message("master", "client", ACK, ("s", "g?")),
     Message("master", "client", RESULT, ("r", "s?", "g?")),
     Message("master", "client", HEARTBEAT, ("workers", "queued", "notices?")),
@@ -118,14 +128,16 @@ MESSAGES = (
     Message("master", "client", STATUS, ("status", "stdout", "stderr"), "answer to OUTPUT"),
     Message("master", "client", BYE, ("why", "rehello?", "fatal?")),
     Message("master", "client", REJECT, ("why",)),
+    Message("worker", "master", OPEN, ("n",)),
     Message("worker", "master", HELLO, (
         "role", "id", "host", "pid", "procs", "caps", "have", "holding", "running", "draining",
-        "info", "label", "task", "versions")),
+        "info", "label", "task", "versions", "epoch")),
     Message("worker", "master", RESULT, ("r", "running")),
     Message("worker", "master", HEARTBEAT, (
         "fn_received", "tasks", "results", "crashes", "running", "rss?", "cpu?")),
     Message("worker", "master", BYE, ("returned", "why", "final?")),
-    Message("master", "worker", WELCOME, ("master", "heartbeat")),
+    Message("master", "worker", CHALLENGE, ("n", "p", "epoch")),
+    Message("master", "worker", WELCOME, ("master", "heartbeat", "epoch", "store")),
     Message("master", "worker", TASKS, ("t", "f", "c?")),
     Message("master", "worker", CANCEL, ("i",)),
     Message("master", "worker", HEARTBEAT, ()),
@@ -154,14 +166,32 @@ STATUS_NAMES = {
 }
 
 _LEN = struct.Struct("!Q")
+_SEQ = struct.Struct("!Q")
+_SEQ0 = _SEQ.pack(0)
+_KINDS = KINDS  # a local name for the hot path
+#: Bytes of randomness each side puts into a session.
+NONCE_BYTES = 16
 log = logging.getLogger(__name__)
+_now = time.monotonic
 
 
-def _mac(key: bytes, frames: Sequence[bytes]) -> bytes:
-    m = hmac.new(key, digestmod=sha256)
-    for f in frames:
-        m.update(_LEN.pack(len(f)))
-        m.update(f)
+def _signer(key: bytes) -> Any:
+    """An HMAC-SHA256 state keyed once; each message signs a copy of it."""
+    return hmac.new(key, digestmod=sha256)
+
+
+def _mac(signer: Any, frames: Sequence[bytes], start: int) -> bytes:
+    """MAC over version, kind, seq, header and blobs (every frame from ``start`` but the mac)."""
+    m = signer.copy()
+    update, pack = m.update, _LEN.pack
+    for i in (start, start + 1):
+        f = frames[i]
+        update(pack(len(f)))
+        update(f)
+    for i in range(start + 3, len(frames)):
+        f = frames[i]
+        update(pack(len(f)))
+        update(f)
     return m.digest()
 
 
@@ -169,26 +199,39 @@ def encode_header(header: Any) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode()
 
 
-def pack(key: bytes, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
-    """Frames of a signed message (without any routing identity)."""
-    h = encode_header(header if header is not None else {})
-    return [VERSION, kind, _mac(key, (VERSION, kind, h, *blobs)), h, *blobs]
+def _frames(signer: Any, kind: bytes, header: Any, blobs: Sequence[bytes], seq: int) -> list[bytes]:
+    frames = [VERSION, kind, b"", _SEQ.pack(seq), encode_header(header if header is not None else {}), *blobs]
+    frames[2] = _mac(signer, frames, 0)
+    return frames
 
 
-def unpack(key: bytes, frames: Sequence[bytes]) -> tuple[bytes, Any, list[bytes]]:
-    """Verify and decode a message: (kind, header, blobs). Raises ProtocolError.
+def _verify(signer: Any, frames: Sequence[bytes], start: int, max_bytes: int | None) -> tuple[bytes, int]:
+    """Check frame count, version, size and MAC, in that order; (kind, seq). Raises ProtocolError.
 
-    Nothing of the message is parsed before its MAC checks out.
+    Everything before the MAC costs O(1) per frame and reads no content: a
+    stranger's message costs its length, never a parse.
     """
-    if len(frames) < 4:
-        raise ProtocolError(f"{len(frames)} frames, need at least 4")
-    version, kind, mac, h = frames[0], frames[1], frames[2], frames[3]
-    if version != VERSION:
-        raise ProtocolError(f"protocol version {bytes(version[:16])!r}, expected {VERSION!r}")
-    blobs = list(frames[4:])
-    if not hmac.compare_digest(mac, _mac(key, (version, kind, h, *blobs))):
-        raise BadMAC("bad MAC (wrong key, or a corrupted message)")
-    if kind not in KINDS:
+    n = len(frames) - start
+    if n < 5:
+        raise ProtocolError(f"{n} frames, need at least 5")
+    if n > defaults.MAX_FRAMES:
+        raise ProtocolError(f"{n} frames, more than {defaults.MAX_FRAMES}")
+    if frames[start] != VERSION:
+        raise ProtocolError(f"protocol version {bytes(frames[start][:16])!r}, expected {VERSION!r}")
+    if max_bytes is not None:
+        size = sum(len(frames[i]) for i in range(start, len(frames)))
+        if size > max_bytes:
+            raise ProtocolError(f"{size} bytes before a session, more than {max_bytes}")
+    seq = frames[start + 3]
+    if len(seq) != 8:
+        raise ProtocolError("malformed sequence number")
+    if not hmac.compare_digest(frames[start + 2], _mac(signer, frames, start)):
+        raise BadMAC("bad MAC (another key or session, or a corrupted message)")
+    return frames[start + 1], _SEQ.unpack(seq)[0]
+
+
+def _decode(kind: bytes, h: bytes) -> Any:
+    if kind not in _KINDS:
         raise ProtocolError(f"unknown message kind {bytes(kind[:16])!r}")
     try:
         header = json.loads(h)
@@ -196,7 +239,108 @@ def unpack(key: bytes, frames: Sequence[bytes]) -> tuple[bytes, Any, list[bytes]
         raise ProtocolError(f"signed header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"signed header is a {type(header).__name__}, not an object")
-    return kind, header, blobs
+    return header
+
+
+def pack(key: bytes, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
+    """Frames of a message signed with the cluster key itself (seq 0): OPEN, CHALLENGE and
+    the BYE that asks a stranger to open a session. Everything else travels on a Channel."""
+    return _frames(_signer(key), kind, header, blobs, 0)
+
+
+def unpack(key: bytes, frames: Sequence[bytes], start: int = 0,
+           max_bytes: int | None = None) -> tuple[bytes, Any, list[bytes]]:  # fmt: skip
+    """Verify and decode a message signed with the cluster key: (kind, header, blobs).
+
+    Its seq must be 0 (a session's messages never are). Raises ProtocolError;
+    nothing of the message is parsed before its MAC checks out.
+    """
+    kind, seq = _verify(_signer(key), frames, start, max_bytes)
+    if seq != 0:
+        raise ProtocolError(f"seq {seq} in a message signed with the cluster key")
+    return kind, _decode(kind, frames[start + 4]), list(frames[start + 5 :])
+
+
+class Channel:
+    """One session, seen from one end: its key and the sequence numbers of both directions.
+
+    :meth:`pack` signs under the next ``seq``; :meth:`unpack` verifies, then
+    refuses a ``seq`` not above the last one accepted (a replay, or a message
+    of a session that is over). The one place sessions live: the master's
+    peers, :class:`cw.link.Link` and :func:`cw.link.ask` each hold one.
+    """
+
+    __slots__ = ("key", "sent", "seen", "heard", "_signer")
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self._signer = _signer(key)
+        self.sent = 0  #: seq of the last message packed
+        self.seen = 0  #: seq of the last message accepted
+        self.heard = _now()  #: when the last message was accepted (monotonic)
+
+    def pack(self, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
+        self.sent += 1
+        return _frames(self._signer, kind, header, blobs, self.sent)
+
+    def unpack(self, frames: Sequence[bytes], start: int = 0,
+               max_bytes: int | None = None) -> tuple[bytes, Any, list[bytes]]:  # fmt: skip
+        """Verify a message of this session (from ``frames[start]`` on): (kind, header, blobs).
+
+        Raises BadMAC (not this session), Replayed (a seq seen already) or ProtocolError.
+        """
+        kind, seq = _verify(self._signer, frames, start, max_bytes)
+        if seq <= self.seen:
+            raise Replayed(f"seq {seq} is not above {self.seen}: a replayed or stale message")
+        header = _decode(kind, frames[start + 4])
+        self.seen, self.heard = seq, _now()
+        return kind, header, list(frames[start + 5 :])
+
+
+def nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def session_key(key: bytes, peer_nonce: bytes, master_nonce: bytes, epoch: str) -> bytes:
+    """The key of one session: fresh for each pair of nonces, bound to the store's epoch."""
+    return hmac.new(key, b"cw session" + peer_nonce + master_nonce + epoch.encode(), sha256).digest()
+
+
+def open_message(key: bytes, peer_nonce: bytes) -> list[bytes]:
+    """A peer's OPEN: its nonce, signed with the cluster key."""
+    return pack(key, OPEN, {"n": peer_nonce.hex()})
+
+
+def challenge(key: bytes, header: dict, epoch: str) -> tuple[Channel, list[bytes]]:
+    """The master's answer to a verified OPEN: the session's Channel and the CHALLENGE frames."""
+    peer = _nonce_of(header, "n")
+    mine = nonce()
+    frames = pack(key, CHALLENGE, {"n": mine.hex(), "p": peer.hex(), "epoch": epoch})
+    return Channel(session_key(key, peer, mine, epoch)), frames
+
+
+def accept_challenge(key: bytes, header: dict, mine: Sequence[bytes]) -> Channel | None:
+    """The peer's side: the session's Channel, if the CHALLENGE answers one of our own
+    OPENs (``mine``: our nonces still waiting); None for a replayed or stray one."""
+    try:
+        p = _nonce_of(header, "p")
+        theirs = _nonce_of(header, "n")
+        epoch = str(header["epoch"])
+    except (KeyError, ProtocolError):
+        return None
+    if not any(hmac.compare_digest(p, n) for n in mine):
+        return None
+    return Channel(session_key(key, p, theirs, epoch))
+
+
+def _nonce_of(header: dict, field: str) -> bytes:
+    try:
+        n = bytes.fromhex(header[field])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"no nonce in {field!r}") from None
+    if len(n) != NONCE_BYTES:
+        raise ProtocolError(f"a nonce of {len(n)} bytes in {field!r}")
+    return n
 
 
 def batches(sizes: Sequence[int], max_items: int = defaults.BATCH_JOBS,
@@ -215,16 +359,15 @@ def batches(sizes: Sequence[int], max_items: int = defaults.BATCH_JOBS,
 
 
 def reject(why: str) -> list[bytes]:
-    """An unsigned REJECT: a hint to a peer whose message did not verify."""
-    h = encode_header({"why": why})
-    return [VERSION, REJECT, b"", h]
+    """An unsigned REJECT: a hint to a peer whose OPEN did not verify."""
+    return [VERSION, REJECT, b"", _SEQ0, encode_header({"why": why})]
 
 
 def is_reject(frames: Sequence[bytes]) -> str | None:
     """The reason, if frames are an (unsigned) REJECT from a master."""
-    if len(frames) == 4 and frames[0] == VERSION and frames[1] == REJECT and frames[2] == b"":
+    if len(frames) == 5 and frames[0] == VERSION and frames[1] == REJECT and frames[2] == b"":
         try:
-            return str(json.loads(frames[3]).get("why", "rejected"))[:200]
+            return str(json.loads(frames[4]).get("why", "rejected"))[:200]
         except Exception:  # unsigned bytes: anything may be in them
             return "rejected"
     return None

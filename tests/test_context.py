@@ -14,6 +14,7 @@ import time
 import pytest
 import zmq
 from conftest import start_workers, wait_for
+from wire import RawPeer
 
 import cw
 from cw import protocol as P
@@ -148,11 +149,11 @@ def test_module_not_on_the_workers_path_is_sent_by_value(elsewhere_workers, tmp_
 def test_version_mismatch_is_reported_before_a_job_is_lost(master, procs, caplog):
     key = master.key()
     ctx = zmq.Context()
-    fake = ctx.socket(zmq.DEALER)  # a worker from another Python
-    fake.setsockopt(zmq.LINGER, 0)
-    fake.connect(master.master_address())
-    fake.send_multipart(P.pack(key, P.HELLO, {"role": "worker", "id": "old:1", "host": "oldhost", "pid": 1,
-                                              "procs": 4, "versions": {"python": "3.6.15", "cloudpickle": "1.6.0"}}))  # fmt: skip
+    peer = RawPeer(ctx, master.master_address(), key, gate_key=key)  # a worker from another Python
+    fake = peer.sock
+    peer.open()
+    peer.send(P.HELLO, {"role": "worker", "id": "old:1", "host": "oldhost", "pid": 1,
+                        "procs": 4, "versions": {"python": "3.6.15", "cloudpickle": "1.6.0"}})  # fmt: skip
     try:
         with caplog.at_level(logging.WARNING, logger="cw"):
             with cw.Client() as c:

@@ -15,6 +15,7 @@ import time
 import pytest
 import zmq
 from conftest import start_workers, wait_for
+from wire import RawPeer
 
 import cw
 import cw.client
@@ -187,18 +188,23 @@ def test_garbage_on_the_socket_does_not_hurt_the_master(master, workers):
     for junk in (b"\x00" * 10, os.urandom(4096), b"GET / HTTP/1.1\r\n\r\n"):
         with socket.create_connection((host, int(port))) as s:
             s.sendall(junk)
-    # well-framed ZeroMQ messages that are truncated, unsigned or forged
+    # well-framed ZeroMQ messages that are truncated, unsigned or forged, from a peer
+    # that passed the gate (a key holder's token) but has no session
     ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(address)
+    peer = RawPeer(ctx, address, b"z" * 32, gate_key=master.key())
+    s = peer.sock
     s.send_multipart([b"x"])
     s.send_multipart([P.VERSION, P.SUBMIT])
-    s.send_multipart([P.VERSION, P.SUBMIT, b"\x00" * 32, b"{}", os.urandom(100)])
+    s.send_multipart([P.VERSION, P.SUBMIT, b"\x00" * 32, b"\x00" * 8, b"{}", os.urandom(100)])
     s.send_multipart(P.pack(b"z" * 32, P.SUBMIT, {"j": []}))
-    assert s.poll(5000), "the master answers a forged message with REJECT"
-    assert P.is_reject(s.recv_multipart())
-    s.close()
+    s.send_multipart(P.open_message(b"z" * 32, P.nonce()))  # a session opened with another key
+    assert s.poll(5000), "the master answers an OPEN signed with another key with REJECT"
+    while s.poll(200):
+        frames = s.recv_multipart()
+        if P.is_reject(frames):
+            break
+    assert P.is_reject(frames)
+    peer.close()
     ctx.term()
     with cw.Client() as c:
         assert c.gather(c.map(square, range(20)), timeout=30) == [i * i for i in range(20)]

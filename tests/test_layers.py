@@ -2,7 +2,7 @@
 
 The layers, bottom to top (docs/design.md draws them):
 
-1. contracts: version, errors, defaults, protocol, serialize, discovery, system, store
+1. contracts: version, errors, defaults, protocol, security, serialize, discovery, system, store
    (the package: the writer, its schema, sqlite, reader, repair), link
 2. batch systems: the launchers registry, base.py and one module per backend
 3. the engine: master, worker, client (none of the three imports another)
@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "cw"
 
-CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.serialize",
+CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.security", "cw.serialize",
              "cw.discovery", "cw.system", "cw.store", "cw.store.schema", "cw.store.sqlite", "cw.store.reader",
              "cw.store.repair", "cw.link"}  # fmt: skip
 ENGINE = ("cw.master", "cw.worker", "cw.client")

@@ -240,6 +240,7 @@ def _free_port() -> int:
 def test_a_lost_ack_and_result_are_answered_on_resend(master, workers):
     """The link breaks after the commit: ack and result are lost; the resend brings the result."""
     import zmq
+    from wire import RawPeer
 
     from cw import protocol as P
     from cw.serialize import dumps_args, dumps_function
@@ -249,32 +250,22 @@ def test_a_lost_ack_and_result_are_answered_on_resend(master, workers):
     ctx = zmq.Context()
 
     def connect():
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(master.master_address())
-        s.send_multipart(P.pack(key, P.HELLO, {"role": "client", "session": "s-lost", "run": None, "context": {}}))
-        return s
-
-    def read(s, want, timeout=10.0):
-        until = time.monotonic() + timeout
-        while time.monotonic() < until:
-            if s.poll(100):
-                kind, h, blobs = P.unpack(key, s.recv_multipart())
-                if kind == want:
-                    return h, blobs
-        return None
+        peer = RawPeer(ctx, master.master_address(), key, gate_key=key)
+        peer.open()
+        peer.send(P.HELLO, {"role": "client", "session": "s-lost", "run": None, "context": {}})
+        return peer
 
     try:
         s1 = connect()
-        assert read(s1, P.WELCOME)
-        s1.send_multipart(P.pack(key, P.SUBMIT, {"j": [[0, fn, None, None]], "f": [fn]}, [dumps_args((0, "v"), {}), blob]))
-        assert read(s1, P.RESULT)  # ...which this client never sees: its link breaks
+        assert s1.read(P.WELCOME)
+        s1.send(P.SUBMIT, {"j": [[0, fn, None, None]], "f": [fn]}, [dumps_args((0, "v"), {}), blob])
+        assert s1.read(P.RESULT)  # ...which this client never sees: its link breaks
         s1.close()
         s2 = connect()  # the same session again; seq 0 was never acknowledged to it
-        assert read(s2, P.WELCOME)
-        s2.send_multipart(P.pack(key, P.SUBMIT, {"j": [[0, fn, None, None]], "f": [fn], "resend": True},
-                                 [dumps_args((0, "v"), {}), blob]))  # fmt: skip
-        got = read(s2, P.RESULT)
+        assert s2.read(P.WELCOME)
+        s2.send(P.SUBMIT, {"j": [[0, fn, None, None]], "f": [fn], "resend": True},
+                [dumps_args((0, "v"), {}), blob])  # fmt: skip
+        got = s2.read(P.RESULT)
         assert got, "the stored result never came back"
         h, blobs = got
         assert h["r"][0][:2] == [0, P.OK] and cw.serialize.loads(blobs[0]) == "v"

@@ -28,7 +28,7 @@ def status_cmd(cluster_name, cluster_dir, as_json):
     doc = None
     if address:
         try:
-            doc = {"live": True, **query_status(address, cluster.key())}
+            doc = {"live": True, **query_status(address, cluster.key(), encrypt=cluster.encrypted())}
         except CwError as e:
             click.echo(f"master at {address} did not answer ({e}); reading the store", err=True)
     try:
@@ -161,7 +161,7 @@ def retry_cmd(run, cluster_name, cluster_dir, failed):
     address = resolve_address(None, cluster)
     if address:
         try:
-            doc = ask(address, cluster.key(), P.RETRY, {"run": run})
+            doc = ask(address, cluster.key(), P.RETRY, {"run": run}, encrypt=cluster.encrypted())
             click.echo(f"{doc['retried']} failed jobs of run {run} requeued by the master at {address}")
             return
         except CwError as e:

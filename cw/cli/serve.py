@@ -45,9 +45,14 @@ def parse_caps(items: tuple[str, ...]) -> dict:
                    " (what `cw slurm up` / `cw sge up` start).")
 @click.option("--poll", type=click.FloatRange(min=0.1), default=None,
               help="Seconds between the keeper's looks at the batch system (default: the pool's).")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt the wire (CurveZMQ, keys derived from the cluster key). Recorded in the"
+                   " cluster directory (file `curve`): workers, clients and later masters follow.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=defaults.MAX_CONNECTIONS,
+              show_default=True, help="Connections open at once; more are refused (and logged).")
 @log_option
 def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat, worker_timeout,
-               queue_window, watch_pid, keep_pool, poll, log_level):
+               queue_window, watch_pid, keep_pool, poll, encrypt, max_connections, log_level):
     """Run a master: accept clients, hand their jobs to workers, store everything.
 
     On a cluster directory whose store holds unfinished jobs (a master that
@@ -63,8 +68,8 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
         companions = [keeper_for(cluster, poll)] if keep_pool else []
         m = Master(cluster=cluster, bind=bind, port=port, host=host, interface=interface,
                    heartbeat=heartbeat, worker_timeout=worker_timeout, queue_window=queue_window,
-                   watch_pid=watch_pid)  # fmt: skip
-        click.echo(f"cw master listening on {m.address}")
+                   watch_pid=watch_pid, encrypt=encrypt, max_connections=max_connections)  # fmt: skip
+        click.echo(f"cw master listening on {m.address}{' (encrypted)' if m.encrypt else ''}")
         click.echo(f"published {m.cluster.master_json}")
         run_master(m, companions)
     except CwError as e:

@@ -214,7 +214,7 @@ class Client:
         """The master's view: workers, queued and running jobs."""
         if self._conn is None:
             return {"serial": True}
-        return query_status(self._conn.address, self._conn.key)
+        return query_status(self._conn.address, self._conn.key, encrypt=self._conn.encrypt)
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:

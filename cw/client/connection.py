@@ -27,7 +27,13 @@ import zmq
 from .. import defaults
 from .. import protocol as P
 from ..discovery import ClusterDir
-from ..errors import AuthenticationError, ClientError, NoMasterError, SerializationError
+from ..errors import (
+    AuthenticationError,
+    ClientError,
+    NoMasterError,
+    SerializationError,
+    StoreReplacedError,
+)
 from ..link import Link, ask
 from ..serialize import loads, runtime_versions
 from .futures import Delivery, Future, error_for
@@ -65,6 +71,8 @@ class Connection:
         self.error: BaseException | None = None
         self.closed = False
         self.master = "?"
+        self.epoch: str | None = None  # the store our jobs are in (the first WELCOME's)
+        self.store = "?"
         self.heartbeat = defaults.HEARTBEAT
         self.master_workers: int | None = None
         self.master_queued = 0
@@ -77,13 +85,15 @@ class Connection:
         self.poller = zmq.Poller()
         self.link = Link(self.ctx, self.poller, key, cluster, explicit, who="this client",
                          hello=self._hello, master_timeout=master_timeout)  # fmt: skip
+        self.encrypt = self.link.encrypt
         self.thread = threading.Thread(target=self._run, name="cw-client-io", daemon=True)
         self.thread.start()
         _open.add(self)
         if not self.welcomed.wait(connect_timeout) and self.error is None:
             self.error = NoMasterError(
-                f"no cw master answered at {self.address} within {connect_timeout:.0f} s "
-                "(is it running? is the address reachable from here?)"
+                f"no cw master answered at {self.address} within {connect_timeout:.0f} s (is it"
+                " running? is the address reachable from here? does it encrypt, and we not, or"
+                " the reverse?)"
             )
         if self.error is not None:
             err = self.error
@@ -194,18 +204,19 @@ class Connection:
                     except (BlockingIOError, OSError):
                         pass
                     self._wake_pending = False
-                if link.sock in events:
+                if link.readable(events):
                     self._read()
                 if link.welcomed:
                     self._send_submissions()
                 now = time.monotonic()
                 if link.welcomed and now - link.last_sent >= self.heartbeat:
                     link.send(P.HEARTBEAT)  # a restarted master answers: say HELLO again
-                if not self.welcomed.is_set():
-                    if now - started > self.connect_timeout:
-                        break  # the constructor raises NoMasterError
-                else:
+                if not self.welcomed.is_set() and now - started > self.connect_timeout:
+                    break  # the constructor raises NoMasterError
+                try:
                     link.keep_alive(now)
+                except AuthenticationError as e:
+                    self._refused(e)
                 idle_since = self._watch_workers(now, idle_since)
         except BaseException as e:  # noqa: B036 - never die silently: fail every waiting future
             log.exception("cw client I/O thread failed")
@@ -258,9 +269,17 @@ class Connection:
                 cancels, self.cancels = self.cancels, []
             self.link.send(P.CANCEL, {"s": cancels})
 
+    def _refused(self, e: AuthenticationError) -> None:
+        self.error = e
+        self.welcomed.set()
+
     def _welcome(self, h: dict) -> None:
         self.master = h.get("master") or "?"
         self.heartbeat = float(h.get("heartbeat") or defaults.HEARTBEAT)
+        epoch, store = h.get("epoch"), h.get("store") or "?"
+        if self.epoch is not None and epoch != self.epoch:
+            self._store_replaced(epoch, store)
+        self.epoch, self.store = epoch, store
         if self.welcomed.is_set():  # back after a break: resend what was not acknowledged
             with self.space:
                 self.outq.clear()
@@ -298,8 +317,24 @@ class Connection:
                         self.link.drop()
                         return
         except AuthenticationError as e:
-            self.error = e
-            self.welcomed.set()
+            self._refused(e)
+
+    def _store_replaced(self, epoch: str | None, store: str) -> None:
+        """The master now serves another store: what we submitted was in the old one."""
+        err = StoreReplacedError(
+            f"the master at {self.address} now serves another store ({store}, epoch {epoch});"
+            f" the jobs this client submitted were in the store it replaced ({self.store}, epoch"
+            f" {self.epoch}) and are lost with it: submit them again"
+        )
+        log.error("%s", err)
+        with self.space:
+            futures, self.futures = list(self.futures.values()), {}
+            self.unacked.clear()
+            self.unacked_bytes = 0
+            self.outq.clear()
+            self.space.notify_all()
+        for fut in futures:
+            fut._settle(err, True)
 
     def _acked(self, seqs: list[int]) -> None:
         """The master committed these submissions: forget their bytes."""

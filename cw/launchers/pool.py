@@ -248,7 +248,7 @@ class Pool:
         if not address:
             return None
         try:
-            query_status(address, self.cluster.key(), timeout=timeout)
+            query_status(address, self.cluster.key(), timeout=timeout, encrypt=self.cluster.encrypted())
         except CwError:
             return None
         return address
@@ -399,7 +399,7 @@ class Pool:
         doc["connected"] = None
         if address:
             try:
-                s = query_status(address, self.cluster.key(), timeout=3.0)
+                s = query_status(address, self.cluster.key(), timeout=3.0, encrypt=self.cluster.encrypted())
                 # label and task: the master's name of each worker's batch job, where it gives one
                 doc["connected"] = {
                     "workers": [{**{k: w.get(k) for k in ("id", "host", "slots", "running", "draining", "info")},

@@ -49,12 +49,13 @@ class ClientHandlers:
         if s is None:
             s = self.sessions[sid] = Session(sid, h.get("run"), h.get("context") or {})
             self.store.add_session(sid, s.run, s.context)
-        if s.ident is not None and s.ident != ident:
+        if s.ident is not None and s.ident != ident:  # the session's old connection is over
             self.peers.pop(s.ident, None)
+            self.door.forget(s.ident)
         s.ident = ident
         s.versions = h.get("versions") or {}
         self.peers[ident] = s
-        self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+        self._send(ident, P.WELCOME, self._welcome())
         s.last_sent = time.monotonic()
         waiting = h.get("waiting")
         if waiting:  # a client back after a reconnect: what finished meanwhile
@@ -67,6 +68,7 @@ class ClientHandlers:
             self._cancel(s, h["s"])
         elif kind == P.BYE:
             self.peers.pop(s.ident, None)
+            self.door.forget(s.ident)
             s.ident = None
         # HEARTBEAT: hearing from it is all it is for
 
@@ -76,6 +78,11 @@ class ClientHandlers:
         if row is None:
             return {"status": None, "stdout": None, "stderr": None}
         return {"status": row[0], "stdout": row[1], "stderr": row[2]}
+
+    def _welcome(self) -> dict:
+        """WELCOME's header: who we are, and which store (epoch) job ids refer to."""
+        return {"master": self.id, "heartbeat": self.heartbeat, "epoch": self.store.epoch,
+                "store": str(self.store.path)}  # fmt: skip
 
     def _stored_results(self, s: Session, seqs: list[int]) -> None:
         for r in self.store.session_results(s.id, seqs):

@@ -30,6 +30,7 @@ from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
 from ..store import Outcome, Store
 from .clients import ClientHandlers, Session
+from .door import Door
 from .policy import Job, Policy, Worker
 from .status import StatusReport, stderr_tail
 from .workers import WorkerHandlers
@@ -53,6 +54,8 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         queue_window: int = defaults.QUEUE_WINDOW,
         publish: bool = True,
         watch_pid: int | None = None,
+        encrypt: bool = False,
+        max_connections: int = defaults.MAX_CONNECTIONS,
     ):
         self.cluster = cluster
         if not cluster.lock():
@@ -62,24 +65,34 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
                 f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('address', '?')})"
             )
         self.key = cluster.key(create=True)
+        if encrypt:
+            cluster.set_encrypted()  # workers and clients of this cluster follow
+        self.encrypt = cluster.encrypted()
         try:  # checked (sound, writable) before anything is bound or published
             self.store = Store(cluster.store_path)
         except BaseException:
             cluster.unlock()
             raise
         self.heartbeat, self.worker_timeout = heartbeat, worker_timeout
+        self.bad = P.RateLimited(log, "dropped unverifiable messages")
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message + defaults.HEADER_ROOM)
+        # outbound: never dropped (flow control is by credit and acknowledgements, and a
+        # peer without a session gets a few rate-limited replies at most); inbound: a
+        # connection that sends faster than we read waits (backpressure, never drops)
         self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, defaults.PEER_QUEUE)
+        # the gate (ZAP), the connection count and the sessions: before anyone can connect
+        self.door = Door(self.ctx, self.sock, self.key, self.encrypt, self.bad, max_connections)
+        self.door.epoch = self.store.epoch
+        self.channels = self.door.channels  # routing id -> live session
         self.port = self._bind(bind, port)
         self.host = advertised_host(host, interface)
         self.address = bind if bind.startswith("ipc://") else f"tcp://{self.host}:{self.port}"
-        # a peer's TCP connection closing makes silent workers suspect at once
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.disconnected_at = 0.0
+        # the idle time after which a session is forgotten: peers heartbeat every heartbeat
+        self.session_idle = max(defaults.SESSION_IDLE, 10 * heartbeat, 3 * worker_timeout)
         self.publish = publish
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.policy = Policy(window=queue_window)
@@ -89,7 +102,6 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         self.watch_pid = watch_pid
         self.backlog_from: int | None = 0  # first job id known only to the store
         self.backlog = 0  # how many jobs wait in the store only
-        self.bad = P.RateLimited(log, "dropped unverifiable messages")
         self.stopping = threading.Event()
         self._dirty: set[Session] = set()
         self._warned: set[tuple[str, str]] = set()
@@ -130,26 +142,31 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
     def serve(self) -> None:
         if self.publish:
             self.cluster.publish(master_info(self.address, self.host, self.port, self.store.path))
-        log.info("master %s listening on %s; published %s", self.id, self.address, self.cluster.master_json)
+        log.info("master %s listening on %s%s; published %s", self.id, self.address,
+                 " (encrypted: CurveZMQ)" if self.encrypt else "", self.cluster.master_json)  # fmt: skip
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-        recv = self.sock.recv_multipart
+        sock = self.sock
+        for s in (sock, self.door.monitor, self.door.zap):
+            poller.register(s, zmq.POLLIN)
+        recv = sock.recv_multipart
         next_timer = 0.0
         try:
             while not self.stopping.is_set():
                 events = poller.poll(10 if self._dirty else 100)
                 if events:
+                    if len(events) > 1 or events[0][0] is not sock:
+                        self.door.service()
                     n = 0
                     while n < defaults.MASTER_TURN and not self.stopping.is_set():
                         try:
                             frames = recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        except Exception as e:  # MemoryError above all: drop it, keep serving
+                            self._unreadable(e)
+                            continue
                         self._handle(frames)
                         n += 1
-                    if len(events) > 1 or events[0][0] is self.monitor:
-                        self._drain_monitor()
                 self._end_turn()
                 now = time.monotonic()
                 if now >= next_timer:
@@ -162,6 +179,15 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
             self.close()
         if self.failure is not None:
             raise self.failure
+
+    def _unreadable(self, e: Exception) -> None:
+        """A message could not even be received (no memory for it): skip what is left of it."""
+        self.bad(f"a message could not be received: {e!r}")
+        try:
+            while self.sock.getsockopt(zmq.RCVMORE):
+                self.sock.recv(zmq.NOBLOCK, copy=False)
+        except Exception:
+            pass
 
     def stop(self) -> None:
         self.stopping.set()
@@ -177,34 +203,40 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         finally:
             if self.publish:
                 self.cluster.unpublish(os.getpid())
-            self.sock.disable_monitor()
-            self.monitor.close(linger=0)
+            self.door.close()
             self.sock.close(linger=500)
             self.ctx.term()
             self.cluster.unlock()
             log.info("master %s stopped", self.id)
 
-    def _drain_monitor(self) -> None:
-        while True:
-            try:
-                self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.disconnected_at = time.monotonic()
-
     def _send(self, ident: bytes, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> None:
-        frames = P.pack(self.key, kind, header, blobs)
+        ch = self.channels.get(ident)
+        if ch is None:  # its session is over: nobody could read it
+            return
+        frames = ch.pack(kind, header, blobs)
         self.sock.send_multipart([ident, *frames], copy=sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
 
     def _handle(self, frames: list[bytes]) -> None:
         ident = frames[0]
+        ch = self.channels.get(ident)
+        got = failed = None
         try:
-            kind, header, blobs = P.unpack(self.key, frames[1:])
+            if ch is not None:
+                try:
+                    got = ch.unpack(frames, 1)
+                except ProtocolError as e:
+                    failed = e
+            if got is None:  # a handshake, or a stranger: the door decides
+                got = self.door.stranger(ident, frames, failed)
+                if got is None:
+                    return
         except ProtocolError as e:
             self.bad(f"from peer {ident.hex()}: {e}")
-            if isinstance(e, P.BadMAC):  # a cw peer with another key: tell it
-                self.sock.send_multipart([ident, *P.reject(str(e))])
             return
+        except Exception as e:  # no message may stop the loop (MemoryError included)
+            self.bad(f"from peer {ident.hex()}: cannot verify it: {e!r}")
+            return
+        kind, header, blobs = got
         peer = self.peers.get(ident)
         try:
             if kind == P.HELLO:
@@ -212,16 +244,16 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
                     self._worker_hello(ident, header)
                 else:
                     self._client_hello(ident, header)
-            elif kind == P.STATUS:  # any key holder may ask; no session needed
+            elif kind == P.STATUS:  # any key holder may ask; no HELLO needed
                 self._send(ident, P.STATUS, self.status())
             elif kind == P.RETRY:
                 self._send(ident, P.STATUS, {"retried": self._retry(str(header["run"]))})
             elif kind == P.OUTPUT:  # read-only; any key holder may ask
                 self._send(ident, P.STATUS, self._output(header))
-            elif peer is None:  # we restarted, or it timed out: it must say HELLO again
-                if kind == P.RESULT:  # what it computed meanwhile still counts
-                    self._orphan_results(header, blobs)
-                if kind != P.BYE:
+            elif peer is None:  # its session is live, but it has not said HELLO (or we forgot it)
+                if kind == P.BYE:  # the end of a one-shot request
+                    self.door.forget(ident)
+                else:  # what it sends meanwhile (results too) does not count: HELLO again
                     self._send(ident, P.BYE, {"why": "unknown peer, say HELLO", "rehello": True})
             elif isinstance(peer, Worker):
                 self._from_worker(peer, kind, header, blobs)
@@ -390,6 +422,10 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
     def _timers(self, now: float) -> None:
         self.counts.append((now, self.submitted, self.done))
         self._check_workers(now)
+        for ident in self.door.expire(now, self.session_idle):  # silent for a minute: gone
+            peer = self.peers.pop(ident, None)
+            if isinstance(peer, Session) and peer.ident == ident:
+                peer.ident = None
         queued = self.policy.waiting() + self.backlog
         for s in [p for p in self.peers.values() if isinstance(p, Session)]:
             if now - s.last_sent >= self.heartbeat or s.notices:

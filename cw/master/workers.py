@@ -15,7 +15,6 @@ import time
 from .. import defaults
 from .. import protocol as P
 from ..launchers import environment_of
-from ..store import Outcome
 from .policy import Job, Worker
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,15 @@ class WorkerHandlers:
 
         The jobs it says it still holds stay with it; jobs we thought it had and
         it does not hold were lost in transit, not by its fault: requeued uncharged.
+        Jobs it holds from another store (another epoch: their ids name other jobs
+        here) are ignored; our WELCOME's epoch tells it to drop them.
         """
+        epoch = h.get("epoch")
+        if epoch is not None and epoch != self.store.epoch:
+            if h.get("holding"):
+                log.warning("worker %s holds %d jobs of another store (epoch %s, ours %s): ignored;"
+                            " it drops them", h.get("id"), len(h["holding"]), epoch, self.store.epoch)  # fmt: skip
+            h = {**h, "holding": [], "running": []}
         w = Worker(ident, h)
         holding = {int(j) for j in h.get("holding") or ()}
         old = self.peers.get(ident)
@@ -37,6 +44,8 @@ class WorkerHandlers:
             old = next((x for x in self.policy.workers.values() if x.id == w.id), None)
         if old is not None:
             self.peers.pop(old.ident, None)
+            if old.ident != ident:  # its old connection's session is over
+                self.door.forget(old.ident)
             self.policy.remove_worker(old)
             w.running = old.running
         for jid in reversed(list(w.running)):  # lost in transit, not by its fault
@@ -56,7 +65,7 @@ class WorkerHandlers:
         self.store.worker_joined(w.id, w.host, w.pid, w.caps)
         log.info("worker %s %s with %d slots %s", w.describe(), "rejoined" if old else "joined",
                  w.slots, w.caps)  # fmt: skip
-        self._send(ident, P.WELCOME, {"master": self.id, "heartbeat": self.heartbeat})
+        self._send(ident, P.WELCOME, self._welcome())
         w.last_sent = time.monotonic()
 
     def _from_worker(self, w: Worker, kind: bytes, h: dict, blobs: list[bytes]) -> None:
@@ -132,8 +141,11 @@ class WorkerHandlers:
 
     # -- results in --------------------------------------------------------------------
     def _results(self, w: Worker, h: dict, blobs: list[bytes]) -> None:
+        """Results count only from the worker the job was sent to, for that attempt: a job
+        requeued or placed elsewhere meanwhile runs (or ran) there."""
         outcomes = []
-        jobs, policy = self.policy.jobs, self.policy
+        policy = self.policy
+        running = w.running
         if blobs and max(map(len, blobs)) >= defaults.RELEASE_BYTES:
             self.release = True
         for row, blob in zip(h["r"], blobs):  # WorkerResult rows: stdout, stderr only if written
@@ -142,28 +154,14 @@ class WorkerHandlers:
                 out = errout = None
             else:
                 jid, status, runtime, err, tb, out, errout = row
-            job = w.running.pop(jid, None)
+            job = running.pop(jid, None)
             if job is None:
-                job = jobs.get(jid)
-                if job is None or job.worker is not None:
-                    continue  # already finished (a duplicate after a requeue), or owned elsewhere
+                continue  # already finished (a duplicate after a requeue), or not this worker's
             if runtime is not None:
                 policy.ran(job.fn, runtime)
             outcomes.append(self._finish(job, status, blob, err, tb, w.id, runtime, False, out, errout))
         if not w.running:
             w.idle_since = w.last_seen
-        if outcomes:
-            self.store.add_results(outcomes)
-
-    def _orphan_results(self, h: dict, blobs: list[bytes]) -> None:
-        """Results from a worker we do not know (yet): keep those of jobs still unfinished."""
-        outcomes: list[Outcome] = []
-        for row, blob in zip(h["r"], blobs):
-            r = P.WorkerResult(*row)
-            job = self.policy.jobs.get(r.id)
-            if job is not None and job.worker is None:
-                outcomes.append(self._finish(job, r.status, blob, r.error, r.traceback, None, r.runtime, False,
-                                             r.stdout, r.stderr))  # fmt: skip
         if outcomes:
             self.store.add_results(outcomes)
 
@@ -181,6 +179,7 @@ class WorkerHandlers:
             self._requeue(job)
         if h.get("final"):
             self.peers.pop(w.ident, None)
+            self.door.forget(w.ident)
             self.policy.remove_worker(w)
             self.store.worker_left(w.id, str(h.get("why", "left")))
             log.info("worker %s left (%s): %d jobs handed back", w.describe(), h.get("why", "drained"),
@@ -201,7 +200,7 @@ class WorkerHandlers:
         After a connection closed, a worker silent for three heartbeats (at
         least 3 s) is taken as gone, without waiting for the full timeout.
         """
-        suspect = now - self.disconnected_at < self.worker_timeout
+        suspect = now - self.door.disconnected_at < self.worker_timeout
         for w in list(self.policy.workers.values()):
             silent = now - w.last_seen
             if silent > self.worker_timeout:

@@ -120,6 +120,7 @@ class Agent:
         self.stopping = False
         self.cancelled: set[int] = set()
         self.hello_sent = 0.0
+        self.epoch: str | None = None  # the store the jobs we hold belong to (the last WELCOME's)
         self.heads_changed = False
         self._last_usage = (0.0, 0.0)
         self.watch_pid = watch_pid
@@ -135,7 +136,8 @@ class Agent:
 
     # -- the link to the master ------------------------------------------------------
     def _hello(self) -> None:
-        """Introduce ourselves; `holding` names the jobs our children still have.
+        """Introduce ourselves on a new session; `holding` names the jobs our children still
+        have or whose results wait to be sent, and `epoch` the store they belong to.
 
         Tasks not yet given to a child are dropped: the master requeues them.
         """
@@ -144,10 +146,10 @@ class Agent:
         self._send(P.HELLO, {
             "role": "worker", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "procs": self.procs, "caps": self.caps, "have": list(self.fn_blobs),
-            "holding": [t[0] for c in self.children for t in c.inflight],
+            "holding": [t[0] for c in self.children for t in c.inflight] + [r[0] for r in self.outbox],
             "running": self._running(), "draining": self.draining,
             "info": self.env.info(), "label": self.env.label(), "task": self.env.task(),
-            "versions": runtime_versions(),
+            "versions": runtime_versions(), "epoch": self.epoch,
         })  # fmt: skip
         self.hello_sent = time.monotonic()
         log.info("worker %s saying hello to %s with %d procs", self.id, self.link.address, self.procs)
@@ -186,7 +188,7 @@ class Agent:
         try:
             while not self.stopping:
                 events = dict(self.poller.poll(100))
-                if self.link.sock in events:
+                if self.link.readable(events):
                     self._read_master()
                 for c in list(self.children):
                     if c.fd in events:
@@ -233,6 +235,8 @@ class Agent:
                 self.counters["tasks"] += n
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
+            elif kind == P.WELCOME:
+                self._welcomed(h)
             elif kind == P.BYE:
                 if h.get("rehello"):
                     # one HELLO at a time (later BYEs answer messages queued before
@@ -243,7 +247,24 @@ class Agent:
                     log.warning("master says: %s", h.get("why", "bye"))
                     self.link.drop()
                     return
-            # WELCOME, HEARTBEAT: hearing from the master is all they are for
+            # HEARTBEAT: hearing from the master is all it is for
+
+    def _welcomed(self, h: dict) -> None:
+        """A master on another store (a new epoch) knows none of our jobs, and their ids
+        name other jobs there: drop them, results included, before any new task."""
+        epoch = h.get("epoch")
+        if self.epoch is not None and epoch != self.epoch:
+            held = [t[0] for c in self.children for t in c.inflight] + [r[0] for r in self.outbox]
+            if held:
+                log.warning("master %s serves another store (%s, epoch %s, was %s): dropping the %d"
+                            " jobs we held", h.get("master"), h.get("store"), epoch, self.epoch, len(held))  # fmt: skip
+            for c in list(self.children):
+                if c.inflight:
+                    c.inflight.clear()
+                    self._respawn(c)
+            self.outbox, self.outblobs = [], []
+            self.cancelled.clear()
+        self.epoch = epoch
 
     # -- children ----------------------------------------------------------------
     def _feed_children(self) -> None:
@@ -430,6 +451,8 @@ class Agent:
         self.counters["results"] += 1
 
     def _flush(self) -> None:
+        if not self.link.welcomed:  # results wait for a session the master has welcomed
+            return
         if self.outbox:
             sizes = [len(b) + (len(r[5] or "") + len(r[6] or "") if len(r) > 5 else 0)
                      for r, b in zip(self.outbox, self.outblobs)]  # fmt: skip
