@@ -47,6 +47,24 @@ log = logging.getLogger(__name__)
 Report = Callable[[str], Any]
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
+
+
+@contextlib.contextmanager
+def _private_files() -> Iterator[None]:
+    """Umask 077 while a job is submitted: the batch system creates its output files with it."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 # ------------------------------------------------------------------------- the pool
 class Pool:
     """A pool of workers on one scheduler, for one cluster directory.
@@ -73,7 +91,7 @@ class Pool:
     @contextlib.contextmanager
     def record(self) -> Iterator[dict]:
         """The record, locked; written back (atomically) when the block ends."""
-        self.cluster.path.mkdir(parents=True, exist_ok=True)
+        self.cluster.make()
         fd = os.open(self.cluster.path / "pool.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -82,7 +100,7 @@ class Pool:
             yield rec
             if json.dumps(rec, sort_keys=True) != before:
                 tmp = self.path.with_name(f".pool.json.{os.getpid()}.{threading.get_ident()}")
-                tmp.write_text(json.dumps(rec, indent=2) + "\n")
+                _write_private(tmp, json.dumps(rec, indent=2) + "\n")
                 os.replace(tmp, self.path)
         finally:
             os.close(fd)
@@ -138,21 +156,22 @@ class Pool:
     # -- submission ---------------------------------------------------------------
     def _script(self, role: str, argv: list[str], what: str) -> Path:
         """A job script in the cluster directory (the scheduler copies it at submission)."""
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        path = self.jobs_dir / f"{self.scheduler.name}-{role}.sh"
+        path = self.cluster.subdir("jobs") / f"{self.scheduler.name}-{role}.sh"
         text = (
             "#!/bin/bash\n"
             f"# {what}\n"
             f"# written by `cw {self.scheduler.name} up` for the cluster directory {self.cluster.path}\n"
+            "umask 077  # what the job writes is its owner's alone, its output files too:\n"
+            'for fd in 1 2; do f=$(readlink "/proc/$$/fd/$fd") && [ -f "$f" ] && chmod go= "$f"; done 2>/dev/null\n'
             f"exec {shlex.join(argv)}\n"
         )
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(text)
+        _write_private(tmp, text)
         os.replace(tmp, path)
         return path
 
     def _spec(self, rec: dict, role: str, options: dict) -> JobSpec:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.cluster.subdir("logs")
         return JobSpec(self.job_name(role), rec.get("workdir") or os.getcwd(), self.logs, options)
 
     def profile(self, rec: dict, name: str = "") -> dict:
@@ -188,7 +207,8 @@ class Pool:
         role = f"workers-{profile}" if profile else "workers"
         what = f"one cw worker{f' of the profile {profile}' if profile else ''}; each task of the array runs one"
         script = self._script(role, argv, what)
-        job = self.scheduler.submit_workers(script, count, self._spec(rec, role, options))
+        with _private_files():  # the scheduler creates the job's output files under our umask
+            job = self.scheduler.submit_workers(script, count, self._spec(rec, role, options))
         entry = {"job": job, "tasks": count, "submitted": time.time()}
         if profile:
             entry["profile"] = profile
@@ -226,8 +246,8 @@ class Pool:
             if rec.get(opt) is not None:
                 argv += [f"--{opt}", str(rec[opt])]
         if here:
-            self.logs.mkdir(parents=True, exist_ok=True)
-            out = open(self.logs / "master-here.log", "ab")
+            fd = os.open(self.cluster.subdir("logs") / "master-here.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            out = os.fdopen(fd, "ab")
             try:
                 p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                      cwd=rec.get("workdir"), start_new_session=True)  # fmt: skip
@@ -236,7 +256,8 @@ class Pool:
             return {"here": True, "pid": p.pid, "host": socket.gethostname(), "started": time.time()}
         script = self._script("master", argv, "the cw master and the keeper of its pool of workers")
         options = dict(rec.get("master_options") or {})
-        job = self.scheduler.submit_master(script, self._spec(rec, "master", options))
+        with _private_files():
+            job = self.scheduler.submit_master(script, self._spec(rec, "master", options))
         return {"job": job, "started": time.time()}
 
     # -- the master -----------------------------------------------------------------
@@ -320,7 +341,7 @@ class Pool:
         """
         report = report or log.info
         c = self.cluster
-        c.path.mkdir(parents=True, exist_ok=True)
+        c.make()
         c.key(create=True)  # before any job needs it
         with self.record() as rec:
             self._check_owner(rec)
