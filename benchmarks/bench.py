@@ -46,9 +46,13 @@ def _wait_workers(client, n):
 class Sides:
     """A warmed-up cw cluster and process pool, shared by the throughput rows."""
 
+    def __init__(self, encrypt: bool = False):
+        self.encrypt = encrypt
+
     def __enter__(self):
         self.tmp = tempfile.TemporaryDirectory(prefix="cw-bench-")
-        self.lc = cw.LocalCluster(n_workers=WORKERS, cluster=os.path.join(self.tmp.name, "c"))
+        self.lc = cw.LocalCluster(n_workers=WORKERS, cluster=os.path.join(self.tmp.name, "c"),
+                                  encrypt=self.encrypt)  # fmt: skip
         self.client = self.lc.client()
         _wait_workers(self.client, WORKERS)
         self.pool = cf.ProcessPoolExecutor(WORKERS)
@@ -131,13 +135,14 @@ ROWS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rows", nargs="*", default=list(ROWS), help="rows to run (default: all)")
+    ap.add_argument("--encrypt", action="store_true", help="run cw's wire over CurveZMQ")
     args = ap.parse_args(argv)
     print(f"cw {cw.__version__} vs ProcessPoolExecutor, {WORKERS} workers, {os.cpu_count()} CPUs, "
-          f"Python {sys.version.split()[0]}")  # fmt: skip
+          f"Python {sys.version.split()[0]}{', encrypted wire' if args.encrypt else ''}")  # fmt: skip
     header = f"{'workload':<36} {'metric':<22} {'cw':>16} {'ProcessPool':>16}  {'target':<14} met"
     print(header)
     print("-" * len(header))
-    with Sides() as s:
+    with Sides(args.encrypt) as s:
         for name in args.rows:
             title, metric, (mine, theirs), target, ok, fmt = ROWS[name.upper()](s)
             f = fmt if callable(fmt) else fmt.format

@@ -44,11 +44,13 @@ class LocalCluster(ClusterSurface):
     Uses the cluster directory ``$CW_HOME/local`` (so a re-run finds its stored
     results), or a fresh temporary one when another local master holds it.
     Every process ends with the cluster (``close()``, the context manager, or
-    the death of this process).
+    the death of this process). ``encrypt=True`` runs the wire over CurveZMQ
+    (recorded in the cluster directory, as ``cw master --encrypt`` does).
     """
 
     def __init__(self, n_workers: int | None = None, procs: int = 1,
-                 cluster: str | os.PathLike | None = None, tags: list[str] | None = None):  # fmt: skip
+                 cluster: str | os.PathLike | None = None, tags: list[str] | None = None,
+                 encrypt: bool = False):  # fmt: skip
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.procs_per_worker, self.tags = procs, list(tags or [])
         self._names = itertools.count()
@@ -63,8 +65,10 @@ class LocalCluster(ClusterSurface):
         else:
             self.cluster = ClusterDir(path=tempfile.mkdtemp(prefix="cw-local-"))
         self.cluster.key(create=True)  # before any process needs it
+        if encrypt:
+            self.cluster.set_encrypted()
         self.address = f"tcp://127.0.0.1:{_free_port()}"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster.subdir("logs")  # private, as the cluster directory
         self.procs: list[subprocess.Popen] = []
         base = [sys.executable, "-m"]
         cdir = ["--cluster-dir", str(self.cluster.path)]
