@@ -206,12 +206,8 @@ class Link:
 
     def _events(self) -> None:
         """What happened to the connection: passed the gate (open a session), refused, gone."""
-        while self.monitor is not None:
-            try:
-                event = self.monitor.recv_multipart(zmq.NOBLOCK)[0]
-            except zmq.Again:
-                return
-            kind, value = _EVENT.unpack(event[:6])
+        while self.monitor is not None and self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            kind, value = _EVENT.unpack(self.monitor.recv_multipart()[0][:6])
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
                 self.channel, self.welcomed, self._nonces = None, False, []

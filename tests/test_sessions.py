@@ -171,3 +171,26 @@ def test_up_leaves_nothing_others_can_read(pool):
         if p.is_file():
             r = subprocess.run(["runuser", "-u", "nobody", "--", "head", "-c1", str(p)], capture_output=True)
             assert r.returncode != 0, f"nobody can read {p}"
+
+
+def test_a_store_of_schema_1_gets_an_epoch_and_keeps_its_jobs(tmp_path):
+    """The epoch came with schema 2: a store made before it is migrated forward."""
+    import sqlite3
+
+    from cw.store import SCHEMA, Store
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA.split("CREATE TABLE meta")[0] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO jobs (id, session, seq, fn, args) VALUES (7, 's', 0, 'f', x'00')")
+    db.commit()
+    db.close()
+    s = Store(path)
+    epoch = s.epoch
+    assert len(epoch) == 32 and [j.id for j in s.pending()] == [7]
+    s.close()
+    s = Store(path)
+    assert s.epoch == epoch  # made once, kept
+    s.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert Store(tmp_path / "new.sqlite").epoch != epoch

@@ -34,7 +34,7 @@ _COMMON = [*CLUSTER_OPTIONS, log_option]
 
 #: Parameters of `up` every backend shares: a backend's option keys must differ from them.
 _SHARED = frozenset({"workers", "array_parallelism", "grace", "master_here", "master_time", "heal",
-                     "max_heals", "poll", "wait", "interface", "cluster_name", "cluster_dir",
+                     "max_heals", "poll", "wait", "interface", "encrypt", "cluster_name", "cluster_dir",
                      "log_level", "adapt", "idle_timeout", "profiles"})  # fmt: skip
 
 
@@ -123,9 +123,11 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
                   help="Seconds to wait for the master to publish itself.")
     @click.option("--interface", default=None,
                   help="Publish the master's address on this network interface (e.g. ib0).")
+    @click.option("--encrypt", is_flag=True,
+                  help="Encrypt the wire (CurveZMQ): recorded in the cluster directory, as `cw master --encrypt` does.")
     @with_options(_COMMON)
     def up_cmd(workers, adapt, idle_timeout, profiles, array_parallelism, grace, master_here, master_time, heal,
-               max_heals, poll, wait, interface, cluster_name, cluster_dir, log_level, **values):  # fmt: skip
+               max_heals, poll, wait, interface, encrypt, cluster_name, cluster_dir, log_level, **values):  # fmt: skip
         """Start a master and --workers N workers as ONE array job (or an adaptive pool:
         --adapt MIN:MAX); return once the master is published."""
         from ..launchers.adapt import Adaptive, parse_profile, parse_range
@@ -162,6 +164,8 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
         master_options = cls.master_options(options, master_time)
         pool = Pool(cls(), cluster_from(cluster_name, cluster_dir))
         try:
+            if encrypt:  # before the master starts: it, the workers and the clients follow
+                pool.cluster.set_encrypted()
             pool.up(workers, options, master_options=master_options, heal=heal, max_heals=max_heals,
                     master_here=master_here, poll=poll, wait=wait, interface=interface, report=click.echo,
                     adapt=settings, profiles=declared)  # fmt: skip

@@ -267,7 +267,9 @@ class Connection:
         if self.cancels:
             with self.space:
                 cancels, self.cancels = self.cancels, []
-            self.link.send(P.CANCEL, {"s": cancels})
+            if not self.link.send(P.CANCEL, {"s": cancels}):  # the connection just went
+                with self.space:
+                    self.cancels[:0] = cancels
 
     def _refused(self, e: AuthenticationError) -> None:
         self.error = e

@@ -456,9 +456,13 @@ class Agent:
         if self.outbox:
             sizes = [len(b) + (len(r[5] or "") + len(r[6] or "") if len(r) > 5 else 0)
                      for r, b in zip(self.outbox, self.outblobs)]  # fmt: skip
+            sent = 0
             for part in P.batches(sizes):
-                self._send(P.RESULT, {"r": self.outbox[part], "running": self._running()}, self.outblobs[part])
-            self.outbox, self.outblobs = [], []
+                if not self.link.send(P.RESULT, {"r": self.outbox[part], "running": self._running()},
+                                      self.outblobs[part]):  # fmt: skip
+                    break  # the connection just went: the rest waits for the next session
+                sent = part.stop
+            del self.outbox[:sent], self.outblobs[:sent]
         elif self.heads_changed:  # the master charges a lost worker's running jobs only
             self._send(P.HEARTBEAT, {**self.counters, "running": self._running()})
         self.heads_changed = False
