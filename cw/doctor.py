@@ -286,13 +286,18 @@ def _round_trip(address: str, key: bytes, cluster: ClusterDir, out: list[Finding
     from .link import query_status
 
     source = "$CW_KEY" if os.environ.get("CW_KEY") else str(cluster.key_path)
+    try:
+        encrypt = cluster.encrypted()
+    except ConfigError:  # said above; the setting is still what the master follows
+        encrypt = cluster.curve_path.exists()
     t0 = time.monotonic()
     try:
-        s = query_status(address, key, timeout=defaults.DOCTOR_TIMEOUT)
+        s = query_status(address, key, timeout=defaults.DOCTOR_TIMEOUT, encrypt=encrypt)
     except AuthenticationError:
         out.append(Finding(FAIL, "round trip", f"the master rejected our key (read from {source}): this side and"
-                                               " the master use different keys: use the master's cluster"
-                                               " directory, or unset CW_KEY"))  # fmt: skip
+                                               " the master use different keys (use the master's cluster"
+                                               " directory, or unset CW_KEY), or this host's clock is more"
+                                               f" than {defaults.TOKEN_WINDOW:.0f} s off the master's"))  # fmt: skip
         return
     except CwError as e:
         out.append(Finding(FAIL, "round trip", f"{e}: the port answers but no cw master does: another program"
@@ -300,8 +305,8 @@ def _round_trip(address: str, key: bytes, cluster: ClusterDir, out: list[Finding
         return
     ms = (time.monotonic() - t0) * 1000
     ws = s.get("workers", [])
-    out.append(Finding(OK, "round trip", f"signed STATUS answered in {ms:.1f} ms: {len(ws)} workers,"
-                                         f" {s.get('queued', 0)} jobs queued"))  # fmt: skip
+    out.append(Finding(OK, "round trip", f"signed STATUS answered in {ms:.1f} ms{' (encrypted)' if encrypt else ''}:"
+                                         f" {len(ws)} workers, {s.get('queued', 0)} jobs queued"))  # fmt: skip
     mine = versions()
     odd = [w for w in ws if _clash(mine, w.get("versions") or {})]
     if odd:

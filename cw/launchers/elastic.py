@@ -31,7 +31,7 @@ def master_status(pool: Pool, timeout: float = 3.0) -> dict | None:
     if not address:
         return None
     try:
-        return query_status(address, pool.cluster.key(), timeout=timeout)
+        return query_status(address, pool.cluster.key(), timeout=timeout, encrypt=pool.cluster.encrypted())
     except CwError:
         return None
 

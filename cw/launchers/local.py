@@ -131,7 +131,7 @@ class LocalCluster(ClusterSurface):
 
     def _master_status(self) -> dict | None:
         try:
-            return query_status(self.address, self.cluster.key(), timeout=2.0)
+            return query_status(self.address, self.cluster.key(), timeout=2.0, encrypt=self.cluster.encrypted())
         except CwError:
             return None
 
