@@ -11,7 +11,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
-import socket
 import threading
 import time
 
@@ -26,8 +25,9 @@ from cw import protocol as P
 from cw.discovery import ClusterDir
 from cw.security import token
 
-#: A normal client's round trip while an attack runs: at most this many seconds.
-LATENCY = 1.0
+#: A normal client's round trip while an attack runs: at most this many seconds (one takes
+#: about 2 ms here, and 0.1 to 0.4 s at worst under the attacks; the machine is shared).
+LATENCY = 2.0
 #: The master's resident memory may grow by at most this many MB under an attack without
 #: the key (it reads nothing of such a peer).
 KEYLESS_MB = 64
@@ -297,11 +297,44 @@ def fd_limits(pid: int) -> tuple[int, int]:
     raise AssertionError("no open-file limit")
 
 
+def idle(address: str, n: int, opened, out) -> None:
+    """An attacker process: ``n`` TCP connections that never finish the ZeroMQ handshake
+    (half of them begin it); how long until the master closed every one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    t0 = time.monotonic()
+    socks = []
+    for i in range(n):
+        s = raw_connection(address)
+        if i % 2:
+            s.sendall(greeting(b"PLAIN")[:20])  # a greeting begun, never finished
+        s.setblocking(False)
+        socks.append(s)
+    out.put(("opened", time.monotonic() - t0))
+    opened.set()
+    open_ = set(socks)
+    while open_ and time.monotonic() - t0 < defaults.HANDSHAKE_IVL / 1000 + 30:
+        for s in list(open_):
+            try:
+                while s.recv(4096):
+                    pass  # the master's half of the greeting
+                open_.discard(s)  # closed by the master
+            except BlockingIOError:
+                pass
+            except OSError:
+                open_.discard(s)
+        time.sleep(0.2)
+    out.put(("closed", time.monotonic() - t0))
+    out.put(("left open", len(open_)))
+    for s in socks:
+        s.close()
+
+
 @pytest.mark.timeout(120)
 def test_2000_idle_connections(cw_home, procs):
-    """2,000 TCP connections that never finish the ZeroMQ handshake (half of them begin
-    it), to a master started with 1,024 open files: it raises its limit, keeps serving,
-    closes them all after HANDSHAKE_IVL, and new clients and status requests still get in."""
+    """2,000 TCP connections that never finish the ZeroMQ handshake, to a master started
+    with 1,024 open files: it raises its limit, keeps serving, closes them all after
+    HANDSHAKE_IVL, and new clients and status requests still get in meanwhile."""
     master = ClusterDir()
     p = procs.start("master", "-c", LOW_FD_LIMIT, "--port", "0", "--heartbeat", "0.2")
     wait_for(lambda: master.master_address() or p.poll() is not None, what="master.json")
@@ -310,44 +343,22 @@ def test_2000_idle_connections(cw_home, procs):
     assert soft == hard > 2000 + defaults.FD_RESERVE, (soft, hard)
     start_workers(procs, 2)
     address = master.master_address()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    socks: list[socket.socket] = []
-    try:
-        with cw.Client() as c:
-            watch = Watch(c, master_pid(master))
-            t0 = time.monotonic()
-            for i in range(2000):
-                s = raw_connection(address)
-                if i % 2:
-                    s.sendall(greeting(b"PLAIN")[:20])  # a greeting begun, never finished
-                socks.append(s)
-            opened = time.monotonic() - t0
-            with cw.Client() as other:  # a new client, and a status request, get in
-                assert other.submit(square, 5).result(30) == 25
-                assert other.status()["workers"]
-
-            def closed(s: socket.socket) -> bool:
-                s.setblocking(False)
-                try:
-                    while s.recv(4096):
-                        pass  # the master's half of the greeting
-                    return True
-                except BlockingIOError:
-                    return False
-                except OSError:
-                    return True
-
-            wait_for(lambda: all(closed(s) for s in socks), timeout=defaults.HANDSHAKE_IVL / 1000 + 15,
-                     interval=0.5, what="the idle connections closed by the master")  # fmt: skip
-            took = time.monotonic() - t0
-            worst, grown = watch.stop()
-    finally:
-        for s in socks:
-            s.close()
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    print(f"2,000 idle connections: opened in {opened:.2f} s, all closed by the master after {took:.1f} s;"
-          f" worst round trip {worst:.3f} s; master grew {grown:.1f} MB")  # fmt: skip
+    mp = multiprocessing.get_context("spawn")
+    out, opened = mp.Queue(), mp.Event()
+    with cw.Client() as c:
+        watch = Watch(c, p.pid)
+        attacker = mp.Process(target=idle, args=(address, 2000, opened, out))
+        attacker.start()
+        assert opened.wait(60), "the attacker did not open its connections"
+        with cw.Client() as other:  # a new client, and a status request, get in meanwhile
+            assert other.submit(square, 5).result(30) == 25
+            assert other.status()["workers"]
+        attacker.join(90)
+        worst, grown = watch.stop()
+    got = results([attacker], out)
+    print(f"2,000 idle connections: opened in {got['opened']:.2f} s, all closed by the master after"
+          f" {got['closed']:.1f} s; worst round trip {worst:.3f} s; master grew {grown:.1f} MB")  # fmt: skip
+    assert got["left open"] == 0
     assert worst < LATENCY and grown < KEYLESS_MB
 
 
