@@ -124,6 +124,8 @@ def test_qsub_scripts_work_as_documented(tmp_path, cw_home):
     require("sge")
     env = hand_env(tmp_path)
     pass_on = f"CW_PYTHON={sys.executable},CW_HOME={env['CW_HOME']},CW_CLUSTER={env['CW_CLUSTER']}"
+    if env.get("PYTHONPATH"):  # the jobs run the cw under test (SLURM's inherit it; -v for Grid Engine's)
+        pass_on += f",PYTHONPATH={env['PYTHONPATH']}"
     jobs: list[str] = []
     try:
         # sge/README.md:  qsub -v ... sge/master.sh ; qsub -t 1-2 -v ... sge/workers.sh
