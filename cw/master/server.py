@@ -93,6 +93,7 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         self.address = bind if bind.startswith("ipc://") else f"tcp://{self.host}:{self.port}"
         # the idle time after which a session is forgotten: peers heartbeat every heartbeat
         self.session_idle = max(defaults.SESSION_IDLE, 10 * heartbeat, 3 * worker_timeout)
+        self._next_expiry = 0.0
         self.publish = publish
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.policy = Policy(window=queue_window)
@@ -422,10 +423,12 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
     def _timers(self, now: float) -> None:
         self.counts.append((now, self.submitted, self.done))
         self._check_workers(now)
-        for ident in self.door.expire(now, self.session_idle):  # silent for a minute: gone
-            peer = self.peers.pop(ident, None)
-            if isinstance(peer, Session) and peer.ident == ident:
-                peer.ident = None
+        if now >= self._next_expiry:  # sessions silent for a minute are gone
+            self._next_expiry = now + 1.0
+            for ident in self.door.expire(now, self.session_idle):
+                peer = self.peers.pop(ident, None)
+                if isinstance(peer, Session) and peer.ident == ident:
+                    peer.ident = None
         queued = self.policy.waiting() + self.backlog
         for s in [p for p in self.peers.values() if isinstance(p, Session)]:
             if now - s.last_sent >= self.heartbeat or s.notices:
