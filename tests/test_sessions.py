@@ -194,3 +194,24 @@ def test_a_store_of_schema_1_gets_an_epoch_and_keeps_its_jobs(tmp_path):
     s.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
     assert Store(tmp_path / "new.sqlite").epoch != epoch
+
+
+def test_a_recovered_store_keeps_its_epoch(tmp_path):
+    """`cw store recover` keeps the jobs and their ids: the epoch goes with them, by SQLite's
+    own recovery or by cw's row copy alike."""
+    from cw.store import Store
+    from cw.store.repair import _copy_rows, _finish, recover
+
+    path = tmp_path / "cw.sqlite"
+    s = Store(path)
+    epoch = s.epoch
+    s.add_jobs([("s", 0, None, None, "f", b"x", None, None, 3)])
+    s.close()
+    recover(path)
+    copied = tmp_path / "copied.sqlite"
+    _copy_rows(path, copied)
+    _finish(copied)
+    for p in (path, copied):
+        s = Store(p)
+        assert s.epoch == epoch and [j.id for j in s.pending()] == [1]
+        s.close()

@@ -25,9 +25,10 @@ from ..errors import StoreError
 from .reader import integrity
 from .schema import SCHEMA, SCHEMA_VERSION
 
-#: Our tables, and the column each is ordered by (its rowid).
+#: Our tables, and the column each is ordered by (its rowid). A recovered store keeps its
+#: jobs and their ids, so it keeps its epoch too (meta; a store older than the epoch has none).
 TABLES = (("functions", "rowid"), ("sessions", "rowid"), ("jobs", "id"), ("results", "job"),
-          ("attempts", "rowid"), ("workers", "rowid"))  # fmt: skip
+          ("attempts", "rowid"), ("workers", "rowid"), ("meta", "rowid"))  # fmt: skip
 
 
 class Recovery(NamedTuple):
@@ -91,7 +92,7 @@ def _shell_recover(src: Path, out: Path) -> str | None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
         conn.close()
-    missing = [t for t, _ in TABLES if t not in names and t != "attempts"]  # (schema 2 on)
+    missing = [t for t, _ in TABLES if t not in names and t not in ("attempts", "meta")]  # (newer schemas)
     return f"sqlite3 .recover rebuilt no table {', '.join(missing)}" if missing else None
 
 
@@ -137,7 +138,8 @@ def _finish(out: Path) -> dict:
     try:
         if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        rows = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t, _ in TABLES}
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        rows = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t, _ in TABLES if t in names}
     finally:
         conn.close()
     problems = integrity(out)
