@@ -173,15 +173,16 @@ def test_up_leaves_nothing_others_can_read(pool):
             assert r.returncode != 0, f"nobody can read {p}"
 
 
-def test_a_store_of_schema_1_gets_an_epoch_and_keeps_its_jobs(tmp_path):
-    """The epoch came with schema 2: a store made before it is migrated forward."""
+def test_a_store_from_before_the_epoch_gets_one_and_keeps_its_jobs(tmp_path):
+    """The epoch came with the last schema version: a store made before it is migrated forward."""
     import sqlite3
 
-    from cw.store import SCHEMA, Store
+    from cw.store import Store
+    from cw.store.schema import SCHEMA, SCHEMA_VERSION
 
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA.split("CREATE TABLE meta")[0] + "PRAGMA user_version = 1;")
+    db.executescript(SCHEMA.split("CREATE TABLE meta")[0] + f"PRAGMA user_version = {SCHEMA_VERSION - 1};")
     db.execute("INSERT INTO jobs (id, session, seq, fn, args) VALUES (7, 's', 0, 'f', x'00')")
     db.commit()
     db.close()
@@ -192,7 +193,7 @@ def test_a_store_of_schema_1_gets_an_epoch_and_keeps_its_jobs(tmp_path):
     s = Store(path)
     assert s.epoch == epoch  # made once, kept
     s.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert Store(tmp_path / "new.sqlite").epoch != epoch
 
 

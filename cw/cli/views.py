@@ -87,7 +87,7 @@ class Watcher:
             self.error = "no master running"
             return None
         try:
-            doc = query_status(address, self.cluster.key(), timeout=3.0)
+            doc = query_status(address, self.cluster.key(), timeout=3.0, encrypt=self.cluster.encrypted())
         except CwError as e:
             self.error = f"the master at {address} does not answer: {e}"
             return None

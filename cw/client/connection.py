@@ -132,7 +132,7 @@ class Connection:
     def output(self, seq: int) -> tuple[int | None, str | None, str | None]:
         """A finished job's (status, stdout, stderr), asked of the master (None while unfinished)."""
         h = ask(self.address, self.key, P.OUTPUT, {"session": self.session, "seq": seq},
-                timeout=self.connect_timeout)  # fmt: skip
+                timeout=self.connect_timeout, encrypt=self.encrypt)  # fmt: skip
         return h.get("status"), h.get("stdout"), h.get("stderr")
 
     def cancel(self, seq: int) -> None:
