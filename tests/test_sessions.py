@@ -200,13 +200,13 @@ def test_a_store_from_before_the_epoch_gets_one_and_keeps_its_jobs(tmp_path):
 def test_a_recovered_store_keeps_its_epoch(tmp_path):
     """`cw store recover` keeps the jobs and their ids: the epoch goes with them, by SQLite's
     own recovery or by cw's row copy alike."""
-    from cw.store import Store
+    from cw.store import NewJob, Store
     from cw.store.repair import _copy_rows, _finish, recover
 
     path = tmp_path / "cw.sqlite"
     s = Store(path)
     epoch = s.epoch
-    s.add_jobs([("s", 0, None, None, "f", b"x", None, None, 3)])
+    s.add_jobs([NewJob("s", 0, None, None, "f", b"x", None, None, 3, *[None] * (len(NewJob._fields) - 9))])
     s.close()
     recover(path)
     copied = tmp_path / "copied.sqlite"
