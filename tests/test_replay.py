@@ -222,7 +222,9 @@ def test_results_of_a_replaced_store_never_reach_new_futures(cw_home, procs, tmp
     with cw.Client() as c:
         futs = c.map(mark, [str(done)] * 5, [f"new-{i}" for i in range(5)])
         wait_for(lambda: c.status()["queued"] == 5, what="5 queued jobs")
-        assert [r[0] for r in snapshot(cluster.store_path)[0]] == [1, 2, 3, 4, 5]  # the old ids again
+        # the status may answer in the turn that took the jobs in, before its commit
+        ids = wait_for(lambda: [r[0] for r in snapshot(cluster.store_path)[0]], what="5 stored jobs")
+        assert ids == [1, 2, 3, 4, 5]  # the old ids again
         replay_messages(address, key, captures)
         time.sleep(1)
         assert not any(f.done() for f in futs)
