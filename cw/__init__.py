@@ -30,8 +30,10 @@ if not _log.handlers:
     _log.setLevel(_os.environ.get("CW_LOG_LEVEL", "INFO").upper())
 
 from .client import Client, ClientThread, Executor, Future, as_completed  # noqa: E402
+from .command import CompletedCommand  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationError,
+    CommandError,
     CwError,
     JobCrashedError,
     JobError,
@@ -60,8 +62,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Client", "ClientThread", "Executor", "Future", "LocalCluster", "SGECluster", "SlurmCluster",
+    "Client", "ClientThread", "CompletedCommand", "Executor", "Future", "LocalCluster", "SGECluster", "SlurmCluster",
     "as_completed", "sge_master_host", "slurm_master_host",
-    "AuthenticationError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",
+    "AuthenticationError", "CommandError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",
     "NoMasterError", "RemoteImportError", "SerializationError", "TimeoutError", "WorkerLostError",
 ]  # fmt: skip

@@ -125,6 +125,11 @@ STATUS_FAILURES = 20
 #: ... and the master keeps this many samples of its counters (one per timer tick) for its rates.
 STATUS_SAMPLES = 400
 
+# -- shell-command jobs, scratch and outputs ---------------------------------------
+#: Seconds a command's leftover processes may hold its output pipes after it ended,
+#: before they are killed (they end with the command, as a job's processes end with it).
+COMMAND_LEFTOVER_GRACE = 0.2
+
 # -- launchers (SLURM, Grid Engine) ---------------------------------------------
 #: Seconds between the keeper's looks at the scheduler (one batched query each).
 POLL = 20.0

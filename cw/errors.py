@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
+import subprocess
+
+from .defaults import STDERR_LINES
+
 
 class CwError(Exception):
     """Base class of all cw errors."""
@@ -128,3 +134,35 @@ class SchedulerError(CwError):
 
 class JobError(CwError):
     """A job raised an exception that could not be re-created on the client."""
+
+
+class CommandError(CwError, subprocess.CalledProcessError):
+    """A shell-command job exited with a non-zero code (or was killed by a signal).
+
+    A :class:`subprocess.CalledProcessError` too: ``returncode``, ``cmd``,
+    ``stdout`` and ``stderr`` (the tails the job kept), and ``host``, where it ran.
+    """
+
+    def __init__(self, returncode: int, cmd: object, stdout: str | None = None,
+                 stderr: str | None = None, host: str | None = None):  # fmt: skip
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, stdout, stderr)
+        self.host = host
+        self.args = (returncode, cmd, stdout, stderr, host)  # what pickle rebuilds it from
+
+    def __str__(self) -> str:
+        shown = self.cmd if isinstance(self.cmd, str) else shlex.join(map(str, self.cmd))
+        if self.returncode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-self.returncode}"
+        else:
+            how = f"exited with code {self.returncode}"
+        text = f"command {shown!r} {how}{f' on {self.host}' if self.host else ''}"
+        lines = (self.stderr or "").rstrip("\n").splitlines()
+        if lines:
+            text += "; its stderr ends:\n" + "\n".join(
+                "  " + line for line in lines[-STDERR_LINES :])
+        else:
+            text += " (its stderr is empty)"
+        return text

@@ -39,8 +39,8 @@ def user_module(fn: Callable) -> ModuleType | None:
     (cloudpickle sends that by value anyway), not the standard library, not an
     installed package."""
     name = getattr(fn, "__module__", None)
-    if not name or name == "__main__":
-        return None
+    if not name or name == "__main__" or name == "cw" or name.startswith("cw."):
+        return None  # (cw is installed on every worker: its own functions go by reference)
     mod = sys.modules.get(name)
     path = getattr(mod, "__file__", None)
     if not path:

@@ -149,6 +149,65 @@ def kill_group(pgid: int) -> None:
             pass
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, parents before their children."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def job_groups(pid: int) -> list[int]:
+    """The process groups of a job: its executor's (``pid``'s own), and every group led by
+    a process below it (a command in a session of its own, a daemon that called setsid)."""
+    groups = [pid]
+    for d in descendants(pid):
+        try:
+            if os.getpgid(d) == d:
+                groups.append(d)
+        except OSError:
+            pass
+    return groups
+
+
+def signal_groups(groups: list[int], sig: int) -> None:
+    """Send ``sig`` to each of these process groups (gone ones are skipped)."""
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_job(pid: int) -> None:
+    """SIGKILL an executor with every process group of its job (see :func:`job_groups`).
+
+    Never waits. What escapes (a process that made a group of its own in the
+    instant between the look and the kill) is orphaned to the agent, a child
+    subreaper, which kills it with its group.
+    """
+    groups = job_groups(pid)
+    signal_groups(groups[1:], signal.SIGSTOP)  # no more forking while we kill
+    kill_group(pid)
+    signal_groups(groups[1:], signal.SIGKILL)
+
+
+def kill_orphan(pid: int) -> None:
+    """SIGKILL an orphaned process of a job, and the group it leads if it leads one."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def cpu_shares(procs: int, given: Optional[int]) -> list[tuple[Optional[list[int]], int]]:
     """How a worker's CPUs are shared among its ``procs`` executors: (CPUs to pin
     to or None, how many CPUs) for each.

@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, ClassVar, Iterable
 
 from .. import defaults
+from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
 from ..errors import ClientError, ConfigError, MessageTooLargeError, TimeoutError
 from ..link import query_status
@@ -109,6 +110,24 @@ class Client:
         """
         return self._submit(fn, args, kwargs, key=key, cache=cache, requires=requires,
                             timeout=timeout, max_retries=max_retries, output_limit=output_limit)  # fmt: skip
+
+    def submit_shell(self, cmd: Command, *, cwd: str | os.PathLike | None = None, env: dict | None = None,
+                     input: str | bytes | None = None, shell: bool | None = None, check: bool = True,
+                     key: str | None = None, cache: bool = True, requires: dict | None = None,
+                     timeout: float | None = None, max_retries: int | None = None) -> Future:  # fmt: skip
+        """Run a command on the cluster, as ``subprocess.run`` would there; its future at once.
+
+        ``cmd`` is a command line (run by ``/bin/sh -c``) or an argv list; ``env``
+        adds variables to the job's environment (None removes one); ``input`` is
+        its stdin. The result is a :class:`cw.CompletedCommand` (``returncode``,
+        ``stdout``, ``stderr``); a non-zero exit raises :class:`cw.CommandError`
+        unless ``check=False``. ``key``, ``cache``, ``requires``, ``timeout`` and
+        ``max_retries`` are as for :meth:`submit`. A timeout or a cancel kills the
+        command with every process of its group.
+        """
+        args, kwargs = shell_job(cmd, cwd, env, input, shell, check)
+        return self._submit(run_command, args, kwargs, key=key, cache=cache, requires=requires,
+                            timeout=timeout, max_retries=max_retries)  # fmt: skip
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, key: str | None = None,
                 cache: bool = True, requires: dict | None = None, timeout: float | None = None,
@@ -237,6 +256,25 @@ class Client:
             self.close()
         except Exception:
             pass
+
+
+def shell_job(cmd: Command, cwd: Any, env: Any, input: Any, shell: Any, check: Any) -> tuple[tuple, dict]:
+    """The arguments of :func:`cw.command.run_command` for a shell-command job, checked
+    here (a TypeError or ValueError now, not a failed job later)."""
+    argv(cmd, shell)  # raises on what is not a command
+    if input is not None and not isinstance(input, (str, bytes)):
+        raise TypeError(f"input must be text or bytes, not {type(input).__name__}")
+    kwargs: dict = {"check": bool(check)}
+    if cwd is not None:
+        kwargs["cwd"] = os.fspath(cwd)
+    if env:
+        kwargs["env"] = check_env(env)
+    if input:
+        kwargs["input"] = input
+    if shell is not None:
+        kwargs["shell"] = bool(shell)
+    cmd = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
+    return (cmd,), kwargs
 
 
 def _cluster_dir(cluster: str | os.PathLike | None) -> ClusterDir:

@@ -13,7 +13,8 @@ import time
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
-from .client import Client
+from ..command import run_command
+from .client import Client, shell_job
 from .futures import Future
 from .progress import track
 
@@ -77,6 +78,18 @@ class Executor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             # every keyword is the function's, as in the pool
             fut = self.client._submit(fn, args, kwargs, kill=False)
+            self._futures.add(fut)
+        fut.add_done_callback(self._forget)
+        return fut
+
+    def submit_shell(self, cmd: Any, **kwargs: Any) -> Future:
+        """Run a command on the cluster (see :meth:`cw.Client.submit_shell`); its future."""
+        options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries") if k in kwargs}
+        args, kw = shell_job(cmd, **{"cwd": None, "env": None, "input": None, "shell": None, "check": True, **kwargs})
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            fut = self.client._submit(run_command, args, kw, kill=False, **options)
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
         return fut

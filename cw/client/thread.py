@@ -9,7 +9,8 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .client import Client
+from ..command import run_command
+from .client import Client, shell_job
 from .progress import new_bar
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,24 @@ class ClientThread(threading.Thread):
         self.client = Client(self.address, **self.client_kwargs)
         super().start()
 
+    def submit_shell(self, cmd: Any, **kwargs: Any) -> int:
+        """Run a command on the cluster (see :meth:`cw.Client.submit_shell`); a job id at
+        once. The callback gets its :class:`cw.CompletedCommand` (or its CommandError)."""
+        options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries") if k in kwargs}
+        args, kw = shell_job(cmd, **{"cwd": None, "env": None, "input": None, "shell": None, "check": True, **kwargs})
+        return self._submit_job(run_command, args, kw, options)
+
     def submit(self, func: Callable, /, *args: Any, **kwargs: Any) -> int:
+        return self._submit_job(func, args, kwargs, {})
+
+    def _submit_job(self, func: Callable, args: tuple, kwargs: dict, options: dict) -> int:
         if self.client is None:
             raise RuntimeError("call start() before submit()")
         with self._idle:
             self._outstanding += 1
             self._submitted += 1
         try:
-            return self.client._submit(func, args, kwargs, sink=self._deliver).jobid
+            return self.client._submit(func, args, kwargs, sink=self._deliver, **options).jobid
         except BaseException:
             with self._idle:
                 self._outstanding -= 1

@@ -393,10 +393,7 @@ class Agent:
             live = {c.pid for c in self.children}
             for pid in system.children(os.getpid()):
                 if pid not in live and pid not in self.reaping:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    system.kill_orphan(pid)
                     self.reaping.add(pid)
         for c in list(self.children):
             if c.pidfd is None and c in self.children and c.ended():
@@ -495,10 +492,7 @@ class Agent:
             if not live:
                 break
             for pid in live:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                system.kill_orphan(pid)
             time.sleep(0.01)
         if self.link is not None and self.link.sock is not None:
             returned = [t[0] for t in self.pending] + [t[0] for c in self.children for t in c.inflight]

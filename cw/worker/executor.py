@@ -373,9 +373,9 @@ class Child:
         return leftover(self.out_fd, self.err_fd, limit)
 
     def kill(self) -> None:
-        """SIGKILL the executor and every process of its group; never waits."""
+        """SIGKILL the executor and every process group of its job; never waits."""
         if self.exitcode is None:
-            system.kill_group(self.pid)
+            system.kill_job(self.pid)
         self.conn.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
