@@ -39,11 +39,13 @@ from .errors import (  # noqa: E402
     JobError,
     MessageTooLargeError,
     NoMasterError,
+    OutputsError,
     RemoteImportError,
     SerializationError,
     TimeoutError,
     WorkerLostError,
 )
+from .job import outputs, scratch  # noqa: E402
 from .launchers.local import LocalCluster  # noqa: E402
 
 # Client() with no master configured starts a LocalCluster (the client layer knows no launcher)
@@ -63,7 +65,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Client", "ClientThread", "CompletedCommand", "Executor", "Future", "LocalCluster", "SGECluster", "SlurmCluster",
-    "as_completed", "sge_master_host", "slurm_master_host",
-    "AuthenticationError", "CommandError", "CwError", "JobCrashedError", "JobError", "MessageTooLargeError",
+    "as_completed", "outputs", "scratch", "sge_master_host", "slurm_master_host",
+    "AuthenticationError", "CommandError", "CwError", "OutputsError", "JobCrashedError", "JobError", "MessageTooLargeError",
     "NoMasterError", "RemoteImportError", "SerializationError", "TimeoutError", "WorkerLostError",
 ]  # fmt: skip

@@ -23,9 +23,10 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from . import defaults
+from . import defaults, job
 from .errors import CommandError
 
 Command = Union[str, Sequence[Union[str, "os.PathLike[str]"]]]
@@ -175,18 +176,28 @@ def communicate(proc: subprocess.Popen, data: Optional[bytes], limit: int) -> tu
 
 def run_command(cmd: Command, cwd: Optional[str] = None, env: Optional[dict] = None,
                 input: Union[str, bytes, None] = None, shell: Optional[bool] = None,
-                check: bool = True, output_limit: int = defaults.OUTPUT_LIMIT) -> CompletedCommand:  # fmt: skip
+                check: bool = True, outputs: Sequence[str] = (), scratch: bool = False,
+                output_limit: int = defaults.OUTPUT_LIMIT) -> CompletedCommand:  # fmt: skip
     """Run one command where the job runs; the runner of every shell-command job.
 
     The command gets a session (and so a process group) of its own, ``env`` on
-    top of the job's environment, ``input`` on its stdin (else /dev/null).
+    top of the job's environment, ``input`` on its stdin (else /dev/null). With
+    ``scratch`` it runs in the job's scratch directory (``$CW_SCRATCH``); files
+    it writes to ``$CW_OUTPUTS``, and those matching the ``outputs`` globs
+    (relative to where it ran), are archived after it, whatever its exit code.
     Returns a :class:`CompletedCommand`; raises :class:`cw.errors.CommandError`
     on a non-zero exit when ``check`` (the default).
     """
     args = argv(cmd, shell)
     data = input.encode() if isinstance(input, str) else input
+    variables = environment(env)
+    if scratch:
+        cwd = str(job.scratch())
+        variables["CW_SCRATCH"] = cwd
+    if job.running():
+        variables["CW_OUTPUTS"] = str(job.outputs())
     t0 = time.monotonic()
-    proc = subprocess.Popen(args, cwd=cwd, env=environment(env), start_new_session=True,
+    proc = subprocess.Popen(args, cwd=cwd, env=variables, start_new_session=True,
                             stdin=subprocess.PIPE if data else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
@@ -195,9 +206,13 @@ def run_command(cmd: Command, cwd: Optional[str] = None, env: Optional[dict] = N
         _kill_group(proc.pid)
         proc.wait()
         raise
+    if outputs:
+        base = Path(cwd or os.getcwd())
+        job.declare([p for pattern in outputs for p in sorted(base.glob(pattern))], base)
     shown = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
     done = CompletedCommand(shown, proc.returncode, stdout, stderr, socket.gethostname(),
                             time.monotonic() - t0)  # fmt: skip
     if check:
         done.check_returncode()
     return done
+

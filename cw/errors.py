@@ -128,6 +128,11 @@ class StoreConflict(StoreError):
     """A write broke one of the store's rules (a job stored twice): the request is bad, the store is fine."""
 
 
+class OutputsError(CwError, OSError):
+    """A job's scratch or outputs directory cannot be used, or its outputs cannot be archived
+    (disk full, permission): the message says which file and where."""
+
+
 class SchedulerError(CwError):
     """A scheduler command failed or could not be run (sbatch, qsub, ...)."""
 
@@ -166,3 +171,4 @@ class CommandError(CwError, subprocess.CalledProcessError):
         else:
             text += " (its stderr is empty)"
         return text
+

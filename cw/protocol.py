@@ -71,6 +71,7 @@ class TaskSpec(NamedTuple):
     ctx: Optional[str]  #: the client context to run in (a key of the header's ``c``), or None
     timeout: Optional[float]  #: seconds, or None
     output: Optional[int]  #: bytes of stdout and of stderr to keep (None: the client's, else 1 MiB)
+    key: Optional[str]  #: the job's key in its run: its outputs are archived under it
 
 
 class WorkerResult(NamedTuple):
@@ -132,7 +133,7 @@ MESSAGES = (
     Message("worker", "master", HELLO, (
         "role", "id", "host", "pid", "procs", "caps", "have", "holding", "running", "draining",
         "info", "label", "task", "versions", "epoch")),
-    Message("worker", "master", RESULT, ("r", "running")),
+    Message("worker", "master", RESULT, ("r", "running", "o?")),
     Message("worker", "master", HEARTBEAT, (
         "fn_received", "tasks", "results", "crashes", "running", "rss?", "cpu?")),
     Message("worker", "master", BYE, ("returned", "why", "final?")),

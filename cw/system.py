@@ -55,6 +55,21 @@ def rss(pid: int | str = "self") -> int:
     return 0
 
 
+def usage(pids: list[int]) -> tuple[int, float]:
+    """Resident memory (bytes) and CPU seconds used so far by these processes (Linux /proc)."""
+    total, cpu = 0, 0.0
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        total += int(fields[21]) * page
+    return total, cpu
+
+
 def prctl(option: int, value: int) -> bool:
     libc = _c()
     try:

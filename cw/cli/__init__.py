@@ -6,6 +6,7 @@
 - :mod:`cw.cli.top`: `cw top`, the live terminal view; :mod:`cw.cli.views`: what it and the
   dashboard show (the master's status and the store, read-only); :mod:`cw.cli.dashboard`:
   `cw dashboard`, which serves :mod:`cw.dashboard`;
+- :mod:`cw.cli.files`: `cw pull`;
 - :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
 - :mod:`cw.cli.doctor`: `cw doctor`;
 - :mod:`cw.cli.common`: the options and helpers they share.
@@ -18,6 +19,7 @@ import click
 from ..version import __version__
 from .dashboard import dashboard_cmd
 from .doctor import doctor_cmd
+from .files import pull_cmd
 from .jobs import logs_cmd, results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
 from .serve import master_cmd, worker_cmd
@@ -31,8 +33,8 @@ def cli() -> None:
     """cw (Cluster-Workers): run Python functions on a pool of workers."""
 
 
-for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, top_cmd, dashboard_cmd,
-             store_group, doctor_cmd):
+for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, pull_cmd, top_cmd,
+             dashboard_cmd, store_group, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 

@@ -66,9 +66,10 @@ def status_cmd(cluster_name, cluster_dir, as_json):
 @click.argument("run", required=False)
 @cluster_options
 @click.option("--failed", is_flag=True, help="Only jobs that did not succeed.")
+@click.option("--outputs", "files", is_flag=True, help="List the files the jobs archived (see `cw pull`).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True, help="Output format.")
-def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
+def results_cmd(run, cluster_name, cluster_dir, failed, files, fmt):
     """Finished jobs of RUN (default: jobs submitted without a run name), from the store.
 
     Reads the SQLite file directly: it works with or without a live master.
@@ -76,6 +77,9 @@ def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
     cluster = cluster_from(cluster_name, cluster_dir)
     try:
         with StoreReader(cluster.store_path) as store:
+            if files:
+                click.echo(format_rows(store.files(run), fmt, OUTPUT_COLUMNS), nl=False)
+                return
             rows = store.results(run, failed=failed)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
@@ -83,23 +87,26 @@ def results_cmd(run, cluster_name, cluster_dir, failed, fmt):
 
 
 #: `cw results` table columns: `waited` is queued to started, `runtime` started to finished (seconds)
-COLUMNS = ("job", "seq", "run", "status", "value", "error", "worker", "waited", "runtime")
+COLUMNS = ("job", "seq", "run", "status", "value", "error", "worker", "waited", "runtime", "outputs")
 ALL_COLUMNS = COLUMNS + ("started", "finished")  # CSV and JSON: epoch seconds too
+#: `cw results --outputs`: the files the jobs archived
+OUTPUT_COLUMNS = ("job", "key", "name", "size", "sha256")
 
 
-def format_rows(rows: list[dict], fmt: str) -> str:
+def format_rows(rows: list[dict], fmt: str, columns: tuple = COLUMNS) -> str:
     """Rows as a table (tabulate), CSV or JSON, with a final newline."""
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        w = csv.DictWriter(out, ALL_COLUMNS, lineterminator="\n")
+        every = ALL_COLUMNS if columns == COLUMNS else columns
+        w = csv.DictWriter(out, every, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
         return out.getvalue()
     from tabulate import tabulate
 
-    return tabulate([[r[c] for c in COLUMNS] for r in rows], headers=COLUMNS) + "\n"
+    return tabulate([[r[c] for c in columns] for r in rows], headers=columns) + "\n"
 
 
 @click.command("logs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -98,9 +99,12 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
               help="Drain by itself after this long (e.g. 3:55:00, 90m, 3600).")
 @click.option("--watch-pid", type=int, default=None, metavar="PID",
               help="Drain when process PID ends (LocalCluster's processes end with their owner).")
+@click.option("--scratch-dir", default=lambda: os.environ.get("CW_SCRATCH_DIR"), metavar="DIR",
+              help="Where jobs' scratch and outputs live on this node's disk (default: $CW_SCRATCH_DIR,"
+                   " else $TMPDIR or /tmp).")
 @log_option
 def worker_cmd(host, cluster_name, cluster_dir, procs, tags, caps, heartbeat, master_timeout, give_up,
-               grace, lifetime, watch_pid, log_level):
+               grace, lifetime, watch_pid, scratch_dir, log_level):
     """Run a worker for the master at HOST (default: the address in master.json).
 
     SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 drain it: no new jobs, unstarted jobs go
@@ -115,6 +119,6 @@ def worker_cmd(host, cluster_name, cluster_dir, procs, tags, caps, heartbeat, ma
         run_worker(address=host, cluster=cluster_from(cluster_name, cluster_dir), procs=procs,
                    tags=list(tags), caps=parse_caps(caps), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
                    grace=grace, lifetime=parse_duration(lifetime) if lifetime else None,
-                   watch_pid=watch_pid)  # fmt: skip
+                   watch_pid=watch_pid, scratch=scratch_dir)  # fmt: skip
     except CwError as e:
         raise click.ClickException(str(e)) from None

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Callable, ClassVar, Iterable
 
-from .. import defaults
+from .. import defaults, job
 from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
 from ..errors import ClientError, ConfigError, MessageTooLargeError, TimeoutError
@@ -68,6 +68,7 @@ class Client:
         if ship_modules:
             ship(ship_modules)
         if serial:
+            self._archive = _cluster_dir(cluster).path / "outputs"
             return
         if address is not None and not isinstance(address, str):  # a cluster object
             cdir, address = address.cluster, address.address
@@ -113,6 +114,7 @@ class Client:
 
     def submit_shell(self, cmd: Command, *, cwd: str | os.PathLike | None = None, env: dict | None = None,
                      input: str | bytes | None = None, shell: bool | None = None, check: bool = True,
+                     outputs: Iterable[str] | str | None = None, scratch: bool = False,
                      key: str | None = None, cache: bool = True, requires: dict | None = None,
                      timeout: float | None = None, max_retries: int | None = None) -> Future:  # fmt: skip
         """Run a command on the cluster, as ``subprocess.run`` would there; its future at once.
@@ -121,11 +123,15 @@ class Client:
         adds variables to the job's environment (None removes one); ``input`` is
         its stdin. The result is a :class:`cw.CompletedCommand` (``returncode``,
         ``stdout``, ``stderr``); a non-zero exit raises :class:`cw.CommandError`
-        unless ``check=False``. ``key``, ``cache``, ``requires``, ``timeout`` and
-        ``max_retries`` are as for :meth:`submit`. A timeout or a cancel kills the
-        command with every process of its group.
+        unless ``check=False``. ``scratch=True`` runs it in a private scratch
+        directory on the worker's disk, wiped after the job; the files matching
+        the ``outputs`` globs (relative to where it ran), and those it writes to
+        ``$CW_OUTPUTS``, are archived under the run and the job's key (``cw
+        pull``). ``key``, ``cache``, ``requires``, ``timeout`` and ``max_retries``
+        are as for :meth:`submit`. A timeout or a cancel kills the command with
+        every process of its group.
         """
-        args, kwargs = shell_job(cmd, cwd, env, input, shell, check)
+        args, kwargs = shell_job(cmd, cwd, env, input, shell, check, outputs, scratch)
         return self._submit(run_command, args, kwargs, key=key, cache=cache, requires=requires,
                             timeout=timeout, max_retries=max_retries)  # fmt: skip
 
@@ -143,7 +149,7 @@ class Client:
                     " shared filesystem and pass its path"
                 )
         if self.serial:
-            fut = self._run_serial(fn, args_blob)
+            fut = self._run_serial(fn, args_blob, key)
             if sink is not None:
                 exc = fut.exception()
                 sink(fut.jobid, fut.result() if exc is None else exc, exc is not None)
@@ -169,13 +175,19 @@ class Client:
 
     _serial_seq = itertools.count()
 
-    def _run_serial(self, fn: Callable, args_blob: bytes) -> Future:
+    def _run_serial(self, fn: Callable, args_blob: bytes, key: str | None) -> Future:
         """Run now, in this process: the function itself (so a debugger's breakpoints
         hold), on unpickled copies of the arguments, as a worker would get them."""
         fut = Future(next(self._serial_seq))
         args, kwargs = loads(args_blob)
+        job.configure(job.worker_dir(), self._archive)
+        job.enter_run(self.run)
+        job.begin(fut.jobid, key)
         try:
-            value = loads(dumps_result(fn(*args, **kwargs)))
+            try:
+                value = loads(dumps_result(fn(*args, **kwargs)))
+            finally:
+                job.end()  # archived in the cluster directory, recorded in no store
         except Exception as e:
             fut.set_exception(e)
         else:
@@ -258,13 +270,23 @@ class Client:
             pass
 
 
-def shell_job(cmd: Command, cwd: Any, env: Any, input: Any, shell: Any, check: Any) -> tuple[tuple, dict]:
+def shell_job(cmd: Command, cwd: Any = None, env: Any = None, input: Any = None, shell: Any = None,
+              check: Any = True, outputs: Any = None, scratch: Any = False) -> tuple[tuple, dict]:  # fmt: skip
     """The arguments of :func:`cw.command.run_command` for a shell-command job, checked
     here (a TypeError or ValueError now, not a failed job later)."""
     argv(cmd, shell)  # raises on what is not a command
     if input is not None and not isinstance(input, (str, bytes)):
         raise TypeError(f"input must be text or bytes, not {type(input).__name__}")
     kwargs: dict = {"check": bool(check)}
+    if scratch:
+        if cwd is not None:
+            raise ValueError("a command runs in cwd or in its scratch directory: give one of cwd, scratch")
+        kwargs["scratch"] = True
+    if outputs:
+        globs = [outputs] if isinstance(outputs, str) else list(outputs)
+        if not all(isinstance(g, str) and g for g in globs):
+            raise TypeError(f"outputs must be glob patterns (strings), not {outputs!r}")
+        kwargs["outputs"] = globs
     if cwd is not None:
         kwargs["cwd"] = os.fspath(cwd)
     if env:

@@ -85,7 +85,7 @@ class Executor(cf.Executor):
     def submit_shell(self, cmd: Any, **kwargs: Any) -> Future:
         """Run a command on the cluster (see :meth:`cw.Client.submit_shell`); its future."""
         options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries") if k in kwargs}
-        args, kw = shell_job(cmd, **{"cwd": None, "env": None, "input": None, "shell": None, "check": True, **kwargs})
+        args, kw = shell_job(cmd, **kwargs)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -47,7 +47,7 @@ class ClientThread(threading.Thread):
         """Run a command on the cluster (see :meth:`cw.Client.submit_shell`); a job id at
         once. The callback gets its :class:`cw.CompletedCommand` (or its CommandError)."""
         options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries") if k in kwargs}
-        args, kw = shell_job(cmd, **{"cwd": None, "env": None, "input": None, "shell": None, "check": True, **kwargs})
+        args, kw = shell_job(cmd, **kwargs)
         return self._submit_job(run_command, args, kw, options)
 
     def submit(self, func: Callable, /, *args: Any, **kwargs: Any) -> int:

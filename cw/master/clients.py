@@ -147,14 +147,14 @@ class ClientHandlers:
         s.submitted += len(new)
         self.submitted += len(new)
         jobs: list = []
-        for i, (jid, (_, seq, _, _, fn, args, requires, timeout, retries, limit)) in enumerate(zip(ids, new)):
+        for i, (jid, (_, seq, _, key, fn, args, requires, timeout, retries, limit)) in enumerate(zip(ids, new)):
             if spill and i not in led:  # the window is full: this job waits in the store only
                 if self.backlog_from is None:
                     self.backlog_from = jid
                 self.backlog += 1
                 jobs.append(None)
             else:
-                jobs.append(Job(jid, s, seq, fn, args, requires, timeout, retries, 0, limit))
+                jobs.append(Job(jid, s, seq, fn, args, requires, timeout, retries, 0, limit, key))
                 self._enqueue(jobs[-1])
         for seq, j in attach:
             job = jobs[-1 - j] if j < 0 else self._held(j)

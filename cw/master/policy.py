@@ -29,11 +29,12 @@ class Job:
 
     __slots__ = (
         "id", "session", "seq", "fn", "args", "requires", "timeout",
-        "max_retries", "attempts", "lost_on", "worker", "followers", "output", "queued_at", "started_at",
+        "max_retries", "attempts", "lost_on", "worker", "followers", "output", "queued_at", "started_at", "key",
     )  # fmt: skip
 
-    def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0, output=None):
-        self.id, self.session, self.seq, self.fn, self.args = id, session, seq, fn, args
+    def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0, output=None,
+                 key=None):  # fmt: skip
+        self.id, self.session, self.seq, self.fn, self.args, self.key = id, session, seq, fn, args, key
         self.requires, self.timeout, self.max_retries = requires, timeout, max_retries
         self.attempts, self.lost_on, self.worker = attempts, None, None
         self.followers: Optional[list] = None  # (session, seq) of submissions attached to it

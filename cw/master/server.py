@@ -336,7 +336,7 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
     def _take(self, row) -> Job:
         """A stored job (a QueuedJob) into the queue, with its session."""
         job = Job(row.id, self._session(row.session), row.seq, row.fn, row.args, row.requires,
-                  row.timeout, row.max_retries, row.attempts, row.output_limit)  # fmt: skip
+                  row.timeout, row.max_retries, row.attempts, row.output_limit, row.key)  # fmt: skip
         self._enqueue(job)
         return job
 

@@ -122,9 +122,9 @@ class WorkerHandlers:
                 ctx = s.id if s is not None and s.context else None
                 new_ctx = None
                 if ctx is not None and ctx not in w.ctxs:
-                    new_ctx = (ctx, s.context)
+                    new_ctx = (ctx, {**s.context, "run": s.run})
                     w.ctxs.add(ctx)
-                tasks.append((job.id, job.fn, ctx, job.timeout, job.output))  # a TaskSpec row
+                tasks.append((job.id, job.fn, ctx, job.timeout, job.output, job.key))  # a TaskSpec row
                 args.append(job.args)
                 fns.append(blob)
                 ctxs.append(new_ctx)
@@ -164,6 +164,14 @@ class WorkerHandlers:
             w.idle_since = w.last_seen
         if outcomes:
             self.store.add_results(outcomes)
+            if "o" in h:
+                self._outputs(h["o"], {o[0] for o in outcomes})
+
+    def _outputs(self, rows: list, accepted: set[int]) -> None:
+        """Record what workers archived of the jobs whose results were just stored."""
+        self.store.add_outputs([(jid, where, name, size, digest)
+                                for jid, where, files in rows if jid in accepted
+                                for name, size, digest in files])  # fmt: skip
 
     # -- leaving -------------------------------------------------------------------------
     def _worker_bye(self, w: Worker, h: dict) -> None:

@@ -67,6 +67,7 @@ class QueuedJob(NamedTuple):
     max_retries: int
     attempts: int
     output_limit: Optional[int]
+    key: Optional[str]
 
 
 class Outcome(NamedTuple):
@@ -125,7 +126,7 @@ class SessionRecord(NamedTuple):
     context: dict
 
 
-_QUEUED = ("SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts, output_limit"
+_QUEUED = ("SELECT id, session, seq, fn, args, requires, timeout, max_retries, attempts, output_limit, key"
            " FROM jobs")
 _ADD_FUNCTION = "INSERT OR IGNORE INTO functions (hash, blob, created) VALUES (?, ?, ?)"
 _ADD_JOB = ("INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout, max_retries,"
@@ -311,6 +312,14 @@ class Store:
         self.conn.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?,?,?)", attempts)
 
     @guarded
+    def add_outputs(self, rows: Sequence[tuple[int, str, str, int, str]]) -> None:
+        """Record archived outputs: (job, dir, name, size, sha256); a new attempt's replace the old."""
+        if rows:
+            self._begin()
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO outputs (job, dir, name, size, sha256) VALUES (?,?,?,?,?)", rows)
+
+    @guarded
     def count_attempt(self, job_ids: Sequence[int]) -> None:
         self._begin()
         self.conn.executemany(
@@ -343,6 +352,7 @@ class Store:
             "INSERT INTO attempts SELECT job, worker, queued, started, finished, status, error, stdout,"
             " stderr FROM results WHERE job = ?", [(i,) for i in ids])  # fmt: skip
         self.conn.executemany("DELETE FROM results WHERE job = ?", [(i,) for i in ids])
+        self.conn.executemany("DELETE FROM outputs WHERE job = ?", [(i,) for i in ids])
         self.conn.executemany("UPDATE jobs SET attempts = 0 WHERE id = ?", [(i,) for i in ids])
         return [_queued(row) for i in ids for row in self.conn.execute(f"{_QUEUED} WHERE id = ?", (i,))]
 

@@ -50,6 +50,7 @@ class StoreReader:
         self.conn = connect(self.path, readonly=True)
         self.version = check_readable(self.conn, self.path)
         self._v2 = self.version >= 2  # output, timings and attempts exist from schema 2 on
+        self.has_files = self.version >= 4  # archived outputs, from schema 4 on
 
     def close(self) -> None:
         self.conn.close()
@@ -95,23 +96,25 @@ class StoreReader:
     @guarded
     def results(self, run: str | None, failed: bool = False) -> list[dict[str, Any]]:
         """Finished jobs of a run (None: jobs submitted without one), in id order:
-        job, seq, run, status, value (its repr, for a success), error, worker, and the
-        timings: waited (queued to started), runtime, started and finished (epoch seconds)."""
+        job, seq, run, key, status, value (its repr, for a success), error, worker, the
+        timings: waited (queued to started), runtime, started and finished (epoch seconds),
+        and outputs (how many files the job archived)."""
         where, params = self._where_run(run)
         timing = ("coalesce(r.queued, j.submitted), coalesce(r.started, r.finished - r.runtime)" if self._v2
                   else "j.submitted, r.finished - r.runtime")  # fmt: skip
-        sql = (f"SELECT j.id, j.seq, j.run, r.status, r.value, r.error, r.worker, r.runtime, {timing},"
-               f" r.finished FROM jobs j JOIN results r ON r.job = j.id WHERE {where}"
+        files = "(SELECT count(*) FROM outputs o WHERE o.job = j.id)" if self.has_files else "0"
+        sql = (f"SELECT j.id, j.seq, j.run, j.key, r.status, r.value, r.error, r.worker, r.runtime, {timing},"
+               f" r.finished, {files} FROM jobs j JOIN results r ON r.job = j.id WHERE {where}"
                + (" AND r.status != ?" if failed else "") + " ORDER BY j.id")  # fmt: skip
         out = []
-        for jid, seq, r, status, value, error, worker, runtime, queued, started, finished in \
+        for jid, seq, r, key, status, value, error, worker, runtime, queued, started, finished, n in \
                 self.conn.execute(sql, params + ([OK] if failed else [])):  # fmt: skip
             out.append({
-                "job": jid, "seq": seq, "run": r, "status": STATUS_NAMES.get(status, str(status)),
+                "job": jid, "seq": seq, "run": r, "key": key, "status": STATUS_NAMES.get(status, str(status)),
                 "value": _value_text(value) if status == OK else None, "error": error, "worker": worker,
                 "waited": None if started is None or queued is None else round(max(0.0, started - queued), 6),
                 "runtime": None if runtime is None else round(runtime, 6),
-                "started": started, "finished": finished,
+                "started": started, "finished": finished, "outputs": n,
             })  # fmt: skip
         return out
 
@@ -197,6 +200,21 @@ class StoreReader:
         job["attempts"] = attempts + result
         job["result"] = result[0] if result else None
         return job
+
+    @guarded
+    def files(self, run: str | None, key: str | None = None) -> list[dict[str, Any]]:
+        """The files a run's jobs archived (of one job, by its key), in job order:
+        job, key, dir (relative to the cluster directory), name, size, sha256."""
+        if not self.has_files:
+            return []
+        where, params = self._where_run(run)
+        if key is not None:
+            where += " AND j.key = ?"
+            params.append(key)
+        sql = ("SELECT j.id, j.key, o.dir, o.name, o.size, o.sha256 FROM outputs o JOIN jobs j ON j.id = o.job"
+               f" WHERE {where} ORDER BY j.id, o.name")  # fmt: skip
+        cols = ("job", "key", "dir", "name", "size", "sha256")
+        return [dict(zip(cols, row)) for row in self.conn.execute(sql, params)]
 
 
 def _value_text(value: bytes | None, limit: int = 2000) -> str | None:

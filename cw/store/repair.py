@@ -28,7 +28,7 @@ from .schema import SCHEMA, SCHEMA_VERSION
 #: Our tables, and the column each is ordered by (its rowid). A recovered store keeps its
 #: jobs and their ids, so it keeps its epoch too (meta; a store older than the epoch has none).
 TABLES = (("functions", "rowid"), ("sessions", "rowid"), ("jobs", "id"), ("results", "job"),
-          ("attempts", "rowid"), ("workers", "rowid"), ("meta", "rowid"))  # fmt: skip
+          ("attempts", "rowid"), ("workers", "rowid"), ("meta", "rowid"), ("outputs", "rowid"))  # fmt: skip
 
 
 class Recovery(NamedTuple):

@@ -12,7 +12,7 @@ from ..errors import StoreError
 
 #: The schema's version (SQLite's user_version). An older store is migrated forward when
 #: the master opens it; a newer one is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE functions (
@@ -82,6 +82,14 @@ CREATE TABLE meta (
     name TEXT PRIMARY KEY,          -- epoch: a random id the store gets when it is made
     value TEXT
 );
+CREATE TABLE outputs (              -- the files each job archived in the cluster directory
+    job INTEGER NOT NULL REFERENCES jobs (id),
+    dir TEXT NOT NULL,              -- where its files are, relative to the cluster directory
+    name TEXT NOT NULL,             -- the file's path in the job's outputs
+    size INTEGER,
+    sha256 TEXT,
+    PRIMARY KEY (job, name)
+);
 """
 
 
@@ -104,6 +112,13 @@ CREATE INDEX idx_attempts_job ON attempts (job);
     # from those of the store it replaced (the Store makes it: see docs/protocol.md)
     2: """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT);
+""",
+    # the files jobs archive in the cluster directory (cw.outputs(), a shell job's outputs=)
+    3: """
+CREATE TABLE outputs (
+    job INTEGER NOT NULL REFERENCES jobs (id), dir TEXT NOT NULL, name TEXT NOT NULL,
+    size INTEGER, sha256 TEXT, PRIMARY KEY (job, name)
+);
 """,
 }
 

@@ -15,19 +15,19 @@ import pickle
 import secrets
 import signal
 import socket
-import sys
 import time
 from typing import Any, Deque
 
 import zmq
 
-from .. import defaults, system
+from .. import defaults, job, system
 from .. import protocol as P
 from ..discovery import ClusterDir, pid_alive
 from ..launchers import environment
 from ..link import Link
 from ..serialize import runtime_versions
 from .executor import Child, describe_exit
+from .output import echo_output
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +48,6 @@ def capabilities(procs: int, tags: list[str], env: Any) -> dict:
     return caps
 
 
-def process_usage(pids: list[int]) -> tuple[int, float]:
-    """Resident memory (bytes) and CPU seconds used so far by these processes (Linux /proc)."""
-    rss, cpu = 0, 0.0
-    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        cpu += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        rss += int(fields[21]) * page
-    return rss, cpu
-
-
-def echo_output(jid: int, output: tuple) -> None:
-    """A job's output in the worker's own log too, each line after the job's id."""
-    for text, stream in zip(output, (sys.stdout, sys.stderr)):
-        if text:
-            try:
-                stream.write("".join(f"[job {jid}] {line}\n" for line in text.splitlines()))
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-
-
 class Agent:
     def __init__(
         self,
@@ -87,6 +61,7 @@ class Agent:
         give_up: float = defaults.GIVE_UP,
         max_message: int = defaults.MAX_MESSAGE,
         grace: float = defaults.GRACE,
+        scratch: str | None = None,
         lifetime: float | None = None,
         watch_pid: int | None = None,
     ):
@@ -106,11 +81,15 @@ class Agent:
         self.children: list[Child] = []
         self.reaping: set[int] = set()  # killed processes not reaped yet
         self.sweep_until = self.next_sweep = 0.0
-        self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args, output limit)
+        self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args, output limit, key)
         self.fn_blobs: dict[str, bytes] = {}
         self.contexts: dict[str, dict] = {}
         self.outbox: list[P.WorkerResult] = []
         self.outblobs: list[bytes] = []
+        self.outfiles: list[list] = []  # [job id, archive dir, [[name, size, sha256], ...]]
+        # jobs' scratch and outputs on this node's disk; what dead workers left is wiped
+        self.scratch_root = scratch
+        self.wdir: job.WorkerDir | None = None
         self.counters = {"fn_received": 0, "tasks": 0, "results": 0, "crashes": 0}
         self.runtimes: dict[str, float] = {}  # function hash -> smoothed runtime
         self.draining = False
@@ -157,7 +136,7 @@ class Agent:
     def _usage(self, now: float) -> dict:
         """Memory (RSS, bytes) and CPU (% of one core since the last look) of the agent and its children."""
         pids = [os.getpid()] + [c.pid for c in self.children if c.pid > 0]
-        rss, cpu = process_usage(pids)
+        rss, cpu = system.usage(pids)
         last_t, last_cpu = self._last_usage
         self._last_usage = (now, cpu)
         pct = 100.0 * (cpu - last_cpu) / (now - last_t) if last_t and now > last_t else 0.0
@@ -174,6 +153,8 @@ class Agent:
     def run(self) -> None:
         # the processes of a killed executor's job that left its group come to us, to be ended
         system.become_subreaper()
+        self.wdir = job.WorkerDir(self.scratch_root, self.id)
+        job.configure(self.wdir.path, self.cluster.path / "outputs")  # the executors inherit it
         for i in range(self.procs):  # fork before any ZeroMQ thread exists
             self.children.append(self._spawn(i))
         self.ctx = zmq.Context()
@@ -230,8 +211,8 @@ class Agent:
                     self.fn_blobs[fn] = blob
                     self.counters["fn_received"] += 1
                 self.contexts.update(h.get("c") or {})
-                for (jid, fn, ctx, timeout, limit), args in zip(tasks, blobs):  # TaskSpec rows
-                    self.pending.append((jid, fn, ctx, timeout, args, limit))
+                for (jid, fn, ctx, timeout, limit, key), args in zip(tasks, blobs):  # TaskSpec rows
+                    self.pending.append((jid, fn, ctx, timeout, args, limit, key))
                 self.counters["tasks"] += n
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
@@ -296,11 +277,11 @@ class Agent:
             while self.pending and len(batch) < per and self.pending[0][2] == ctx:
                 if batch and self.pending[0][1] != batch[0][1]:
                     break  # one function per batch: its runtime sized the batch
-                jid, fn, _, timeout, args, limit = task = self.pending.popleft()
+                jid, fn, _, timeout, args, limit, key = task = self.pending.popleft()
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
-                batch.append((jid, fn, args))
+                batch.append((jid, fn, args, key))
                 if limit is not None:
                     limits[jid] = limit
                 c.inflight.append(task)
@@ -320,13 +301,15 @@ class Agent:
             self._child_died(c, f"the process running the job garbled its answer ({e!r})")
 
     def _child_answered(self, c: Child, answer: tuple) -> None:
-        jid, status, runtime, err, tb, blob, output = answer
+        jid, status, runtime, err, tb, blob, files, output = answer
         if not c.inflight or c.inflight[0][0] != jid:  # one answer per job, whatever the job does
             log.warning("executor %d answered for job %s, which it is not running: ignored", c.pid, jid)
             return
         fn = c.inflight.popleft()[1]
         c.head_started = time.monotonic()
         self._result(jid, status, runtime, err, tb, blob, output)
+        if files:
+            self.outfiles.append([jid, *files])
         old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
         self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
 
@@ -348,6 +331,7 @@ class Agent:
     def _replace(self, c: Child, why: str, status: int) -> None:
         """Fail the child's current job, hand its other tasks back to the queue, restart it."""
         self.counters["crashes"] += 1
+        jid = None
         if c.inflight:
             task = c.inflight.popleft()
             jid, ran = task[0], time.monotonic() - c.head_started
@@ -356,6 +340,8 @@ class Agent:
             log.warning("job %s: %s; replacing the executor process", jid, why)
         self.pending.extendleft(reversed(c.inflight))
         self._respawn(c)
+        if jid is not None:
+            job.wipe(self.wdir.job(jid))  # what the killed job left on the disk
 
     def _spawn(self, i: int) -> Child:
         """A new executor for slot i, on the slot's CPUs."""
@@ -417,6 +403,8 @@ class Agent:
             self.pending.extendleft(reversed(c.inflight))
             c.inflight.clear()
             self._respawn(c)
+            for t in hit:
+                job.wipe(self.wdir.job(t[0]))
 
     def _check_timeouts(self, now: float) -> None:
         for c in list(self.children):
@@ -455,10 +443,16 @@ class Agent:
                      for r, b in zip(self.outbox, self.outblobs)]  # fmt: skip
             sent = 0
             for part in P.batches(sizes):
-                if not self.link.send(P.RESULT, {"r": self.outbox[part], "running": self._running()},
-                                      self.outblobs[part]):  # fmt: skip
+                header = {"r": self.outbox[part], "running": self._running()}
+                if self.outfiles:  # archived outputs travel with their jobs' results
+                    ids = {r[0] for r in header["r"]}
+                    header["o"] = [f for f in self.outfiles if f[0] in ids]
+                if not self.link.send(P.RESULT, header, self.outblobs[part]):
                     break  # the connection just went: the rest waits for the next session
                 sent = part.stop
+            if self.outfiles and sent:
+                done = {r[0] for r in self.outbox[:sent]}
+                self.outfiles = [f for f in self.outfiles if f[0] not in done]
             del self.outbox[:sent], self.outblobs[:sent]
         elif self.heads_changed:  # the master charges a lost worker's running jobs only
             self._send(P.HEARTBEAT, {**self.counters, "running": self._running()})
@@ -501,6 +495,8 @@ class Agent:
             self.link.close()
         if self.ctx is not None:
             self.ctx.term()
+        if self.wdir is not None:
+            self.wdir.close()
         log.info("worker %s stopped", self.id)
 
 

@@ -6,9 +6,10 @@ its slot. A child serves one client context (cwd, sys.path, environment) for
 its whole life. The agent and a child speak over a pipe: the agent sends a
 pickled batch ``(tasks, new functions, context, output limits)``, the child
 answers one pickled tuple per job: the fields of :class:`cw.protocol.WorkerResult`,
-the value's blob, then what the job wrote to its fds 1 and 2, or None
-(:mod:`cw.worker.output`) (a plain tuple: a named one costs five times as
-much to pickle, on every job).
+the value's blob, what was archived of the job's outputs (:mod:`cw.job`), then
+what the job wrote to its fds 1 and 2 (:mod:`cw.worker.output`), each None if
+nothing (a plain tuple: a named one costs five times as much to pickle, on
+every job).
 
 A job may do what programs do. The processes it starts stay inside the job:
 the child leads a process group of its own (the agent kills the group with
@@ -34,9 +35,9 @@ import time
 import traceback
 from typing import Any, Deque, Optional
 
-from .. import defaults, system
+from .. import defaults, job, system
 from .. import protocol as P
-from ..errors import SerializationError
+from ..errors import OutputsError, SerializationError
 from ..serialize import dumps_exception, dumps_result, loads, loads_function
 from .output import Watched, capture, capture_file, collect, leftover
 
@@ -203,15 +204,16 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
         msg = None  # an idle executor holds nothing of its last batch
         if not entered:
             _enter_context(ctx)
+            job.enter_run(ctx.get("run") if ctx else None)
             entered = True
             if ctx and ctx.get("output_limit") is not None:
                 limit = int(ctx["output_limit"])
         blobs.update(new_funcs)
         jid = None
         last, unchecked = tasks[-1][0], []
-        for jid, fn_hash, args_blob in tasks:
+        for jid, fn_hash, args_blob, key in tasks:
             t0 = clock()
-            out = _run(jid, fn_hash, args_blob, blobs, funcs)
+            out = _run(jid, fn_hash, args_blob, blobs, funcs, key)
             output = None
             if Watched.written or out[1] or fn_hash in noisy:  # it wrote, or failed (out[1])
                 output = collect(out_fd, err_fd, limits.get(jid, limit) if limits else limit, [])
@@ -247,10 +249,11 @@ def _end_leftovers(jid: int) -> None:
         log.info("job %s left processes running (%d): killed them", jid, n)
 
 
-def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> tuple:
-    """Run one job; its answer (WorkerResult fields, then the blob). A process the job
-    forked never gets past here."""
+def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict, key: Optional[str]) -> tuple:
+    """Run one job; its answer (WorkerResult fields, the blob, then what it archived). A
+    process the job forked never gets past here."""
     t0 = time.perf_counter()
+    job.begin(jid, key)
     try:
         fn = funcs.get(fn_hash)
         if fn is None:
@@ -267,19 +270,32 @@ def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict) -> 
     except BaseException as e:  # noqa: B036 - a job's SystemExit is its failure too
         if os.getpid() != _me:
             _forked_exit(e)
+        runtime = time.perf_counter() - t0
+        note = None
+        try:
+            files = job.end()  # what a failed job left in its outputs is kept too
+        except OutputsError as oe:
+            files, note = None, str(oe)
         blob, err, tb = dumps_exception(e)
-        return (jid, P.RAISED, time.perf_counter() - t0, err, tb, blob)
+        if note:
+            err, tb = f"{err}; and {note}", f"{tb}{note}\n"
+        return (jid, P.RAISED, runtime, err, tb, blob, files)
     runtime = time.perf_counter() - t0
     if os.getpid() != _me:
         _forked_exit(None)
     try:
+        files = job.end()
+    except OutputsError as e:  # the job's work would be lost: it fails, saying why
+        blob, err, tb = dumps_exception(e)
+        return (jid, P.RAISED, runtime, err, tb, blob, None)
+    try:
         blob = dumps_result(value)
     except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
-        return _unpicklable(jid, value, e, runtime)
-    return (jid, P.OK, runtime, None, None, blob)
+        return _unpicklable(jid, value, e, runtime, files)
+    return (jid, P.OK, runtime, None, None, blob, files)
 
 
-def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float) -> tuple:
+def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float, files: Any) -> tuple:
     """The job returned, but its value cannot travel: a SerializationError saying so."""
     exc = SerializationError(
         f"job {jid} returned a {type(value).__module__}.{type(value).__qualname__}, which cannot be"
@@ -288,7 +304,7 @@ def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float) -> tupl
     )
     exc.__cause__ = e
     blob, err, tb = dumps_exception(exc)
-    return (jid, P.RAISED, runtime, err, tb, blob)
+    return (jid, P.RAISED, runtime, err, tb, blob, files)
 
 
 def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> tuple:
@@ -298,7 +314,8 @@ def _import_failure(jid: int, what: str, e: BaseException, t0: float) -> tuple:
         f" The worker's sys.path: {sys.path}. Make the module importable there"
         " (a shared path), or send it by value: Client(ship_modules=[module])"
     )
-    return (jid, P.IMPORT, time.perf_counter() - t0, err, None, b"")
+    job.end()
+    return (jid, P.IMPORT, time.perf_counter() - t0, err, None, b"", None)
 
 
 class Child:

@@ -109,3 +109,14 @@ def leftover(out_fd: int, err_fd: int, limit: int) -> tuple | None:
     except OSError:
         return None
     return None if out is None and err is None else (out, err)
+
+
+def echo_output(jid: int, output: tuple) -> None:
+    """A job's output in the worker's own log too, each line after the job's id."""
+    for text, stream in zip(output, (sys.stdout, sys.stderr)):
+        if text:
+            try:
+                stream.write("".join(f"[job {jid}] {line}\n" for line in text.splitlines()))
+                stream.flush()
+            except (OSError, ValueError):
+                pass
