@@ -16,18 +16,23 @@ so no process of it survives on the node.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import importlib
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 from . import defaults, job
-from .errors import CommandError
+from .errors import CommandError, SetupError
 
 Command = Union[str, Sequence[Union[str, "os.PathLike[str]"]]]
 
@@ -177,6 +182,7 @@ def communicate(proc: subprocess.Popen, data: Optional[bytes], limit: int) -> tu
 def run_command(cmd: Command, cwd: Optional[str] = None, env: Optional[dict] = None,
                 input: Union[str, bytes, None] = None, shell: Optional[bool] = None,
                 check: bool = True, outputs: Sequence[str] = (), scratch: bool = False,
+                inputs: Sequence[str] = (), setup: Optional[Setup] = None,
                 output_limit: int = defaults.OUTPUT_LIMIT) -> CompletedCommand:  # fmt: skip
     """Run one command where the job runs; the runner of every shell-command job.
 
@@ -185,15 +191,20 @@ def run_command(cmd: Command, cwd: Optional[str] = None, env: Optional[dict] = N
     ``scratch`` it runs in the job's scratch directory (``$CW_SCRATCH``); files
     it writes to ``$CW_OUTPUTS``, and those matching the ``outputs`` globs
     (relative to where it ran), are archived after it, whatever its exit code.
+    ``inputs`` are copied where it runs first; a job set's ``setup`` runs once
+    on this worker before its first job (:func:`ensure_setup`).
     Returns a :class:`CompletedCommand`; raises :class:`cw.errors.CommandError`
     on a non-zero exit when ``check`` (the default).
     """
     args = argv(cmd, shell)
     data = input.encode() if isinstance(input, str) else input
     variables = environment(env)
+    if setup is not None:
+        variables["CW_SETUP_DIR"] = str(ensure_setup(setup, variables))
     if scratch:
         cwd = str(job.scratch())
         variables["CW_SCRATCH"] = cwd
+    copy_inputs(inputs, Path(cwd or os.getcwd()))
     if job.running():
         variables["CW_OUTPUTS"] = str(job.outputs())
     t0 = time.monotonic()
@@ -216,3 +227,81 @@ def run_command(cmd: Command, cwd: Optional[str] = None, env: Optional[dict] = N
         done.check_returncode()
     return done
 
+
+class Setup(NamedTuple):
+    """A job set's setup step: its script, the run it belongs to, the set file's directory."""
+
+    script: str
+    run: str
+    base: str
+
+
+def ensure_setup(setup: Setup, variables: dict) -> Path:
+    """Run the setup script once on this worker (the first job of the run does; the
+    others wait for it), in a directory kept for the worker's life; that directory.
+
+    Its failure is remembered: every later job of the run on this worker fails
+    with the same :class:`cw.errors.SetupError` without running it again.
+    """
+    digest = hashlib.blake2b(f"{setup.run}\0{setup.script}".encode(), digest_size=8).hexdigest()
+    root = job.worker_dir() or Path(tempfile.gettempdir()) / f"cw-{os.getuid()}-serial"
+    home = root / f"setup-{job.slug(setup.run, '_')[:40]}-{digest}"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the worker's other executors wait for the first
+        done, failed = home / ".cw-setup-done", home / ".cw-setup-failed"
+        if done.exists():
+            return home
+        if failed.exists():
+            raise SetupError(failed.read_text())
+        env = {**variables, "CW_SETUP_DIR": str(home), "CW_JOBSET_DIR": setup.base}
+        proc = subprocess.Popen(["/bin/sh", "-c", setup.script], cwd=home, env=env, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            _, stderr = communicate(proc, None, defaults.OUTPUT_LIMIT)
+        except BaseException:
+            _kill_group(proc.pid)
+            raise
+        if proc.returncode:
+            text = str(SetupError.of(setup.run, proc.returncode, stderr, socket.gethostname()))
+            failed.write_text(text)
+            raise SetupError(text)
+        done.touch()
+    return home
+
+
+def copy_inputs(inputs: Sequence[str], where: Path) -> None:
+    """Copy a job's input files (and directories) into the directory it runs in."""
+    for src in inputs:
+        s = Path(src)
+        if s.is_dir():
+            shutil.copytree(s, where / s.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(s, where / s.name)
+
+
+def run_callable(target: str, args: Sequence = (), kwargs: Optional[dict] = None,
+                 inputs: Sequence[str] = (), outputs: Sequence[str] = (),
+                 setup: Optional[Setup] = None, env: Optional[dict] = None) -> Any:  # fmt: skip
+    """A job set's Python job: import ``package.module:function`` and call it in the job's
+    scratch directory, with its inputs copied there and its output globs archived."""
+    if setup is not None:
+        os.environ["CW_SETUP_DIR"] = str(ensure_setup(setup, environment(env)))
+    module, _, name = target.partition(":") if ":" in target else target.rpartition(".")
+    fn = getattr(importlib.import_module(module), name)
+    here = job.scratch()
+    copy_inputs(inputs, here)
+    before, saved = os.getcwd(), {k: os.environ.get(k) for k in env or {}}
+    os.environ.update({k: v for k, v in (env or {}).items() if v is not None})
+    os.chdir(here)
+    try:
+        return fn(*args, **(kwargs or {}))
+    finally:
+        os.chdir(before)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if outputs:
+            job.declare([p for pattern in outputs for p in sorted(here.glob(pattern))], here)

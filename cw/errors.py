@@ -172,3 +172,13 @@ class CommandError(CwError, subprocess.CalledProcessError):
             text += " (its stderr is empty)"
         return text
 
+
+class SetupError(CwError):
+    """A job set's setup step failed on a worker: the jobs of that run fail there with it,
+    and `cw run-file` stops the set, saying so once."""
+
+    @classmethod
+    def of(cls, run: str, returncode: int, stderr: str, host: str) -> SetupError:
+        lines = (stderr or "").rstrip("\n").splitlines()[-STDERR_LINES:]
+        tail = "; its stderr ends:\n" + "\n".join("  " + line for line in lines) if lines else " (its stderr is empty)"
+        return cls(f"the setup of run {run!r} failed on {host} (exit code {returncode}){tail}")

@@ -7,6 +7,7 @@
   dashboard show (the master's status and the store, read-only); :mod:`cw.cli.dashboard`:
   `cw dashboard`, which serves :mod:`cw.dashboard`;
 - :mod:`cw.cli.files`: `cw pull`;
+- :mod:`cw.cli.runfile`: `cw run-file`, `cw template`;
 - :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
 - :mod:`cw.cli.doctor`: `cw doctor`;
 - :mod:`cw.cli.common`: the options and helpers they share.
@@ -22,6 +23,7 @@ from .doctor import doctor_cmd
 from .files import pull_cmd
 from .jobs import logs_cmd, results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
+from .runfile import run_file_cmd, template_cmd
 from .serve import master_cmd, worker_cmd
 from .store import store_group
 from .top import top_cmd
@@ -33,8 +35,8 @@ def cli() -> None:
     """cw (Cluster-Workers): run Python functions on a pool of workers."""
 
 
-for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, pull_cmd, top_cmd,
-             dashboard_cmd, store_group, doctor_cmd):
+for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, run_file_cmd, template_cmd,
+             pull_cmd, top_cmd, dashboard_cmd, store_group, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 

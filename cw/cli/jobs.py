@@ -83,7 +83,8 @@ def results_cmd(run, cluster_name, cluster_dir, failed, files, fmt):
             rows = store.results(run, failed=failed)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(format_rows(rows, fmt), nl=False)
+    joblog = any(r["exit"] is not None for r in rows)  # a run of commands: its joblog
+    click.echo(format_rows(rows, fmt, JOBLOG_COLUMNS if joblog else COLUMNS), nl=False)
 
 
 #: `cw results` table columns: `waited` is queued to started, `runtime` started to finished (seconds)
@@ -91,6 +92,8 @@ COLUMNS = ("job", "seq", "run", "status", "value", "error", "worker", "waited", 
 ALL_COLUMNS = COLUMNS + ("started", "finished")  # CSV and JSON: epoch seconds too
 #: `cw results --outputs`: the files the jobs archived
 OUTPUT_COLUMNS = ("job", "key", "name", "size", "sha256")
+#: A run of shell commands (`cw run-file`): its key is the line number and the command.
+JOBLOG_COLUMNS = ("job", "key", "status", "exit", "host", "runtime", "outputs", "error")
 
 
 def format_rows(rows: list[dict], fmt: str, columns: tuple = COLUMNS) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..protocol import OK, STATUS_NAMES
+from ..protocol import OK, RAISED, STATUS_NAMES
 from .schema import check_readable
 from .sqlite import connect, guarded
 
@@ -115,7 +115,20 @@ class StoreReader:
                 "waited": None if started is None or queued is None else round(max(0.0, started - queued), 6),
                 "runtime": None if runtime is None else round(runtime, 6),
                 "started": started, "finished": finished, "outputs": n,
+                "exit": _exit_code(status, value), "host": (worker or "").split(":")[0] or None,
             })  # fmt: skip
+        return out
+
+    @guarded
+    def key_states(self, run: str) -> dict[str, str]:
+        """The state of each key of a run: done if one of its jobs succeeded, else the
+        state of its latest job (pending, error, timeout...)."""
+        out: dict[str, str] = {}
+        for key, status in self.conn.execute(
+            "SELECT j.key, r.status FROM jobs j LEFT JOIN results r ON r.job = j.id"
+            " WHERE j.run = ? AND j.key IS NOT NULL ORDER BY j.id", (run,)):  # fmt: skip
+            if out.get(key) != "done":
+                out[key] = "pending" if status is None else STATUS_NAMES.get(status, str(status))
         return out
 
     @guarded
@@ -215,6 +228,18 @@ class StoreReader:
                f" WHERE {where} ORDER BY j.id, o.name")  # fmt: skip
         cols = ("job", "key", "dir", "name", "size", "sha256")
         return [dict(zip(cols, row)) for row in self.conn.execute(sql, params)]
+
+
+def _exit_code(status: int, value: bytes | None) -> int | None:
+    """The exit code of a shell-command job (its CompletedCommand, or its CommandError), else None."""
+    if not value or status not in (OK, RAISED):
+        return None
+    try:
+        obj = pickle.loads(value)
+    except Exception:
+        return None
+    code = getattr(obj, "returncode", None)
+    return code if isinstance(code, int) else None
 
 
 def _value_text(value: bytes | None, limit: int = 2000) -> str | None:

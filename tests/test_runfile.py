@@ -1,0 +1,161 @@
+"""Job files and job sets (`cw run-file`): a file half-run, killed and run again runs only
+the rest; the joblog; a set's setup runs once per worker, and its failure stops the set
+once; inputs in, outputs archived. Real workers, real commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import start_workers, wait_for
+
+from cw.errors import ConfigError
+from cw.jobfile import TEMPLATE, parse_lines, parse_set
+
+
+def cw_cmd(*args, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cw", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_a_job_file_killed_half_way_runs_only_the_rest(master, procs, tmp_path):
+    start_workers(procs, 2)
+    ran, gate = tmp_path / "ran", tmp_path / "gate"
+    # lines 1-6 finish at once; the others wait for the gate
+    lines = ["# a sweep", ""] + [
+        f"test {n} -le 6 || while [ ! -e {gate} ]; do sleep 0.1; done; echo {n} >> {ran}" for n in range(1, 13)]
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("\n".join(lines) + "\n")
+    first = subprocess.Popen([sys.executable, "-m", "cw", "run-file", str(jobs), "--run", "sweep"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: ran.exists() and len(ran.read_text().split()) == 6, timeout=60, what="six lines")
+    finally:
+        first.send_signal(signal.SIGKILL)  # killed half-way: its jobs run on at the master
+        first.wait()
+    dry = cw_cmd("run-file", str(jobs), "--run", "sweep", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "12 jobs, 6 to run (6 done already)" in dry.stdout
+    assert dry.stdout.count("     done  line ") == 6 and "line 3: test 1 -le 6" in dry.stdout
+    gate.touch()
+    again = cw_cmd("run-file", str(jobs), "--run", "sweep")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "12 of 12 succeeded" in again.stderr
+    assert sorted(map(int, ran.read_text().split())) == list(range(1, 13))  # each line ran once
+    log = json.loads(cw_cmd("results", "sweep", "--format", "json").stdout)
+    assert sorted(r["key"] for r in log) == sorted(f"{i + 3}: {line}" for i, line in enumerate(lines[2:]))
+    assert {r["exit"] for r in log} == {0} and all(r["host"] and r["runtime"] is not None for r in log)
+    table = cw_cmd("results", "sweep").stdout
+    assert table.split("\n")[0].split() == ["job", "key", "status", "exit", "host", "runtime", "outputs", "error"]
+
+
+@pytest.mark.timeout(120)
+def test_failed_lines_fail_the_run_and_show_in_the_joblog(master, workers, tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("true\necho oops >&2; exit 3\n")
+    p = cw_cmd("run-file", str(jobs), "--run", "bad", "-q")
+    assert p.returncode == 1
+    assert "line 2: FAILED (exit code 3)" in p.stderr and "1 of 2 succeeded, 1 failed" in p.stderr
+    log = {r["key"]: r for r in json.loads(cw_cmd("results", "bad", "--format", "json").stdout)}
+    assert log["2: echo oops >&2; exit 3"]["exit"] == 3 and log["1: true"]["exit"] == 0
+    assert "oops" in log["2: echo oops >&2; exit 3"]["error"]
+
+
+SET = """
+run: {run}
+requires: {{tags: [lab]}}
+setup: |
+  echo "$CW_SETUP_DIR" >> {d}/setups
+  echo ready > marker
+  {fail}
+jobs:
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_job_set_sets_up_once_per_worker_and_archives_outputs(master, procs, tmp_path):
+    start_workers(procs, 2, "--tag", "lab")
+    (tmp_path / "cases").mkdir()
+    text = SET.format(run="lab", d=tmp_path, fail="")
+    for n in range(6):
+        (tmp_path / "cases" / f"in-{n}.txt").write_text(f"input {n}\n")
+        text += (f"  - name: case-{n}\n    command: test -f $CW_SETUP_DIR/marker && cat in-{n}.txt > out.csv"
+                 f" && echo $CW_JOBSET_DIR > where.log\n"
+                 f"    inputs: [cases/in-{n}.txt]\n    outputs: ['*.csv', '*.log']\n")  # fmt: skip
+    (tmp_path / "post.py").write_text(textwrap.dedent("""
+        import os
+        def summarize(name, upper=False):
+            with open("summary.txt", "w") as f:
+                f.write(name.upper() if upper else name)
+            return os.getcwd()
+    """))
+    text += "  - name: summary\n    function: post:summarize\n    args: [lab]\n    kwargs: {upper: true}\n"
+    text += "    outputs: [summary.txt]\n"
+    (tmp_path / "set.yaml").write_text(text)
+    p = cw_cmd("run-file", "set.yaml", cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    setups = (tmp_path / "setups").read_text().split()
+    assert 1 <= len(setups) <= 2 and len(set(setups)) == len(setups)  # once per worker
+    files = {(r["key"], r["name"]) for r in json.loads(cw_cmd("results", "lab", "--outputs", "--format", "json").stdout)}
+    assert files == {(f"case-{n}", x) for n in range(6) for x in ("out.csv", "where.log")} | {("summary", "summary.txt")}
+    assert (master.path / "outputs" / "lab" / "case-4" / "out.csv").read_text() == "input 4\n"
+    assert (master.path / "outputs" / "lab" / "case-4" / "where.log").read_text().strip() == str(tmp_path)
+    assert (master.path / "outputs" / "lab" / "summary" / "summary.txt").read_text() == "LAB"
+    again = cw_cmd("run-file", "set.yaml", "--dry-run", cwd=tmp_path)
+    assert "7 jobs, 0 to run (7 done already)" in again.stdout
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_setup_fails_the_set_once(master, procs, tmp_path):
+    start_workers(procs, 2, "--tag", "lab")
+    text = SET.format(run="broken", d=tmp_path, fail="echo the mesh is missing >&2; exit 5")
+    text += "".join(f"  - name: j{n}\n    command: echo {n}\n" for n in range(20))
+    (tmp_path / "set.yaml").write_text(text)
+    p = cw_cmd("run-file", str(tmp_path / "set.yaml"))
+    assert p.returncode == 1
+    assert p.stderr.count("the setup of run 'broken' failed") == 1, p.stderr
+    assert "exit code 5" in p.stderr and "the mesh is missing" in p.stderr
+    assert "its setup failed" in p.stderr and "jobs cancelled" in p.stderr
+    assert len((tmp_path / "setups").read_text().split()) <= 2  # once per worker, never per job
+
+
+def test_job_files_and_sets_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="no command"):
+        parse_lines("# only a comment\n\n", Path("x.txt"))
+    specs = parse_lines("a\n  # c\n\n  b --x  \n", Path("x.txt")).jobs
+    assert [(s.key, s.line, s.command) for s in specs] == [("1: a", 1, "a"), ("4: b --x", 4, "b --x")]
+    bad = {
+        "jobs: [{command: x}]": "has no `name`",
+        "jobs: [{name: a, command: x}, {name: a, command: y}]": "taken by an earlier job",
+        "jobs: [{name: a}]": "needs a `command` or a `function`",
+        "jobs: [{name: a, command: x, function: m:f}]": "needs a `command` or a `function`",
+        "jobs: [{name: a, function: 'not a path'}]": "import path",
+        "jobs: [{name: a, command: x, inputs: [nope.txt]}]": "not found",
+        "jobs: [{name: a, command: x, colour: red}]": "unknown field",
+        "jobs: []": "must be a list of jobs",
+        "run: r\nsetpu: x\njobs: [{name: a, command: x}]": "unknown field",
+        "- just a list": "is a mapping",
+        "jobs: [{name: a, command: x}": "not valid YAML",
+    }
+    for text, why in bad.items():
+        with pytest.raises(ConfigError, match=why):
+            parse_set(text, tmp_path / "s.yaml")
+
+
+def test_the_template_is_a_valid_job_set(tmp_path):
+    out = cw_cmd("template")
+    assert out.returncode == 0 and out.stdout == TEMPLATE
+    for n in (1, 2):
+        os.makedirs(tmp_path / "cases" / str(n))
+        (tmp_path / "cases" / str(n) / "params.txt").write_text("x")
+    s = parse_set(out.stdout, tmp_path / "t.yaml")
+    assert s.run == "foam-sweep" and s.setup and s.requires["tags"] == ["openfoam"] and s.retries == 2
+    assert [j.key for j in s.jobs] == ["case-1", "case-2", "summary"]
+    assert s.jobs[2].function == "mypackage.post:summarize" and s.jobs[1].command[0] == "simpleFoam"
