@@ -107,8 +107,11 @@ MAX_UNACKED_BYTES = 1024 * 1024 * 1024
 
 #: A client left open at exit waits this many seconds for the master to commit what it submitted.
 EXIT_FLUSH = 30.0
-#: A client warns when its jobs have waited this many seconds at a master with no worker.
+#: A client warns when its jobs have waited this many seconds at a master with no worker
+#: (and again this often while jobs require what no connected worker offers).
 NO_WORKERS_WARNING = 60.0
+#: Jobs that require what no connected worker offers fail after this many seconds (per Client).
+UNSATISFIABLE_TIMEOUT = 1800.0
 
 #: Seconds between rate-limited log lines of the same kind (bad messages, rejected keys).
 LOG_EVERY = 10.0

@@ -69,6 +69,11 @@ class TimeoutError(CwError, TimeoutError):  # noqa: A001 - cw's typed subclass o
     """A job ran past its timeout and was killed, or a wait ran out."""
 
 
+class UnsatisfiableError(CwError):
+    """No connected worker could ever run the job (its requirements), for longer than the
+    client's ``unsatisfiable_timeout``: the message lists what each worker offers."""
+
+
 class RemoteTraceback(Exception):
     """Holds the traceback text of an exception raised on a worker.
 

@@ -72,6 +72,7 @@ class TaskSpec(NamedTuple):
     timeout: Optional[float]  #: seconds, or None
     output: Optional[int]  #: bytes of stdout and of stderr to keep (None: the client's, else 1 MiB)
     key: Optional[str]  #: the job's key in its run: its outputs are archived under it
+    needs: Optional[dict]  #: the counted resources it holds (gpus, mem): its devices are chosen by them
 
 
 class WorkerResult(NamedTuple):
@@ -108,7 +109,8 @@ class Message(NamedTuple):
 #: Every message on the wire, as docs/protocol.md's tables list them (a test compares them).
 MESSAGES = (
     Message("client", "master", OPEN, ("n",)),
-    Message("client", "master", HELLO, ("role", "session", "run", "context", "versions", "waiting?")),
+    Message("client", "master", HELLO, (
+        "role", "session", "run", "context", "versions", "waiting?", "unsatisfiable?")),
     Message("client", "master", SUBMIT, ("j", "f?", "resend?")),
     Message("client", "master", CANCEL, ("s",)),
     Message("client", "master", STATUS, ()),
@@ -155,6 +157,7 @@ TIMEOUT = 4  # the job ran past its timeout and was killed
 CANCELLED = 5  # the job was cancelled
 FAILED = 6  # the system could not run the job (result too large, ...); error says why
 IMPORT = 7  # the worker could not import the function or what its arguments need
+UNSATISFIABLE = 8  # no connected worker could ever run it (its requirements), past the client's deadline
 STATUS_NAMES = {
     OK: "done",
     RAISED: "error",
@@ -164,6 +167,7 @@ STATUS_NAMES = {
     CANCELLED: "cancelled",
     FAILED: "failed",
     IMPORT: "import-error",
+    UNSATISFIABLE: "unsatisfiable",
 }
 
 _LEN = struct.Struct("!Q")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent / "cw"
 
 CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.security", "cw.serialize",
              "cw.discovery", "cw.system", "cw.store", "cw.store.schema", "cw.store.sqlite", "cw.store.reader",
-             "cw.store.repair", "cw.link", "cw.command", "cw.job", "cw.jobfile"}  # fmt: skip
+             "cw.store.repair", "cw.link", "cw.command", "cw.job", "cw.jobfile", "cw.resources"}  # fmt: skip
 ENGINE = ("cw.master", "cw.worker", "cw.client")
 LAUNCHERS = {"cw.launchers.pool", "cw.launchers.keeper", "cw.launchers.local", "cw.launchers.adapt",
              "cw.launchers.elastic", "cw.launchers.owner", "cw.launchers.cluster", "cw.launchers.surface",

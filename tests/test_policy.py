@@ -148,12 +148,40 @@ def test_a_lost_worker_is_charged_only_for_what_it_ran():
     assert len(charged) == 1 and len(spared) == 1
 
 
-def test_unschedulable_requirements_are_reported_once_per_interval():
+def test_unschedulable_requirements_are_found_with_the_time_they_were_first_seen():
     p = Policy()
-    p.add_worker(worker("cpu", gpus=0))
     p.enqueue(job(requires={"gpus": 2}))
-    assert list(p.unschedulable(0.0)) == []
-    assert list(p.unschedulable(defaults.NO_WORKERS_WARNING - 1)) == []
-    (requires, q), = list(p.unschedulable(defaults.NO_WORKERS_WARNING))
-    assert requires == {"gpus": 2} and len(q) == 1
-    assert list(p.unschedulable(defaults.NO_WORKERS_WARNING + 1)) == []
+    assert list(p.unschedulable(0.0)) == []  # no worker at all: nothing is judged
+    p.add_worker(worker("cpu", gpus=0, cpus=4))
+    ((requires, q, since),) = list(p.unschedulable(5.0))
+    assert requires == {"gpus": 2} and len(q) == 1 and since == 5.0
+    assert [s for _, _, s in p.unschedulable(60.0)] == [5.0]  # still since 5
+    assert "cpu: cpus=4 gpus=0" in p.describe_workers()
+    p.add_worker(worker("gpu", gpus=2))  # all it has would do, even if it is busy
+    assert list(p.unschedulable(61.0)) == []
+
+
+def test_counted_resources_are_reserved_while_held():
+    p = Policy()
+    w = worker("g", slots=4, gpus=2, mem=8 * 2**30)
+    p.add_worker(w)
+    gpu_jobs = [job(requires={"gpus": 1}) for _ in range(3)]
+    for j in gpu_jobs:
+        p.enqueue(j)
+    assert placed(p) == {"g": [gpu_jobs[0].id, gpu_jobs[1].id]}  # two GPUs: two jobs, even with prefetch
+    assert w.reserved == {"gpus": 2} and p.waiting() == 1
+    assert placed(p) == {}
+    w.release(gpu_jobs[0].id)  # its result came: its GPU is free
+    assert placed(p) == {"g": [gpu_jobs[2].id]}
+    # memory likewise, beside jobs that need none
+    big = [job(requires={"mem": 3 * 2**30}) for _ in range(3)]
+    plain = [job() for _ in range(2)]
+    for j in big + plain:
+        p.enqueue(j)
+    got = placed(p)["g"]
+    assert [i for i in got if i in {j.id for j in big}] == [big[0].id, big[1].id]
+    assert {j.id for j in plain} <= set(got) and w.reserved["mem"] == 6 * 2**30
+    p.unplace(big[0])
+    assert w.reserved["mem"] == 3 * 2**30
+    charged, spared = p.lost(w)
+    assert w.reserved == {} and not w.running

@@ -13,6 +13,7 @@ from .. import protocol as P
 from ..discovery import resolve_address
 from ..errors import CwError, StoreError
 from ..link import ask, query_status
+from ..resources import describe
 from ..store import Store
 from ..store.reader import StoreReader
 from .common import cluster_from, cluster_options
@@ -55,11 +56,18 @@ def status_cmd(cluster_name, cluster_dir, as_json):
             click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running"
                        f" {w.get('prefetched', 0):>6} prefetched"
                        f"{'  draining' if w['draining'] else ''}  {where}")  # fmt: skip
+            held = ", ".join(f"{k} {_amount(k, v)} of {_amount(k, w['caps'].get(k, 0))} held"
+                             for k, v in (w.get("reserved") or {}).items() if v)  # fmt: skip
+            click.echo(f"  {'':<30} {describe(w.get('caps') or {})}{f'; {held}' if held else ''}")
     else:
         click.echo(f"no master running; store {doc['store']}")
     for run, states in sorted(doc.get("runs", {}).items()):
         parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         click.echo(f"  run {run or '(none)'}: {parts}")
+
+
+def _amount(k: str, v: float) -> str:
+    return f"{v / 2**30:.1f}G" if k == "mem" else f"{v:g}"
 
 
 @click.command("results")

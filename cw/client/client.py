@@ -21,6 +21,7 @@ from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
 from ..errors import ClientError, ConfigError, MessageTooLargeError, TimeoutError
 from ..link import query_status
+from ..resources import requirements
 from ..serialize import dumps_args, dumps_function, dumps_result, job_key, loads
 from ..serialize import ship_modules as ship
 from .connection import Connection
@@ -35,7 +36,10 @@ class Client:
     cluster directory; with none, it starts an embedded local cluster.
     ``Client(cluster)`` connects to a cluster object (``cw.LocalCluster``).
     ``Client(serial=True)`` runs every job in-process, in order, after the same
-    serialization round trip a cluster would make.
+    serialization round trip a cluster would make. Jobs that require what no
+    connected worker offers are warned about at once and fail with
+    :class:`cw.errors.UnsatisfiableError` after ``unsatisfiable_timeout``
+    seconds (None: they wait for such a worker for ever).
     """
 
     #: What ``Client()`` starts when no master is configured: a callable taking
@@ -57,6 +61,7 @@ class Client:
         timeout: float | None = None,
         max_retries: int | None = None,
         output_limit: int | None = None,
+        unsatisfiable_timeout: float | None = defaults.UNSATISFIABLE_TIMEOUT,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         master_timeout: float = defaults.MASTER_TIMEOUT,
     ):
@@ -83,7 +88,8 @@ class Client:
             context = _context(env, env_from)
             if output_limit is not None:  # each job's stdout and stderr keep their last bytes
                 context["output_limit"] = int(output_limit)
-            self._conn = Connection(cdir.key(), run, context, cdir, address, connect_timeout, master_timeout)
+            self._conn = Connection(cdir.key(), run, context, cdir, address, connect_timeout, master_timeout,
+                                    unsatisfiable_timeout)  # fmt: skip
         except BaseException:
             if self._local is not None:
                 self._local.close()
@@ -139,6 +145,7 @@ class Client:
                 cache: bool = True, requires: dict | None = None, timeout: float | None = None,
                 max_retries: int | None = None, output_limit: int | None = None,
                 sink: Callable | None = None, kill: bool = True) -> Future | Delivery:  # fmt: skip
+        requires = requirements(requires)  # checked here: a clear error now, not a job that never runs
         fn_hash, fn_blob = dumps_function(fn)
         args_blob = dumps_args(args, kwargs)
         for what, blob in (("arguments", args_blob), ("function", fn_blob)):

@@ -55,8 +55,10 @@ class Connection:
     """The I/O thread and link shared by every client API (Client, Executor, ClientThread)."""
 
     def __init__(self, key: bytes, run: str | None, context: dict, cluster: ClusterDir | None,
-                 explicit: str | None, connect_timeout: float, master_timeout: float):  # fmt: skip
+                 explicit: str | None, connect_timeout: float, master_timeout: float,
+                 unsatisfiable: float | None = defaults.UNSATISFIABLE_TIMEOUT):  # fmt: skip
         self.key, self.run, self.context = key, run, context
+        self.unsatisfiable = unsatisfiable  # seconds jobs may wait for what no worker offers
         self.connect_timeout = connect_timeout
         self.session = uuid.uuid4().hex
         self.seq = itertools.count()
@@ -183,6 +185,8 @@ class Connection:
         self.sent_fns = set()
         header = {"role": "client", "session": self.session, "run": self.run,
                   "context": self.context, "versions": runtime_versions()}  # fmt: skip
+        if self.unsatisfiable != defaults.UNSATISFIABLE_TIMEOUT:
+            header["unsatisfiable"] = self.unsatisfiable
         if self.welcomed.is_set():
             with self.space:
                 header["waiting"] = [s for s in list(self.futures) if s not in self.unacked]

@@ -12,7 +12,14 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .. import protocol as P
-from ..errors import JobCrashedError, JobError, RemoteImportError, TimeoutError, WorkerLostError
+from ..errors import (
+    JobCrashedError,
+    JobError,
+    RemoteImportError,
+    TimeoutError,
+    UnsatisfiableError,
+    WorkerLostError,
+)
 from ..serialize import rebuild_exception
 from .progress import track
 
@@ -151,6 +158,7 @@ def error_for(status: int, err: str, tb: str, blob: bytes) -> BaseException:
         P.CRASHED: JobCrashedError,
         P.LOST: WorkerLostError,
         P.TIMEOUT: TimeoutError,
+        P.UNSATISFIABLE: UnsatisfiableError,
     }.get(status, JobError)
     return cls(err)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import re
 import subprocess
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from ..defaults import DEADLINE_CACHE, DRAIN_BEFORE
 from ..errors import ConfigError
+from ..resources import parse_bytes  # noqa: F401 - the backends' memory parser, from here
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +88,6 @@ def positive_int(text: str | None) -> int | None:
     """An environment variable holding a count ('4'), or None if unset or not a positive integer."""
     text = (text or "").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-_BINARY = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
-
-
-def parse_bytes(text: str | int | float, unit: str = "") -> int:
-    """'8G', '8GB', '8 GiB', '512M', 1024 -> bytes; K, M, G, T count in powers of 1024,
-    as batch systems do. A bare number is in ``unit`` ('' bytes, 'M' megabytes).
-
-    Raises ValueError for anything else.
-    """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text * _BINARY[unit.upper()])
-    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGTP]?)(I?B)?", str(text).strip(), re.IGNORECASE)
-    if m is None:
-        raise ValueError(f"{text!r} is not an amount of memory (e.g. 8G, 512M)")
-    letter = m.group(2) or ("" if m.group(3) else unit)
-    return int(float(m.group(1)) * _BINARY[letter.upper()])
 
 
 def megabytes(n: int) -> str:

@@ -25,6 +25,8 @@ class Session:
 
     def __init__(self, sid: str, run: str | None, context: dict):
         self.id, self.run, self.context = sid, run, context
+        #: seconds its jobs may wait for requirements no connected worker offers (None: for ever)
+        self.unsatisfiable: float | None = defaults.UNSATISFIABLE_TIMEOUT
         self.versions: dict = {}
         self.ident: bytes | None = None
         self.jobs: dict[int, Job] = {}  # seq -> unfinished job held in memory
@@ -54,6 +56,8 @@ class ClientHandlers:
             self.door.forget(s.ident)
         s.ident = ident
         s.versions = h.get("versions") or {}
+        if "unsatisfiable" in h:
+            s.unsatisfiable = None if h["unsatisfiable"] is None else float(h["unsatisfiable"])
         self.peers[ident] = s
         self._send(ident, P.WELCOME, self._welcome())
         s.last_sent = time.monotonic()

@@ -6,7 +6,9 @@ worth of jobs plus about ``PREFETCH_SECONDS`` of work, by the runtime measured
 for the function at the head of the queue (one spare per slot for long or
 unknown jobs). No worker takes more than its even share of what is queued, so
 a burst is spread over every worker. Requirements filter workers by their
-capabilities (:func:`satisfies`).
+capabilities (:func:`cw.resources.satisfies`), and the counted ones (GPUs,
+memory) are reserved: a worker holds no more jobs than its GPUs and memory
+can run at once.
 
 The queue window bounds memory: at most ``window`` runnable jobs and
 ``window_bytes`` of their arguments are held; the master leaves the rest in
@@ -19,9 +21,10 @@ import collections
 import itertools
 import json
 import time
-from typing import Any, Callable, Deque, Iterator, Optional
+from typing import Callable, Deque, Iterator, Optional
 
 from .. import defaults
+from ..resources import counted, describe, satisfies
 
 
 class Job:
@@ -30,12 +33,14 @@ class Job:
     __slots__ = (
         "id", "session", "seq", "fn", "args", "requires", "timeout",
         "max_retries", "attempts", "lost_on", "worker", "followers", "output", "queued_at", "started_at", "key",
+        "needs",
     )  # fmt: skip
 
     def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0, output=None,
                  key=None):  # fmt: skip
         self.id, self.session, self.seq, self.fn, self.args, self.key = id, session, seq, fn, args, key
         self.requires, self.timeout, self.max_retries = requires, timeout, max_retries
+        self.needs = counted(requires) if requires else None  # what it holds of its worker
         self.attempts, self.lost_on, self.worker = attempts, None, None
         self.followers: Optional[list] = None  # (session, seq) of submissions attached to it
         self.output = output  # its output limit in bytes (None: its client's)
@@ -61,7 +66,8 @@ class Worker:
         self.versions: dict = dict(hello.get("versions") or {})
         self.funcs: set[str] = set(hello.get("have") or ())
         self.ctxs: set[str] = set()
-        self.running: dict[int, Job] = {}  # every job it holds: running or prefetched
+        self.running: dict[int, Job] = {}  # every job it holds: running or prefetched (hold/release)
+        self.reserved: dict[str, float] = {}  # counted resources its held jobs take
         self.started: set[int] | None = {int(j) for j in hello.get("running") or ()}
         self.draining = bool(hello.get("draining"))
         self.counters: dict = {}
@@ -82,6 +88,31 @@ class Worker:
         extra = int(defaults.PREFETCH_SECONDS / max(runtime, 1e-6))
         return self.slots * (1 + min(max(extra, 1), defaults.PREFETCH_MAX))
 
+    def hold(self, job: Job) -> None:
+        """The worker holds the job now (and what it needs of its GPUs and memory)."""
+        self.running[job.id] = job
+        if job.needs:
+            for k, n in job.needs.items():
+                self.reserved[k] = self.reserved.get(k, 0) + n
+
+    def release(self, jid: int) -> Job | None:
+        """The worker no longer holds this job: its result came, or it was handed back."""
+        job = self.running.pop(jid, None)
+        if job is not None and job.needs:
+            for k, n in job.needs.items():
+                self.reserved[k] -= n
+        return job
+
+    def release_all(self) -> list[Job]:
+        jobs = list(self.running.values())  # in the order they were given
+        self.running.clear()
+        self.reserved.clear()
+        return jobs
+
+    def room_for(self, needs: dict) -> int:
+        """How many more jobs needing this much of the counted resources it can hold."""
+        return min(int((self.caps.get(k, 0) - self.reserved.get(k, 0)) // n) for k, n in needs.items())
+
     def busy(self) -> int:
         """Jobs it is running now (the rest of what it holds is prefetched)."""
         if self.started is None:
@@ -90,26 +121,6 @@ class Worker:
 
     def describe(self) -> str:
         return f"{self.id}{f' ({self.label})' if self.label else ''}"
-
-
-def satisfies(caps: dict, requires: dict | None) -> bool:
-    """True if a worker with these capabilities can run a job with these requirements.
-
-    Numbers are minimums, ``tags`` must all be present, anything else must be equal.
-    """
-    if not requires:
-        return True
-    for k, want in requires.items():
-        have = caps.get(k)
-        if k == "tags":
-            if not set(want) <= set(have or ()):
-                return False
-        elif isinstance(want, (int, float)) and not isinstance(want, bool):
-            if not isinstance(have, (int, float)) or have < want:
-                return False
-        elif have != want:
-            return False
-    return True
 
 
 class Policy:
@@ -223,8 +234,7 @@ class Policy:
         those waiting behind them, spared). It said what it was running in every
         RESULT and heartbeat; if it never did, the oldest ``slots`` it was given."""
         self.remove_worker(w)
-        jobs = list(w.running.values())  # in the order they were given
-        w.running.clear()
+        jobs = w.release_all()
         for j in jobs:
             j.worker = None
         if w.started is not None:
@@ -257,6 +267,9 @@ class Policy:
                 free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - len(given))
             else:  # idle executors: they take what they can run now
                 free = (0 if w.draining else w.slots) - len(w.running)
+            needs = q[0].needs  # one requirement per queue: its jobs need the same
+            if needs and free > 0:
+                free = min(free, w.room_for(needs))
             skipped = []
             while q and free > 0:
                 job = q.popleft()
@@ -266,7 +279,7 @@ class Policy:
                     skipped.append(job)
                     continue
                 job.worker = w
-                w.running[job.id] = job
+                w.hold(job)
                 given.append(job)
                 free -= 1
             q.extendleft(reversed(skipped))
@@ -276,22 +289,23 @@ class Policy:
         """Undo a placement that could not be sent."""
         w = job.worker
         if w is not None:
-            w.running.pop(job.id, None)
+            w.release(job.id)
         job.worker = None
 
-    def unschedulable(self, now: float) -> Iterator[tuple[dict, Deque[Job]]]:
-        """Requirements that no connected worker offers, each once per NO_WORKERS_WARNING
-        seconds while jobs wait for them (a worker that has it may still join)."""
+    def unschedulable(self, now: float) -> Iterator[tuple[dict, Deque[Job], float]]:
+        """Requirements that no connected worker could ever satisfy (by all it has, not by
+        what is free now) while jobs wait for them: (requires, queue, since when).
+        With no worker connected, none is judged (a pool may be starting)."""
         for rkey, q in self.queues.items():
             if rkey is None or not q or not self.workers or any(
                 satisfies(w.caps, self.requires[rkey]) for w in self.workers.values()
             ):
                 self._unschedulable.pop(rkey, None)
                 continue
-            since = self._unschedulable.setdefault(rkey, now)
-            if now - since >= defaults.NO_WORKERS_WARNING:
-                self._unschedulable[rkey] = now  # again after another interval
-                yield self.requires[rkey], q
+            yield self.requires[rkey], q, self._unschedulable.setdefault(rkey, now)
 
-    def describe_workers(self, n: int = 3) -> list[Any]:
-        return [w.caps for w in list(self.workers.values())[:n]]
+    def describe_workers(self, n: int = 5) -> str:
+        """What the connected workers offer, for people (the first ``n``)."""
+        ws = list(self.workers.values())
+        text = "; ".join(f"{w.id}: {describe(w.caps)}" for w in ws[:n])
+        return text + (f"; and {len(ws) - n} more" if len(ws) > n else "")

@@ -47,16 +47,18 @@ class WorkerHandlers:
             if old.ident != ident:  # its old connection's session is over
                 self.door.forget(old.ident)
             self.policy.remove_worker(old)
-            w.running = old.running
+            for job in old.release_all():
+                w.hold(job)
         for jid in reversed(list(w.running)):  # lost in transit, not by its fault
             if jid not in holding:
-                self._requeue(w.running.pop(jid))
+                self._requeue(w.release(jid))
         jobs = self.policy.jobs
         for jid in holding:
             job = jobs.get(jid)
             if job is not None and (job.worker is None or job.worker is old):
                 job.worker = w  # what it runs stays with it
-                w.running[jid] = job
+                if jid not in w.running:
+                    w.hold(job)
         done = self.store.finished([j for j in holding if j not in jobs])
         if done:  # finished or cancelled meanwhile: stop wasting its slots
             self._send(ident, P.CANCEL, {"i": done})
@@ -124,7 +126,7 @@ class WorkerHandlers:
                 if ctx is not None and ctx not in w.ctxs:
                     new_ctx = (ctx, {**s.context, "run": s.run})
                     w.ctxs.add(ctx)
-                tasks.append((job.id, job.fn, ctx, job.timeout, job.output, job.key))  # a TaskSpec row
+                tasks.append((job.id, job.fn, ctx, job.timeout, job.output, job.key, job.needs))  # a TaskSpec row
                 args.append(job.args)
                 fns.append(blob)
                 ctxs.append(new_ctx)
@@ -145,7 +147,6 @@ class WorkerHandlers:
         requeued or placed elsewhere meanwhile runs (or ran) there."""
         outcomes = []
         policy = self.policy
-        running = w.running
         if blobs and max(map(len, blobs)) >= defaults.RELEASE_BYTES:
             self.release = True
         for row, blob in zip(h["r"], blobs):  # WorkerResult rows: stdout, stderr only if written
@@ -154,7 +155,7 @@ class WorkerHandlers:
                 out = errout = None
             else:
                 jid, status, runtime, err, tb, out, errout = row
-            job = running.pop(jid, None)
+            job = w.release(jid)
             if job is None:
                 continue  # already finished (a duplicate after a requeue), or not this worker's
             if runtime is not None:
@@ -177,10 +178,9 @@ class WorkerHandlers:
     def _worker_bye(self, w: Worker, h: dict) -> None:
         """A draining worker hands back jobs it did not finish; they cost no attempt."""
         w.draining = True
-        returned = [w.running.pop(j) for j in h.get("returned", ()) if j in w.running]
+        returned = [w.release(j) for j in h.get("returned", ()) if j in w.running]
         if h.get("final"):
-            returned += list(w.running.values())
-            w.running.clear()
+            returned += w.release_all()
         self._record_attempts(w, [j for j in returned if j.started_at is not None], None,
                               f"handed back: {h.get('why', 'drained')}")  # fmt: skip
         for job in reversed(returned):

@@ -26,26 +26,11 @@ from ..discovery import ClusterDir, pid_alive
 from ..launchers import environment
 from ..link import Link
 from ..serialize import runtime_versions
+from .caps import Devices, capabilities
 from .executor import Child, describe_exit
 from .output import echo_output
 
 log = logging.getLogger(__name__)
-
-
-def capabilities(procs: int, tags: list[str], env: Any) -> dict:
-    """What this worker offers jobs: CPUs, memory, GPUs, host, tags."""
-    caps: dict[str, Any] = {"cpus": procs, "host": socket.gethostname(), "tags": sorted(tags)}
-    mem = env.memory()
-    if mem is None:
-        try:
-            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            pass
-    if mem is not None:
-        caps["mem"] = mem
-    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-    caps["gpus"] = len([g for g in gpus.split(",") if g.strip()]) if gpus else 0
-    return caps
 
 
 class Agent:
@@ -70,8 +55,8 @@ class Agent:
         self.key = self.cluster.key()
         self.env = environment()
         self.procs = procs or self.env.cpus() or 1
-        self.caps = capabilities(self.procs, tags or [], self.env)
-        self.caps.update(caps or {})
+        self.caps, gpus = capabilities(self.procs, tags or [], self.env, told=caps)
+        self.devices = Devices(gpus)  # each job that needs GPUs gets its own
         self.heartbeat, self.master_timeout, self.give_up = heartbeat, master_timeout, give_up
         self.max_message = max_message
         # pid alone is not unique across containers sharing a host name
@@ -81,7 +66,8 @@ class Agent:
         self.children: list[Child] = []
         self.reaping: set[int] = set()  # killed processes not reaped yet
         self.sweep_until = self.next_sweep = 0.0
-        self.pending: Deque[tuple] = collections.deque()  # (jid, fn, ctx, timeout, args, output limit, key)
+        # (jid, fn, ctx, timeout, args, output limit, key, needs)
+        self.pending: Deque[tuple] = collections.deque()
         self.fn_blobs: dict[str, bytes] = {}
         self.contexts: dict[str, dict] = {}
         self.outbox: list[P.WorkerResult] = []
@@ -211,8 +197,8 @@ class Agent:
                     self.fn_blobs[fn] = blob
                     self.counters["fn_received"] += 1
                 self.contexts.update(h.get("c") or {})
-                for (jid, fn, ctx, timeout, limit, key), args in zip(tasks, blobs):  # TaskSpec rows
-                    self.pending.append((jid, fn, ctx, timeout, args, limit, key))
+                for (jid, fn, ctx, timeout, limit, key, needs), args in zip(tasks, blobs):  # TaskSpec rows
+                    self.pending.append((jid, fn, ctx, timeout, args, limit, key, needs))
                 self.counters["tasks"] += n
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
@@ -275,16 +261,26 @@ class Agent:
                 c = self._respawn(c)
             batch, new_funcs, limits = [], [], {}
             while self.pending and len(batch) < per and self.pending[0][2] == ctx:
-                if batch and self.pending[0][1] != batch[0][1]:
-                    break  # one function per batch: its runtime sized the batch
-                jid, fn, _, timeout, args, limit, key = task = self.pending.popleft()
+                if batch and (self.pending[0][1] != batch[0][1] or self.pending[0][7]):
+                    break  # one function per batch (its runtime sized the batch); a GPU job alone
+                devices = None
+                gpus = (self.pending[0][7] or {}).get("gpus")
+                if gpus:  # its own devices: it waits while they are busy (the master counts too)
+                    devices = self.devices.take(self.pending[0][0], int(gpus))
+                    if devices is None:
+                        break
+                jid, fn, _, timeout, args, limit, key, _ = task = self.pending.popleft()
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
-                batch.append((jid, fn, args, key))
+                batch.append((jid, fn, args, key, devices))
                 if limit is not None:
                     limits[jid] = limit
                 c.inflight.append(task)
+                if devices is not None:
+                    break
+            if not batch:
+                break
             c.head_started = now
             self.heads_changed = True
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None,
@@ -427,6 +423,8 @@ class Agent:
                 f"({self.max_message} bytes)"
             ), None
             blob = b""
+        if self.devices.held:
+            self.devices.give_back(jid)
         if output is None:
             self.outbox.append((jid, status, runtime, err, tb))  # a WorkerResult row
         else:

@@ -211,9 +211,12 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
         blobs.update(new_funcs)
         jid = None
         last, unchecked = tasks[-1][0], []
-        for jid, fn_hash, args_blob, key in tasks:
+        for jid, fn_hash, args_blob, key, devices in tasks:
             t0 = clock()
-            out = _run(jid, fn_hash, args_blob, blobs, funcs, key)
+            if devices is None:
+                out = _run(jid, fn_hash, args_blob, blobs, funcs, key)
+            else:
+                out = _run_on(devices, jid, fn_hash, args_blob, blobs, funcs, key)
             output = None
             if Watched.written or out[1] or fn_hash in noisy:  # it wrote, or failed (out[1])
                 output = collect(out_fd, err_fd, limits.get(jid, limit) if limits else limit, [])
@@ -293,6 +296,19 @@ def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict, key
     except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
         return _unpicklable(jid, value, e, runtime, files)
     return (jid, P.OK, runtime, None, None, blob, files)
+
+
+def _run_on(devices: list, *task: Any) -> tuple:
+    """Run a job that needs GPUs on its own devices: it sees them alone (CUDA_VISIBLE_DEVICES)."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    try:
+        return _run(*task)
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _unpicklable(jid: int, value: Any, e: BaseException, runtime: float, files: Any) -> tuple:

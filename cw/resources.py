@@ -1,0 +1,115 @@
+"""Requirements and what workers offer: one meaning for the client, the master and the worker.
+
+A job's ``requires`` is checked and put in one form by the client
+(:func:`requirements`): ``mem`` in bytes ("8G" is read as batch systems read
+it), ``gpus`` a count, ``tags`` a list. A worker offers capabilities (CPUs,
+memory, GPUs and their model, host, partition or queue, tags, and what it
+was told with ``--cap``). A job can run on a worker whose capabilities
+satisfy its requirements (:func:`satisfies`): numbers are minimums, tags
+must all be there, anything else must be equal. The **counted** resources
+(:data:`COUNTED`: GPUs and memory) are also reserved while a job holds them:
+a worker with 2 GPUs holds at most two one-GPU jobs at once, and each sees
+only its own device.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+#: Resources a job holds while it runs (reserved on placement, given back with its result).
+COUNTED = ("gpus", "mem")
+
+_BINARY = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def parse_bytes(text: str | int | float, unit: str = "") -> int:
+    """'8G', '8GB', '8 GiB', '512M', 1024 -> bytes; K, M, G, T count in powers of 1024,
+    as batch systems do. A bare number is in ``unit`` ('' bytes, 'M' megabytes).
+
+    Raises ValueError for anything else.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text * _BINARY[unit.upper()])
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([KMGTP]?)(I?B)?", str(text).strip(), re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"{text!r} is not an amount of memory (e.g. 8G, 512M)")
+    letter = m.group(2) or ("" if m.group(3) else unit)
+    return int(float(m.group(1)) * _BINARY[letter.upper()])
+
+
+def requirements(requires: Any) -> Optional[dict]:
+    """A job's requirements, checked and in one form (mem in bytes, gpus a count, tags a
+    list); None for none. ValueError or TypeError says what is wrong."""
+    if not requires:
+        return None
+    if not isinstance(requires, dict):
+        raise TypeError(f"requires must be a dict such as {{'gpus': 1, 'mem': '8G', 'tags': ['x']}}, not {requires!r}")
+    out: dict = {}
+    for k, v in requires.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"requires: {k!r} is not a capability name")
+        if k == "mem":
+            try:
+                out[k] = parse_bytes(v)
+            except (ValueError, TypeError, KeyError):
+                raise ValueError(f"requires: mem={v!r} is not an amount of memory (8G, 512M, bytes)") from None
+        elif k in ("gpus", "cpus"):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"requires: {k}={v!r} must be a whole number (0 or more)")
+            out[k] = v
+        elif k in ("tags", "tag"):
+            tags = [v] if isinstance(v, str) else v
+            if not isinstance(tags, (list, tuple, set)) or not all(isinstance(t, str) and t for t in tags):
+                raise TypeError(f"requires: tags={v!r} must be a list of names")
+            out["tags"] = sorted(set(out.get("tags", [])) | set(tags))
+        else:
+            out[k] = v
+    return {k: out[k] for k in sorted(out) if not (k in COUNTED and out[k] == 0)} or None
+
+
+def counted(requires: Optional[dict]) -> Optional[dict]:
+    """The counted part of (normalized) requirements: what a job holds while it runs; None if nothing."""
+    if not requires:
+        return None
+    need = {k: requires[k] for k in COUNTED if isinstance(requires.get(k), (int, float)) and requires[k] > 0}
+    return need or None
+
+
+def satisfies(caps: dict, requires: Optional[dict]) -> bool:
+    """True if a worker with these capabilities can ever run a job with these requirements.
+
+    Numbers are minimums, ``tags`` must all be present, anything else must be equal.
+    """
+    if not requires:
+        return True
+    for k, want in requires.items():
+        have = caps.get(k)
+        if k == "tags":
+            if not set(want) <= set(have or ()):
+                return False
+        elif isinstance(want, (int, float)) and not isinstance(want, bool):
+            if not isinstance(have, (int, float)) or have < want:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+def describe(caps: dict) -> str:
+    """What a worker offers, for people: 'cpus=4 mem=15.6G gpus=2 (NVIDIA A100) tags=a,b host=n1'."""
+    parts = []
+    for k in ("cpus", "mem", "gpus", "partition", "queue", "tags", "host"):
+        v = caps.get(k)
+        if v in (None, [], ""):
+            continue
+        if k == "mem":
+            v = f"{v / 2**30:.1f}G"
+        elif k == "gpus" and caps.get("gpu_model"):
+            v = f"{v} ({caps['gpu_model']})"
+        elif k == "tags":
+            v = ",".join(v)
+        parts.append(f"{k}={v}")
+    skip = {"cpus", "mem", "gpus", "gpu_model", "partition", "queue", "tags", "host"}
+    parts += [f"{k}={v}" for k, v in sorted(caps.items()) if k not in skip]
+    return " ".join(parts)
