@@ -45,9 +45,11 @@ TASKS = b"TASKS"  # master -> worker: tasks (TaskSpec rows), functions and conte
 REJECT = b"REJECT"  # master -> peer, UNSIGNED: the master could not verify an OPEN
 RESULT = b"RESULT"  # worker -> master (WorkerResult rows), master -> client (ClientResult rows)
 HEARTBEAT = b"HEARTBEAT"  # both ways: alive; a worker's carries its counters
+PAUSE = b"PAUSE"  # take no new jobs (and stop the running ones): client -> master -> worker; worker -> master
+RESUME = b"RESUME"  # take jobs again, continue the stopped ones: the same hops
 
 KINDS = frozenset({OPEN, CHALLENGE, HELLO, SUBMIT, CANCEL, STATUS, RETRY, OUTPUT, BYE, WELCOME, ACK, TASKS,
-                   REJECT, RESULT, HEARTBEAT})
+                   REJECT, RESULT, HEARTBEAT, PAUSE, RESUME})
 
 
 # -- the rows of batched headers, by name ----------------------------------------------
@@ -116,6 +118,8 @@ MESSAGES = (
     Message("client", "master", STATUS, ()),
     Message("client", "master", RETRY, ("run",)),
     Message("client", "master", OUTPUT, ("session", "seq")),
+    Message("client", "master", PAUSE, ("host?", "worker?", "seconds?", "stop?")),
+    Message("client", "master", RESUME, ("host?", "worker?")),
     Message("client", "master", HEARTBEAT, ()),
     Message("client", "master", BYE, ()),
     Message("master", "client", CHALLENGE, ("n", "p", "epoch")),
@@ -129,20 +133,26 @@ MESSAGES = (
         "failures", "workers"), "answer to STATUS"),
     Message("master", "client", STATUS, ("retried",), "answer to RETRY"),
     Message("master", "client", STATUS, ("status", "stdout", "stderr"), "answer to OUTPUT"),
+    Message("master", "client", STATUS, ("paused",), "answer to PAUSE"),
+    Message("master", "client", STATUS, ("resumed",), "answer to RESUME"),
     Message("master", "client", BYE, ("why", "rehello?", "fatal?")),
     Message("master", "client", REJECT, ("why",)),
     Message("worker", "master", OPEN, ("n",)),
     Message("worker", "master", HELLO, (
         "role", "id", "host", "pid", "procs", "caps", "have", "holding", "running", "draining",
-        "info", "label", "task", "versions", "epoch")),
+        "info", "label", "task", "versions", "epoch", "paused?")),
     Message("worker", "master", RESULT, ("r", "running", "o?")),
     Message("worker", "master", HEARTBEAT, (
         "fn_received", "tasks", "results", "crashes", "running", "rss?", "cpu?")),
     Message("worker", "master", BYE, ("returned", "why", "final?")),
+    Message("worker", "master", PAUSE, ("returned", "until", "stopped")),
+    Message("worker", "master", RESUME, ()),
     Message("master", "worker", CHALLENGE, ("n", "p", "epoch")),
     Message("master", "worker", WELCOME, ("master", "heartbeat", "epoch", "store")),
     Message("master", "worker", TASKS, ("t", "f", "c?")),
     Message("master", "worker", CANCEL, ("i",)),
+    Message("master", "worker", PAUSE, ("seconds?", "stop?")),
+    Message("master", "worker", RESUME, ()),
     Message("master", "worker", HEARTBEAT, ()),
     Message("master", "worker", BYE, ("why", "rehello?")),
     Message("master", "worker", REJECT, ("why",)),

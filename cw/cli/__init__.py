@@ -8,6 +8,7 @@
   `cw dashboard`, which serves :mod:`cw.dashboard`;
 - :mod:`cw.cli.files`: `cw pull`;
 - :mod:`cw.cli.runfile`: `cw run-file`, `cw template`;
+- :mod:`cw.cli.pause`: `cw pause`, `cw resume`;
 - :mod:`cw.cli.launch`: `cw <batch system> up | status | scale | down`, one group per backend;
 - :mod:`cw.cli.doctor`: `cw doctor`;
 - :mod:`cw.cli.common`: the options and helpers they share.
@@ -23,6 +24,7 @@ from .doctor import doctor_cmd
 from .files import pull_cmd
 from .jobs import logs_cmd, results_cmd, retry_cmd, status_cmd
 from .launch import add_backends
+from .pause import pause_cmd, resume_cmd
 from .runfile import run_file_cmd, template_cmd
 from .serve import master_cmd, worker_cmd
 from .store import store_group
@@ -36,7 +38,7 @@ def cli() -> None:
 
 
 for _cmd in (master_cmd, worker_cmd, status_cmd, results_cmd, logs_cmd, retry_cmd, run_file_cmd, template_cmd,
-             pull_cmd, top_cmd, dashboard_cmd, store_group, doctor_cmd):
+             pull_cmd, pause_cmd, resume_cmd, top_cmd, dashboard_cmd, store_group, doctor_cmd):
     cli.add_command(_cmd)
 add_backends(cli)
 

@@ -55,7 +55,7 @@ def status_cmd(cluster_name, cluster_dir, as_json):
             where = w.get("label") or " ".join(f"{k}={v}" for k, v in w.get("info", {}).items())
             click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running"
                        f" {w.get('prefetched', 0):>6} prefetched"
-                       f"{'  draining' if w['draining'] else ''}  {where}")  # fmt: skip
+                       f"{'  draining' if w['draining'] else ''}{_paused(w.get('paused'))}  {where}")  # fmt: skip
             held = ", ".join(f"{k} {_amount(k, v)} of {_amount(k, w['caps'].get(k, 0))} held"
                              for k, v in (w.get("reserved") or {}).items() if v)  # fmt: skip
             click.echo(f"  {'':<30} {describe(w.get('caps') or {})}{f'; {held}' if held else ''}")
@@ -64,6 +64,13 @@ def status_cmd(cluster_name, cluster_dir, as_json):
     for run, states in sorted(doc.get("runs", {}).items()):
         parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         click.echo(f"  run {run or '(none)'}: {parts}")
+
+
+def _paused(p: dict | None) -> str:
+    if not p:
+        return ""
+    until = f" until {time.strftime('%H:%M:%S', time.localtime(p['until']))}" if p.get("until") else ""
+    return f"  PAUSED{' (jobs stopped)' if p.get('stopped') else ''}{until}"
 
 
 def _amount(k: str, v: float) -> str:

@@ -70,6 +70,7 @@ class Worker:
         self.reserved: dict[str, float] = {}  # counted resources its held jobs take
         self.started: set[int] | None = {int(j) for j in hello.get("running") or ()}
         self.draining = bool(hello.get("draining"))
+        self.paused: Optional[dict] = hello.get("paused") or None  #: {until, stopped} while paused
         self.counters: dict = {}
         self.last_seen = self.last_sent = time.monotonic()
         self.idle_since = self.last_seen  #: when it last came to hold no job (read while it holds none)
@@ -81,7 +82,7 @@ class Worker:
         jobs of unknown or long runtime get one spare per slot, so a burst of
         long jobs spreads over every worker instead of queueing on the first.
         """
-        if self.draining:
+        if self.draining or self.paused:
             return 0
         if runtime is None:
             return self.slots * 2
@@ -266,7 +267,7 @@ class Policy:
             if prefetch:  # no more than an even share of what waits
                 free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - len(given))
             else:  # idle executors: they take what they can run now
-                free = (0 if w.draining else w.slots) - len(w.running)
+                free = (0 if w.draining or w.paused else w.slots) - len(w.running)
             needs = q[0].needs  # one requirement per queue: its jobs need the same
             if needs and free > 0:
                 free = min(free, w.room_for(needs))

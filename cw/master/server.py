@@ -252,6 +252,8 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
                 self._send(ident, P.STATUS, {"retried": self._retry(str(header["run"]))})
             elif kind == P.OUTPUT:  # read-only; any key holder may ask
                 self._send(ident, P.STATUS, self._output(header))
+            elif kind in (P.PAUSE, P.RESUME) and not isinstance(peer, Worker):  # any key holder; no HELLO needed
+                self._send(ident, P.STATUS, self._control(kind, header))
             elif peer is None:  # its session is live, but it has not said HELLO (or we forgot it)
                 if kind == P.BYE:  # the end of a one-shot request
                     self.door.forget(ident)

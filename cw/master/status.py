@@ -101,7 +101,7 @@ class StatusReport:
                     "label": w.label, "task": w.task, "versions": w.versions,
                     "idle": 0.0 if w.running else round(mono - w.idle_since, 3),
                     "jobs": [[jid, _since(w.running.get(jid), now)] for jid in sorted(w.started or ())],
-                    "reserved": w.reserved,
+                    "reserved": w.reserved, "paused": w.paused,
                 }  # fmt: skip
                 for w in self.policy.workers.values()
             ],

@@ -82,6 +82,14 @@ class WorkerHandlers:
             self._results(w, h, blobs)
         elif kind == P.BYE:
             self._worker_bye(w, h)
+        elif kind == P.PAUSE:  # paused (through us, or by its own user): what it had not started comes back
+            w.paused = {"until": h.get("until"), "stopped": bool(h.get("stopped"))}
+            for job in reversed([w.release(j) for j in h.get("returned", ()) if j in w.running]):
+                self._requeue(job)
+            log.info("worker %s paused%s", w.describe(), ", its running jobs stopped" if w.paused["stopped"] else "")
+        elif kind == P.RESUME:
+            w.paused = None
+            log.info("worker %s resumed", w.describe())
         elif kind == P.HEARTBEAT:
             w.counters = h
 
@@ -173,6 +181,26 @@ class WorkerHandlers:
         self.store.add_outputs([(jid, where, name, size, digest)
                                 for jid, where, files in rows if jid in accepted
                                 for name, size, digest in files])  # fmt: skip
+
+    def _control(self, kind: bytes, h: dict) -> dict:
+        """A client's PAUSE or RESUME of the workers on a host, of one worker (its id, or
+        the start of it), or of all: passed on to them; the ids it reached."""
+        host, wid = h.get("host"), h.get("worker")
+        chosen = [w for w in self.policy.workers.values()
+                  if (host is None or w.host == host or w.host.split(".")[0] == host)
+                  and (wid is None or w.id == wid or w.id.startswith(str(wid)))]  # fmt: skip
+        for w in chosen:
+            if kind == P.PAUSE:
+                until = None if h.get("seconds") is None else time.time() + float(h["seconds"])
+                # no new job from now on (the worker confirms, handing back what it had not started)
+                w.paused = {"until": until, "stopped": bool(h.get("stop")) or bool((w.paused or {}).get("stopped"))}
+                self._send(w.ident, P.PAUSE, {k: h[k] for k in ("seconds", "stop") if h.get(k) is not None})
+            else:
+                w.paused = None
+                self._send(w.ident, P.RESUME, {})
+        log.info("%s %d workers (%s)", "paused" if kind == P.PAUSE else "resumed", len(chosen),
+                 ", ".join(w.describe() for w in chosen) or "none matched")  # fmt: skip
+        return {"paused" if kind == P.PAUSE else "resumed": [w.id for w in chosen]}
 
     # -- leaving -------------------------------------------------------------------------
     def _worker_bye(self, w: Worker, h: dict) -> None:

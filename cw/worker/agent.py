@@ -27,13 +27,15 @@ from ..launchers import environment
 from ..link import Link
 from ..serialize import runtime_versions
 from .caps import Devices, capabilities
-from .executor import Child, describe_exit
+from .executor import Child
+from .executors import Executors
 from .output import echo_output
+from .pause import Pausing
 
 log = logging.getLogger(__name__)
 
 
-class Agent:
+class Agent(Executors, Pausing):
     def __init__(
         self,
         address: str | None = None,
@@ -115,6 +117,7 @@ class Agent:
             "running": self._running(), "draining": self.draining,
             "info": self.env.info(), "label": self.env.label(), "task": self.env.task(),
             "versions": runtime_versions(), "epoch": self.epoch,
+            **({"paused": self._pause_state()} if self.paused else {}),
         })  # fmt: skip
         self.hello_sent = time.monotonic()
         log.info("worker %s saying hello to %s with %d procs", self.id, self.link.address, self.procs)
@@ -141,6 +144,7 @@ class Agent:
         system.become_subreaper()
         self.wdir = job.WorkerDir(self.scratch_root, self.id)
         job.configure(self.wdir.path, self.cluster.path / "outputs")  # the executors inherit it
+        self._open_control()  # a local `cw pause`, without the cluster's key
         for i in range(self.procs):  # fork before any ZeroMQ thread exists
             self.children.append(self._spawn(i))
         self.ctx = zmq.Context()
@@ -148,6 +152,8 @@ class Agent:
         for c in self.children:
             for fd in c.fds():
                 self.poller.register(fd, zmq.POLLIN)
+        if self.control is not None:
+            self.poller.register(self.control.fileno(), zmq.POLLIN)
         self.link = Link(self.ctx, self.poller, self.key, self.cluster, self.explicit_address,
                          who="this worker", hello=self._hello, master_timeout=self.master_timeout,
                          give_up=self.give_up, max_message=self.max_message, linger=2000)  # fmt: skip
@@ -162,12 +168,16 @@ class Agent:
                         self._read_child(c)
                     if c.pidfd in events and c in self.children:
                         self._child_died(c)  # ended, though its pipe may still be open
+                if self.control is not None and self.control.fileno() in events:
+                    self._read_control()
                 if self.cancelled:
                     self._cancel()
                 self._feed_children()
                 self._flush()
                 now = time.monotonic()
                 self._check_timeouts(now)
+                if self.paused:
+                    self._check_pause()
                 if now >= self.next_sweep:
                     self._sweep(now)
                 if self.watch_pid and not pid_alive(self.watch_pid) and not self.drain_requested:
@@ -204,6 +214,10 @@ class Agent:
                 self.cancelled.update(h["i"])
             elif kind == P.WELCOME:
                 self._welcomed(h)
+            elif kind == P.PAUSE:
+                self.pause(h.get("seconds"), bool(h.get("stop")), "the master")
+            elif kind == P.RESUME:
+                self.resume("the master")
             elif kind == P.BYE:
                 if h.get("rehello"):
                     # one HELLO at a time (later BYEs answer messages queued before
@@ -242,7 +256,7 @@ class Agent:
         could not take it back. Batches (sized to ~5 ms of work) keep short
         jobs flowing.
         """
-        if not self.pending or self.draining:
+        if not self.pending or self.draining or self.paused:
             return
         idle = [c for c in self.children if not c.inflight]
         if not idle:
@@ -309,78 +323,6 @@ class Agent:
         old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
         self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
 
-    def _child_died(self, c: Child, why: str | None = None) -> None:
-        """An executor ended (its pipe closed, or its pidfd said so): take the answers it
-        sent before it went, then report its job and replace it. Never blocks for long."""
-        if c not in self.children:
-            return
-        system.kill_group(c.pid)  # the job's processes end with it (and let go of the pipe)
-        try:
-            os.set_blocking(c.fd, False)  # a half-written answer must not stall us
-            while c.conn.poll():
-                self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
-        except Exception:
-            pass
-        code = c.wait(1.0)
-        self._replace(c, why or f"the process running the job {describe_exit(code)}", P.CRASHED)
-
-    def _replace(self, c: Child, why: str, status: int) -> None:
-        """Fail the child's current job, hand its other tasks back to the queue, restart it."""
-        self.counters["crashes"] += 1
-        jid = None
-        if c.inflight:
-            task = c.inflight.popleft()
-            jid, ran = task[0], time.monotonic() - c.head_started
-            output = c.leftover(self._limit(task))  # what it wrote before it died
-            self._result(jid, status, ran, f"job {jid} on {socket.gethostname()}: {why}", None, b"", output)
-            log.warning("job %s: %s; replacing the executor process", jid, why)
-        self.pending.extendleft(reversed(c.inflight))
-        self._respawn(c)
-        if jid is not None:
-            job.wipe(self.wdir.job(jid))  # what the killed job left on the disk
-
-    def _spawn(self, i: int) -> Child:
-        """A new executor for slot i, on the slot's CPUs."""
-        cpus, n = self.shares[i]
-        # its siblings' pipes, pidfds and capture files are theirs alone
-        others = tuple(fd for o in self.children if o.pid != -1 for fd in (*o.fds(), o.out_fd, o.err_fd))
-        return Child(cpus, n, others)
-
-    def _respawn(self, c: Child) -> Child:
-        """Kill an executor (with every process of its job) and start another in its slot.
-
-        Never waits: a process not reaped yet is reaped by a later sweep.
-        """
-        for fd in c.fds():
-            self.poller.unregister(fd)
-        c.kill()
-        if c.exitcode is None:
-            self.reaping.add(c.pid)
-        c.pid = -1
-        self.sweep_until = time.monotonic() + defaults.ORPHAN_SWEEP
-        i = self.children.index(c)
-        self.children[i] = new = self._spawn(i)
-        for fd in new.fds():
-            self.poller.register(fd, zmq.POLLIN)
-        return new
-
-    def _sweep(self, now: float) -> None:
-        """Reap killed executors; end the processes their jobs started outside their group
-        (orphans come to us: the agent is a child subreaper). Without a pidfd, an
-        executor's end is seen here."""
-        self.next_sweep = now + 0.2
-        if self.reaping:
-            self.reaping = {pid for pid in self.reaping if system.reap(pid) is None}
-        if now < self.sweep_until:
-            live = {c.pid for c in self.children}
-            for pid in system.children(os.getpid()):
-                if pid not in live and pid not in self.reaping:
-                    system.kill_orphan(pid)
-                    self.reaping.add(pid)
-        for c in list(self.children):
-            if c.pidfd is None and c in self.children and c.ended():
-                self._child_died(c)
-
     def _cancel(self) -> None:
         """Drop cancelled jobs not started; kill the process running a cancelled one."""
         ids, self.cancelled = self.cancelled, set()
@@ -404,7 +346,7 @@ class Agent:
 
     def _check_timeouts(self, now: float) -> None:
         for c in list(self.children):
-            if c.inflight:
+            if c.inflight and c.stopped is None:  # a stopped job's time is not its own
                 timeout = c.inflight[0][3]
                 if timeout is not None and now - c.head_started > timeout:
                     self._replace(c, f"timed out after {timeout} s and was killed", P.TIMEOUT)
@@ -466,6 +408,9 @@ class Agent:
 
     def _begin_drain(self, why: str) -> None:
         """Take no new jobs, hand back the ones not started, let the running ones finish."""
+        if self.paused:  # running jobs get their grace: stopped ones continue
+            self._continue_jobs()
+            self.paused = None
         self.draining = True
         self.drain_started = time.monotonic()
         returned = [t[0] for t in self.pending]
@@ -493,6 +438,7 @@ class Agent:
             self.link.close()
         if self.ctx is not None:
             self.ctx.term()
+        self._close_control()
         if self.wdir is not None:
             self.wdir.close()
         log.info("worker %s stopped", self.id)

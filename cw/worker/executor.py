@@ -375,6 +375,8 @@ class Child:
         self.used = False
         self.inflight: Deque[tuple] = collections.deque()  # tasks sent, in order
         self.head_started = 0.0  # when the first task of inflight started
+        self.stopped: Optional[list[int]] = None  # its job's process groups, while a pause stops them
+        self.stopped_at = 0.0
 
     def fds(self) -> tuple:
         return (self.fd,) + ((self.pidfd,) if self.pidfd is not None else ())
