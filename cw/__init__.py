@@ -42,7 +42,9 @@ from .errors import (  # noqa: E402
     OutputsError,
     RemoteImportError,
     SerializationError,
+    SetupError,
     TimeoutError,
+    UnsatisfiableError,
     WorkerLostError,
 )
 from .job import outputs, scratch  # noqa: E402
@@ -67,5 +69,6 @@ __all__ = [
     "Client", "ClientThread", "CompletedCommand", "Executor", "Future", "LocalCluster", "SGECluster", "SlurmCluster",
     "as_completed", "outputs", "scratch", "sge_master_host", "slurm_master_host",
     "AuthenticationError", "CommandError", "CwError", "OutputsError", "JobCrashedError", "JobError", "MessageTooLargeError",
-    "NoMasterError", "RemoteImportError", "SerializationError", "TimeoutError", "WorkerLostError",
+    "NoMasterError", "RemoteImportError", "SerializationError", "SetupError", "TimeoutError",
+    "UnsatisfiableError", "WorkerLostError",
 ]  # fmt: skip

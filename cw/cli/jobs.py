@@ -124,7 +124,10 @@ def format_rows(rows: list[dict], fmt: str, columns: tuple = COLUMNS) -> str:
         return out.getvalue()
     from tabulate import tabulate
 
-    return tabulate([[r[c] for c in columns] for r in rows], headers=columns) + "\n"
+    def cell(v):  # one line per row: the first line of an error (the whole is in json and csv)
+        return v.split("\n", 1)[0] if isinstance(v, str) else v
+
+    return tabulate([[cell(r[c]) for c in columns] for r in rows], headers=columns) + "\n"
 
 
 @click.command("logs")
