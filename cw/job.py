@@ -240,9 +240,11 @@ def wipe(path: Path) -> None:
 class WorkerDir:
     """A worker's directory on the node's local disk, locked while the worker lives.
 
-    ``<root>/cw-<uid>/<worker>``: the per-user parent is private (0700). Made,
-    it wipes what dead workers left beside it (a directory whose lock nobody
-    holds).
+    ``<root>/cw-<uid>/<worker>``, beside its lock ``<worker>.lock`` (the
+    per-user parent is private, 0700). The lock is taken before the directory
+    is made (under a temporary name, then renamed), so that another worker
+    never takes a live one for dead. Made, it wipes what dead workers left
+    beside it: a directory whose lock nobody holds.
     """
 
     def __init__(self, root: str | os.PathLike | None, worker: str):
@@ -250,32 +252,37 @@ class WorkerDir:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         if base.stat().st_uid != os.getuid() or base.stat().st_mode & 0o077:
             raise OutputsError(f"{base} must be yours and private to hold jobs' scratch: chmod 700 {base}")
-        self.path = base / slug(worker, "worker")
-        self.path.mkdir(exist_ok=True)
-        self._lock = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        name = slug(worker, "worker")
+        self.path = base / name
+        self.lock_path = base / f"{name}{_LOCK}"
+        tmp = base / f".{name}{_LOCK}.{os.getpid()}"
+        self._lock = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        os.replace(tmp, self.lock_path)  # seen by others only once it is held
+        self.path.mkdir(exist_ok=True)
         self.wiped = self._wipe_dead(base)
 
     def _wipe_dead(self, base: Path) -> list[Path]:
         wiped = []
-        for d in base.iterdir():
-            if d == self.path or not d.is_dir():
+        for lock in base.glob(f"*{_LOCK}"):
+            if lock == self.lock_path:
                 continue
             try:
-                fd = os.open(d / _LOCK, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = None  # never locked, or half made
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
             except OSError:
-                continue
+                continue  # wiped by another worker meanwhile
             try:
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)  # a live worker holds it
                 continue
+            d = lock.with_name(lock.name[: -len(_LOCK)])
             shutil.rmtree(d, ignore_errors=True)
-            if fd is not None:
-                os.close(fd)
+            try:
+                lock.unlink()
+            except OSError:
+                pass
+            os.close(fd)
             wiped.append(d)
         if wiped:
             log.info("wiped the scratch that %d ended workers left in %s", len(wiped), base)
@@ -285,8 +292,12 @@ class WorkerDir:
         return self.path / str(jid)
 
     def close(self) -> None:
-        """Wipe it all; the lock goes with the directory."""
+        """Wipe it all, then let go of the lock."""
         shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self.lock_path.unlink()
+        except OSError:
+            pass
         try:
             os.close(self._lock)
         except OSError:

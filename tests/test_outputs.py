@@ -86,8 +86,9 @@ def test_scratch_a_killed_worker_left_is_wiped_by_the_next(master, procs, tmp_pa
         assert os.path.exists(path)
         start_workers(procs, 1, "--scratch-dir", scr)  # the next worker on this node
         wait_for(lambda: not os.path.exists(path), timeout=30, what="the dead worker's scratch to go")
-        # the new worker's own directory stays, with its lock held
-        assert len(os.listdir(os.path.join(scr, f"cw-{os.getuid()}"))) == 1
+        # the new worker's own directory stays, beside its lock
+        left = sorted(os.listdir(os.path.join(scr, f"cw-{os.getuid()}")))
+        assert len(left) == 2 and left[1] == left[0] + ".lock", left
 
 
 @pytest.mark.timeout(120)
