@@ -11,7 +11,9 @@ function job's output is) and returns a :class:`CompletedCommand`, as
 When the command ends, whatever it left running in its group ends too; when
 the job is killed (timeout, cancel, its worker stopping), the worker kills
 the command's group with the executor running it (:func:`cw.system.kill_job`),
-so no process of it survives on the node.
+so no process of it survives on the node. On a worker, the tails of the
+command's stdout and stderr are also written to the job's own (captured like
+any job's: ``future.stdout()``, ``cw logs``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -220,6 +223,11 @@ def run_command(cmd: Command, cwd: Optional[str] = None, env: Optional[dict] = N
     if outputs:
         base = Path(cwd or os.getcwd())
         job.declare([p for pattern in outputs for p in sorted(base.glob(pattern))], base)
+    if job.on_a_worker:  # the job's own output too (future.stdout(), cw logs): the same tails
+        for text, stream in ((stdout, sys.stdout), (stderr, sys.stderr)):
+            if text:
+                stream.write(text)
+                stream.flush()
     shown = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
     done = CompletedCommand(shown, proc.returncode, stdout, stderr, socket.gethostname(),
                             time.monotonic() - t0)  # fmt: skip

@@ -50,6 +50,8 @@ _jid: Optional[int] = None
 _key: Optional[str] = None
 _used = False  # scratch() or outputs() was called by the current job
 _extra: list[tuple[Path, str]] = []  # files a shell job declared: (where, name in the archive)
+#: This process is a worker's executor (a job's output is captured there), not a serial client.
+on_a_worker = False
 
 
 def slug(text: Optional[str], fallback: str) -> str:
@@ -68,10 +70,10 @@ def archive_dir(run: Optional[str], key: Optional[str], jid: int) -> str:
     return f"outputs/{slug(run, '_')}/{slug(key, f'job-{jid}')}"
 
 
-def configure(worker_dir: Optional[Path], archive: Optional[Path]) -> None:
+def configure(worker_dir: Optional[Path], archive: Optional[Path], on_worker: bool = False) -> None:
     """Set by the worker before it forks its executors: where jobs' files go."""
-    global _dir, _archive
-    _dir, _archive = worker_dir, archive
+    global _dir, _archive, on_a_worker
+    _dir, _archive, on_a_worker = worker_dir, archive, on_worker
 
 
 def enter_run(run: Optional[str]) -> None:

@@ -69,6 +69,8 @@ def test_a_paused_worker_gets_no_new_job_and_resumes(master, procs):
         assert "1 workers paused" in out
         assert workers_by_pid(c)[a.pid]["paused"] == {"until": None, "stopped": False}  # at once
         assert "PAUSED" in cw_cmd("status")
+        top = cw_cmd("top", "--once", env={"COLUMNS": "250"}).splitlines()  # cw top says so too
+        assert [line for line in top if ws[a.pid]["id"] in line and "paused" in line], top
         assert set(c.gather([c.submit(agent_of_job, 0.1) for _ in range(8)], timeout=60)) == {b.pid}
         out = cw_cmd("resume", "--worker", ws[a.pid]["id"])
         assert "1 workers resumed" in out and workers_by_pid(c)[a.pid]["paused"] is None

@@ -91,6 +91,19 @@ def test_output_is_bounded_to_its_tail(workers):
 
 
 @pytest.mark.timeout(90)
+def test_the_commands_output_is_the_jobs_own_too(workers):
+    with cw.Client() as c:
+        f = c.submit_shell("echo to-out; echo to-err >&2; head -c 5000 /dev/zero | tr '\\0' b", output_limit=1000)
+        r = f.result(30)
+        assert r.stderr == "to-err\n" and len(r.stdout.split("\n", 1)[1]) == 1000  # bounded by output_limit
+        assert f.stdout().endswith("b" * 100) and f.stderr() == "to-err\n"  # future.stdout(), cw logs
+        g = c.submit_shell("echo failing >&2; exit 1")
+        with pytest.raises(cw.CommandError):
+            g.result(30)
+        assert g.stderr() == "failing\n"
+
+
+@pytest.mark.timeout(90)
 def test_leftover_processes_end_with_the_command(workers):
     with cw.Client() as c:
         r = c.submit_shell("sleep 300 & echo $!").result(30)  # returns at once, though the pipes stay open

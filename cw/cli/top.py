@@ -29,6 +29,15 @@ SORTS = (
 )
 
 
+
+def state(w: dict) -> str:
+    """A worker's state in a word or two: draining, paused (its jobs stopped), busy or idle."""
+    if w.get("draining"):
+        return "draining"
+    p = w.get("paused")
+    if p:
+        return "paused, jobs stopped" if p.get("stopped") else "paused"
+    return "busy" if w["running"] else "idle"
 class Top:
     """The view's state: what to sort by, which run to show."""
 
@@ -103,7 +112,7 @@ class Top:
             jobs = w.get("jobs") or []
             workers.add_row(
                 w["id"], w["host"], w.get("label") or "-", f"{w['running']}/{w['slots']}",
-                "draining" if w["draining"] else "busy" if w["running"] else "idle",
+                state(w),
                 ", ".join(str(j[0]) for j in jobs[:3]) or "-", duration(max([j[1] or 0 for j in jobs] or [0]))
                 if jobs else "-", size(c.get("rss")), "-" if c.get("cpu") is None else f"{c['cpu']:.0f}%",
             )  # fmt: skip

@@ -122,7 +122,8 @@ class Client:
                      input: str | bytes | None = None, shell: bool | None = None, check: bool = True,
                      outputs: Iterable[str] | str | None = None, scratch: bool = False,
                      key: str | None = None, cache: bool = True, requires: dict | None = None,
-                     timeout: float | None = None, max_retries: int | None = None) -> Future:  # fmt: skip
+                     timeout: float | None = None, max_retries: int | None = None,
+                     output_limit: int | None = None) -> Future:  # fmt: skip
         """Run a command on the cluster, as ``subprocess.run`` would there; its future at once.
 
         ``cmd`` is a command line (run by ``/bin/sh -c``) or an argv list; ``env``
@@ -133,13 +134,16 @@ class Client:
         directory on the worker's disk, wiped after the job; the files matching
         the ``outputs`` globs (relative to where it ran), and those it writes to
         ``$CW_OUTPUTS``, are archived under the run and the job's key (``cw
-        pull``). ``key``, ``cache``, ``requires``, ``timeout`` and ``max_retries``
-        are as for :meth:`submit`. A timeout or a cancel kills the command with
-        every process of its group.
+        pull``). ``key``, ``cache``, ``requires``, ``timeout``, ``max_retries`` and
+        ``output_limit`` (the bytes of stdout and of stderr kept) are as for
+        :meth:`submit`. A timeout or a cancel kills the command with every
+        process of its group.
         """
         args, kwargs = shell_job(cmd, cwd, env, input, shell, check, outputs, scratch)
+        if output_limit is not None:
+            kwargs["output_limit"] = int(output_limit)
         return self._submit(run_command, args, kwargs, key=key, cache=cache, requires=requires,
-                            timeout=timeout, max_retries=max_retries)  # fmt: skip
+                            timeout=timeout, max_retries=max_retries, output_limit=output_limit)  # fmt: skip
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, *, key: str | None = None,
                 cache: bool = True, requires: dict | None = None, timeout: float | None = None,

@@ -84,8 +84,11 @@ class Executor(cf.Executor):
 
     def submit_shell(self, cmd: Any, **kwargs: Any) -> Future:
         """Run a command on the cluster (see :meth:`cw.Client.submit_shell`); its future."""
-        options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries", "output_limit")
+                   if k in kwargs}
         args, kw = shell_job(cmd, **kwargs)
+        if options.get("output_limit") is not None:
+            kw["output_limit"] = int(options["output_limit"])
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -46,8 +46,11 @@ class ClientThread(threading.Thread):
     def submit_shell(self, cmd: Any, **kwargs: Any) -> int:
         """Run a command on the cluster (see :meth:`cw.Client.submit_shell`); a job id at
         once. The callback gets its :class:`cw.CompletedCommand` (or its CommandError)."""
-        options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("key", "cache", "requires", "timeout", "max_retries", "output_limit")
+                   if k in kwargs}
         args, kw = shell_job(cmd, **kwargs)
+        if options.get("output_limit") is not None:
+            kw["output_limit"] = int(options["output_limit"])
         return self._submit_job(run_command, args, kw, options)
 
     def submit(self, func: Callable, /, *args: Any, **kwargs: Any) -> int:

@@ -143,7 +143,7 @@ class Agent(Executors, Pausing):
         # the processes of a killed executor's job that left its group come to us, to be ended
         system.become_subreaper()
         self.wdir = job.WorkerDir(self.scratch_root, self.id)
-        job.configure(self.wdir.path, self.cluster.path / "outputs")  # the executors inherit it
+        job.configure(self.wdir.path, self.cluster.path / "outputs", on_worker=True)  # executors inherit it
         self._open_control()  # a local `cw pause`, without the cluster's key
         for i in range(self.procs):  # fork before any ZeroMQ thread exists
             self.children.append(self._spawn(i))

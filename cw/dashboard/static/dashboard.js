@@ -74,6 +74,12 @@ function drawRuns(s) {
   }));
 }
 
+function state(w) {
+  if (w.draining) return "draining";
+  if (w.paused) return w.paused.stopped ? "paused, jobs stopped" : "paused";
+  return w.running ? "busy" : "idle";
+}
+
 function drawWorkers(s) {
   const body = document.querySelector("#workers tbody");
   const ws = (s.status && s.status.workers) || [];
@@ -81,7 +87,7 @@ function drawWorkers(s) {
     const c = w.counters || {}, jobs = w.jobs || [];
     const links = jobs.slice(0, 4).map(([id]) => el("a", { href: `job/${id}` }, `${id} `));
     return el("tr", {}, el("td", {}, w.id), el("td", {}, w.host), el("td", {}, w.label || "-"),
-      el("td", { class: "num" }, `${w.running}/${w.slots}`), el("td", {}, w.draining ? "draining" : w.running ? "busy" : "idle"),
+      el("td", { class: "num" }, `${w.running}/${w.slots}`), el("td", {}, state(w)),
       el("td", {}, ...(links.length ? links : ["-"])),
       el("td", { class: "num" }, jobs.length ? duration(Math.max(...jobs.map((j) => j[1] || 0))) : "-"),
       el("td", { class: "num" }, size(c.rss)), el("td", { class: "num" }, c.cpu == null ? "-" : `${Math.round(c.cpu)}%`));
