@@ -27,8 +27,9 @@ from cw.discovery import ClusterDir
 from cw.security import token
 
 #: A normal client's round trip while an attack runs: at most this many seconds (one takes
-#: about 2 ms here, and 0.1 to 0.4 s at worst under the attacks; the machine is shared).
-LATENCY = 2.0
+#: about 2 ms here, and 0.1 to 0.4 s at worst under the attacks, up to 3.4 s on a two-core
+#: machine that runs other suites beside it; a starved master took 15 s).
+LATENCY = 5.0
 #: The master's resident memory may grow by at most this many MB under an attack without
 #: the key (it reads nothing of such a peer).
 KEYLESS_MB = 64

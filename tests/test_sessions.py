@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import stat
 import subprocess
 import time
@@ -178,11 +179,15 @@ def test_a_store_from_before_the_epoch_gets_one_and_keeps_its_jobs(tmp_path):
     import sqlite3
 
     from cw.store import Store
-    from cw.store.schema import SCHEMA, SCHEMA_VERSION
+    from cw.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
 
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA.split("CREATE TABLE meta")[0] + f"PRAGMA user_version = {SCHEMA_VERSION - 1};")
+    db.executescript(SCHEMA)  # today's tables, less those made since schema 2 (the epoch's meta among them)
+    for v in range(2, SCHEMA_VERSION):
+        for table in re.findall(r"CREATE TABLE (\w+)", MIGRATIONS[v]):
+            db.execute(f"DROP TABLE {table}")
+    db.execute("PRAGMA user_version = 2")
     db.execute("INSERT INTO jobs (id, session, seq, fn, args) VALUES (7, 's', 0, 'f', x'00')")
     db.commit()
     db.close()
