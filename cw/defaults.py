@@ -8,6 +8,9 @@ import os
 HOME = os.path.expanduser(os.environ.get("CW_HOME", "~/.cw"))
 #: Name of the cluster directory under HOME (``$CW_CLUSTER``).
 CLUSTER = os.environ.get("CW_CLUSTER", "default")
+#: Name of the embedded local cluster's directory under HOME (what `cw.Client()` starts when it
+#: finds no master).
+LOCAL_CLUSTER = "local"
 
 #: Port the master tries first; if it is taken, it binds a random one and publishes it.
 PORT = 7757

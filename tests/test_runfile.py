@@ -159,3 +159,23 @@ def test_the_template_is_a_valid_job_set(tmp_path):
     assert s.run == "foam-sweep" and s.setup and s.requires["tags"] == ["openfoam"] and s.retries == 2
     assert [j.key for j in s.jobs] == ["case-1", "case-2", "summary"]
     assert s.jobs[2].function == "mypackage.post:summarize" and s.jobs[1].command[0] == "simpleFoam"
+
+
+@pytest.mark.timeout(120)
+def test_with_no_master_the_embedded_cluster_runs_it_and_the_reading_commands_find_it(cw_home, tmp_path):
+    """No master anywhere: `cw run-file` starts the embedded local cluster, and `cw results`,
+    `cw logs`, `cw status` and a dry run, given no cluster, read that cluster's store."""
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("echo first\necho second >&2\n")
+    run = cw_cmd("run-file", str(jobs), "--run", "lonely")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 of 2 succeeded" in run.stderr
+    log = json.loads(cw_cmd("results", "lonely", "--format", "json").stdout)
+    assert sorted(r["key"] for r in log) == ["1: echo first", "2: echo second >&2"]
+    logs = cw_cmd("logs", "lonely")
+    assert logs.returncode == 0 and "first" in logs.stdout and "second" in logs.stdout, logs.stdout + logs.stderr
+    dry = cw_cmd("run-file", str(jobs), "--run", "lonely", "--dry-run")
+    assert "2 jobs, 0 to run (2 done already)" in dry.stdout, dry.stdout + dry.stderr
+    status = cw_cmd("status")
+    assert status.returncode == 0 and "lonely" in status.stdout, status.stdout + status.stderr
+    assert cw_cmd("status", "--cluster", "default").returncode != 0  # a named cluster is read as named

@@ -9,6 +9,7 @@ from typing import Callable
 
 import click
 
+from .. import defaults
 from ..discovery import ClusterDir
 
 CLUSTER_OPTIONS = [
@@ -39,9 +40,23 @@ def with_options(options: list) -> Callable:
 cluster_options = with_options(CLUSTER_OPTIONS)
 
 
-def cluster_from(cluster_name: str | None, cluster_dir: str | None) -> ClusterDir:
-    """The cluster directory named by --cluster / --cluster-dir (or the environment)."""
-    return ClusterDir(path=cluster_dir) if cluster_dir else ClusterDir(name=cluster_name)
+def cluster_from(cluster_name: str | None, cluster_dir: str | None, read: bool = False) -> ClusterDir:
+    """The cluster directory named by --cluster / --cluster-dir (or the environment).
+
+    A command that only reads (``read``), given no cluster at all, reads the cluster a script
+    with no configuration used: the default one if it has a master or a store, else the
+    embedded local cluster's (``$CW_HOME/local``) if that has a store.
+    """
+    if cluster_dir:
+        return ClusterDir(path=cluster_dir)
+    cluster = ClusterDir(name=cluster_name)
+    if read and not cluster_name and not os.environ.get("CW_CLUSTER"):
+        local = ClusterDir(name=defaults.LOCAL_CLUSTER)
+        if not (cluster.master_json.exists() or cluster.store_path.exists()) and local.store_path.exists():
+            logging.getLogger(__name__).info("no default cluster here: reading the embedded local cluster's"
+                                             " (%s)", local.path)  # fmt: skip
+            return local
+    return cluster
 
 
 def setup_logging(level: str) -> None:

@@ -29,7 +29,7 @@ def dashboard_cmd(cluster_name, cluster_dir, port, bind, interval, token):
         from ..dashboard import Dashboard
     except ImportError as e:
         raise click.ClickException(f"cw dashboard needs its extra: pip install 'cw[dashboard]' ({e})") from None
-    cluster = cluster_from(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir, read=True)
     try:
         dash = Dashboard(cluster, bind=bind, port=port, interval=interval, token=token)
     except (CwError, OSError) as e:

@@ -29,7 +29,7 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
     workers put them, and each copy is checked against the size and SHA-256 the
     store recorded. A file already in DEST with the same content is skipped.
     """  # fmt: skip
-    cluster = cluster_from(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir, read=True)
     try:
         match = re.compile(pattern) if pattern else None
     except re.error as e:

@@ -24,7 +24,7 @@ from .common import cluster_from, cluster_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
 def status_cmd(cluster_name, cluster_dir, as_json):
     """Workers and jobs: from the live master, else from the store."""
-    cluster = cluster_from(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir, read=True)
     address = resolve_address(None, cluster)
     doc = None
     if address:
@@ -89,7 +89,7 @@ def results_cmd(run, cluster_name, cluster_dir, failed, files, fmt):
 
     Reads the SQLite file directly: it works with or without a live master.
     """  # fmt: skip
-    cluster = cluster_from(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir, read=True)
     try:
         with StoreReader(cluster.store_path) as store:
             if files:
@@ -142,7 +142,7 @@ def logs_cmd(run, which, cluster_name, cluster_dir, failed, follow):
     KEY or ID picks one job (its key in the run, or its job id). Reads the
     store directly: it works with or without a live master.
     """
-    cluster = cluster_from(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir, read=True)
     run = None if run == "-" else run
     seen: set[int] = set()
     after = None
@@ -185,7 +185,7 @@ def _log_text(r: dict) -> str:
 @click.option("--failed", is_flag=True, required=True, help="Requeue the jobs that did not succeed.")
 def retry_cmd(run, cluster_name, cluster_dir, failed):
     """Run the failed jobs of RUN again (through the live master, else in the store)."""
-    cluster = cluster_from(cluster_name, cluster_dir)
+    cluster = cluster_from(cluster_name, cluster_dir, read=True)
     address = resolve_address(None, cluster)
     if address:
         try:

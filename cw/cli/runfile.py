@@ -62,11 +62,10 @@ def run_file_cmd(path, cluster_name, cluster_dir, run, requires, retries, timeou
     if retries is None:
         retries = jobset.retries
     seconds = parse_duration(timeout or jobset.timeout) if (timeout or jobset.timeout) else None
-    cluster = cluster_from(cluster_name, cluster_dir)
     if dry_run:
-        _dry_run(jobset, run, cluster)
+        _dry_run(jobset, run, cluster_from(cluster_name, cluster_dir, read=True))
         return
-    _run(jobset, run, cluster, need or None, retries, seconds, quiet)
+    _run(jobset, run, cluster_from(cluster_name, cluster_dir), need or None, retries, seconds, quiet)
 
 
 def _dry_run(jobset: JobSet, run: str, cluster) -> None:

@@ -149,7 +149,7 @@ def top_cmd(cluster_name, cluster_dir, interval, sort, run, once):
         from rich.live import Live
     except ImportError:
         raise click.ClickException("cw top needs rich: pip install 'cw[top]'") from None
-    top = Top(Watcher(cluster_from(cluster_name, cluster_dir)), sort, run)
+    top = Top(Watcher(cluster_from(cluster_name, cluster_dir, read=True)), sort, run)
     console = Console()
     top.refresh()
     if once or not sys.stdin.isatty():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import Client
-from ..defaults import ADAPT_IDLE_TIMEOUT, ADAPT_TARGET
+from ..defaults import ADAPT_IDLE_TIMEOUT, ADAPT_TARGET, LOCAL_CLUSTER
 from ..discovery import ClusterDir
 from ..errors import ConfigError, CwError
 from ..link import query_status
@@ -59,7 +59,7 @@ class LocalCluster(ClusterSurface):
         self._adapt: dict | None = None
         self._adapter: threading.Thread | None = None
         self._stop_adapting = threading.Event()
-        self.cluster = ClusterDir(path=cluster) if cluster else ClusterDir(name="local")
+        self.cluster = ClusterDir(path=cluster) if cluster else ClusterDir(name=LOCAL_CLUSTER)
         if self.cluster.lock():  # free: ours (the master takes the lock itself)
             self.cluster.unlock()
         else:
