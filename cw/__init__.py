@@ -29,12 +29,13 @@ if not _log.handlers:
     _log.addHandler(_h)
     _log.setLevel(_os.environ.get("CW_LOG_LEVEL", "INFO").upper())
 
-from .client import Client, ClientThread, Executor, Future, as_completed  # noqa: E402
+from .client import Client, ClientThread, Executor, Future, Ref, as_completed, get_client, wait  # noqa: E402
 from .command import CompletedCommand  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationError,
     CommandError,
     CwError,
+    DependencyError,
     JobCrashedError,
     JobError,
     MessageTooLargeError,
@@ -66,9 +67,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Client", "ClientThread", "CompletedCommand", "Executor", "Future", "LocalCluster", "SGECluster", "SlurmCluster",
-    "as_completed", "outputs", "scratch", "sge_master_host", "slurm_master_host",
-    "AuthenticationError", "CommandError", "CwError", "OutputsError", "JobCrashedError", "JobError", "MessageTooLargeError",
-    "NoMasterError", "RemoteImportError", "SerializationError", "SetupError", "TimeoutError",
-    "UnsatisfiableError", "WorkerLostError",
+    "Client", "ClientThread", "CompletedCommand", "Executor", "Future", "LocalCluster", "Ref", "SGECluster",
+    "SlurmCluster", "as_completed", "get_client", "outputs", "scratch", "sge_master_host", "slurm_master_host",
+    "wait",
+    "AuthenticationError", "CommandError", "CwError", "DependencyError", "OutputsError", "JobCrashedError",
+    "JobError", "MessageTooLargeError", "NoMasterError", "RemoteImportError", "SerializationError", "SetupError",
+    "TimeoutError", "UnsatisfiableError", "WorkerLostError",
 ]  # fmt: skip

@@ -108,6 +108,24 @@ QUEUE_WINDOW_BYTES = 1024 * 1024 * 1024
 MAX_UNACKED_JOBS = 100_000
 MAX_UNACKED_BYTES = 1024 * 1024 * 1024
 
+# -- graphs, scattered data, nested jobs ------------------------------------------------
+#: The master keeps the values of jobs that are inputs of others, and scattered data, in
+#: memory up to this many bytes (more are read back from the store when a worker asks).
+MASTER_DATA_CACHE = 512 * 1024 * 1024
+#: A worker keeps this many bytes of inputs and scattered data, the most recently used.
+WORKER_DATA_CACHE = 1024 * 1024 * 1024
+#: An executor process keeps the unpickled inputs and scattered data it was given, up to
+#: this many bytes (counted by their pickles), the most recently used.
+EXECUTOR_DATA_CACHE = 512 * 1024 * 1024
+#: A worker sends again, after a broken link, the results it sent this many seconds before
+#: (a master killed meanwhile may never have stored them) ...
+RESULT_RESEND_SECONDS = 30.0
+#: ... up to this many bytes of them.
+RESULT_RESEND_BYTES = 64 * 1024 * 1024
+#: The master remembers, per session, this many finished submissions (seq -> job) in memory
+#: for the futures later jobs name as inputs (older ones are looked up in the store).
+SESSION_RECENT = 100_000
+
 #: A client left open at exit waits this many seconds for the master to commit what it submitted.
 EXIT_FLUSH = 30.0
 #: A client warns when its jobs have waited this many seconds at a master with no worker

@@ -49,6 +49,11 @@ class SerializationError(CwError, TypeError):
     """A function, argument or result could not be pickled or unpickled."""
 
 
+class NeedsReferences(SerializationError):
+    """An object that travels only by reference (a cw Future, scattered data) was pickled outside
+    a job's arguments; within them, the client pickles it as a reference."""
+
+
 class RemoteImportError(CwError, ImportError):
     """A worker could not import the job's function, or a class its arguments need."""
 
@@ -187,3 +192,21 @@ class SetupError(CwError):
         lines = (stderr or "").rstrip("\n").splitlines()[-STDERR_LINES:]
         tail = "; its stderr ends:\n" + "\n".join("  " + line for line in lines) if lines else " (its stderr is empty)"
         return cls(f"the setup of run {run!r} failed on {host} (exit code {returncode}){tail}")
+
+
+class DependencyError(CwError):
+    """An input of the job (a future passed as one of its arguments) did not succeed.
+
+    ``jobid`` is the failed input's future number in this client (its
+    ``Future.jobid``), or None when it belongs to another client; ``job`` its
+    id in the store; ``error`` the exception that input raised (or the error
+    that stopped it: crashed, lost, timed out). The job itself never ran.
+    """
+
+    def __init__(self, message: str, jobid: int | None = None, job: int | None = None,
+                 error: BaseException | None = None):  # fmt: skip
+        super().__init__(message)
+        self.jobid, self.job, self.error = jobid, job, error
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.jobid, self.job, self.error))

@@ -47,9 +47,11 @@ RESULT = b"RESULT"  # worker -> master (WorkerResult rows), master -> client (Cl
 HEARTBEAT = b"HEARTBEAT"  # both ways: alive; a worker's carries its counters
 PAUSE = b"PAUSE"  # take no new jobs (and stop the running ones): client -> master -> worker; worker -> master
 RESUME = b"RESUME"  # take jobs again, continue the stopped ones: the same hops
+NEED = b"NEED"  # worker -> master: inputs and scattered data it lacks; client -> master: kept values
+DATA = b"DATA"  # master -> worker: the inputs and scattered data it asked for, or a broadcast
 
 KINDS = frozenset({OPEN, CHALLENGE, HELLO, SUBMIT, CANCEL, STATUS, RETRY, OUTPUT, BYE, WELCOME, ACK, TASKS,
-                   REJECT, RESULT, HEARTBEAT, PAUSE, RESUME})
+                   REJECT, RESULT, HEARTBEAT, PAUSE, RESUME, NEED, DATA})
 
 
 # -- the rows of batched headers, by name ----------------------------------------------
@@ -62,7 +64,9 @@ class SubmitSpec(NamedTuple):
     seq: int  #: the client's own job number in its session
     fn: str  #: the function's hash
     key: Optional[str]  #: the job's identity in its run (stored results are reused)
-    opts: Optional[dict]  #: c: cache (default true), r: requirements, t: timeout s, m: max retries, o: output bytes
+    #: c: cache (default true), r: requirements, t: timeout s, m: max retries, o: output bytes,
+    #: d: the seqs of the futures among its arguments, x: the scattered data it takes, p: parent job id
+    opts: Optional[dict]
 
 
 class TaskSpec(NamedTuple):
@@ -75,6 +79,14 @@ class TaskSpec(NamedTuple):
     output: Optional[int]  #: bytes of stdout and of stderr to keep (None: the client's, else 1 MiB)
     key: Optional[str]  #: the job's key in its run: its outputs are archived under it
     needs: Optional[dict]  #: the counted resources it holds (gpus, mem): its devices are chosen by them
+
+
+class TaskInputs(NamedTuple):
+    """What one task of a TASKS takes besides its arguments: a row of its header's ``i``."""
+
+    id: int  #: the store's job id
+    inputs: list  #: the job ids whose results are its inputs, in the order its arguments name them
+    refs: list  #: the hashes of the scattered data its arguments name
 
 
 class WorkerResult(NamedTuple):
@@ -113,23 +125,24 @@ MESSAGES = (
     Message("client", "master", OPEN, ("n",)),
     Message("client", "master", HELLO, (
         "role", "session", "run", "context", "versions", "waiting?", "unsatisfiable?")),
-    Message("client", "master", SUBMIT, ("j", "f?", "resend?")),
+    Message("client", "master", SUBMIT, ("j", "f?", "x?", "resend?")),
     Message("client", "master", CANCEL, ("s",)),
     Message("client", "master", STATUS, ()),
     Message("client", "master", RETRY, ("run",)),
     Message("client", "master", OUTPUT, ("session", "seq")),
     Message("client", "master", PAUSE, ("host?", "worker?", "seconds?", "stop?")),
     Message("client", "master", RESUME, ("host?", "worker?")),
+    Message("client", "master", NEED, ("s",)),
     Message("client", "master", HEARTBEAT, ()),
     Message("client", "master", BYE, ()),
     Message("master", "client", CHALLENGE, ("n", "p", "epoch")),
     Message("master", "client", WELCOME, ("master", "heartbeat", "epoch", "store")),
     Message("master", "client", ACK, ("s", "g?")),
-    Message("master", "client", RESULT, ("r", "s?", "g?")),
+    Message("master", "client", RESULT, ("r", "s?", "g?", "k?")),
     Message("master", "client", HEARTBEAT, ("workers", "queued", "notices?")),
     Message("master", "client", STATUS, (
-        "master", "address", "store", "uptime", "queued", "in_memory", "running", "prefetched",
-        "done", "failed", "submitted", "rates", "store_bytes", "bad_messages", "sessions", "queues", "runs",
+        "master", "address", "store", "uptime", "queued", "held", "in_memory", "running", "prefetched",
+        "done", "failed", "submitted", "rates", "store_bytes", "bad_messages", "sessions", "sent", "queues", "runs",
         "failures", "workers"), "answer to STATUS"),
     Message("master", "client", STATUS, ("retried",), "answer to RETRY"),
     Message("master", "client", STATUS, ("status", "stdout", "stderr"), "answer to OUTPUT"),
@@ -139,17 +152,19 @@ MESSAGES = (
     Message("master", "client", REJECT, ("why",)),
     Message("worker", "master", OPEN, ("n",)),
     Message("worker", "master", HELLO, (
-        "role", "id", "host", "pid", "procs", "caps", "have", "holding", "running", "draining",
-        "info", "label", "task", "versions", "epoch", "paused?")),
-    Message("worker", "master", RESULT, ("r", "running", "o?")),
+        "role", "id", "host", "pid", "procs", "caps", "have", "refs?", "holding", "running", "blocked?",
+        "draining", "info", "label", "task", "versions", "epoch", "paused?")),
+    Message("worker", "master", RESULT, ("r", "running", "o?", "blocked?")),
     Message("worker", "master", HEARTBEAT, (
-        "fn_received", "tasks", "results", "crashes", "running", "rss?", "cpu?")),
+        "fn_received", "tasks", "results", "crashes", "running", "rss?", "cpu?", "blocked?")),
+    Message("worker", "master", NEED, ("i?", "x?")),
     Message("worker", "master", BYE, ("returned", "why", "final?")),
     Message("worker", "master", PAUSE, ("returned", "until", "stopped")),
     Message("worker", "master", RESUME, ()),
     Message("master", "worker", CHALLENGE, ("n", "p", "epoch")),
     Message("master", "worker", WELCOME, ("master", "heartbeat", "epoch", "store")),
-    Message("master", "worker", TASKS, ("t", "f", "c?")),
+    Message("master", "worker", TASKS, ("t", "f", "c?", "i?", "x?", "k?")),
+    Message("master", "worker", DATA, ("i?", "x?")),
     Message("master", "worker", CANCEL, ("i",)),
     Message("master", "worker", PAUSE, ("seconds?", "stop?")),
     Message("master", "worker", RESUME, ()),
@@ -168,6 +183,7 @@ CANCELLED = 5  # the job was cancelled
 FAILED = 6  # the system could not run the job (result too large, ...); error says why
 IMPORT = 7  # the worker could not import the function or what its arguments need
 UNSATISFIABLE = 8  # no connected worker could ever run it (its requirements), past the client's deadline
+DEPENDENCY = 9  # an input (a future among its arguments) did not succeed; the job never ran
 STATUS_NAMES = {
     OK: "done",
     RAISED: "error",
@@ -178,6 +194,7 @@ STATUS_NAMES = {
     FAILED: "failed",
     IMPORT: "import-error",
     UNSATISFIABLE: "unsatisfiable",
+    DEPENDENCY: "dependency",
 }
 
 _LEN = struct.Struct("!Q")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import cloudpickle
 
-from .errors import JobError, RemoteTraceback, SerializationError
+from .errors import JobError, NeedsReferences, RemoteTraceback, SerializationError
 from .version import __version__
 
 PROTOCOL = 5  # readable by every supported Python (3.8+)
@@ -101,23 +102,46 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
 _PLAIN = (int, float, str, bytes, bool, type(None), complex, bytearray)
 
 
-def dumps_args(args: tuple, kwargs: dict) -> bytes:
+class _RefPickler(cloudpickle.CloudPickler):
+    def __init__(self, file: Any, persistent_id: Callable[[Any], Any]):
+        super().__init__(file, protocol=PROTOCOL)
+        self._pid = persistent_id
+
+    def persistent_id(self, obj: Any) -> Any:  # noqa: D102 - pickle's hook
+        return self._pid(obj)
+
+
+def dumps_args(args: tuple, kwargs: dict, persistent_id: Callable[[Any], Any] | None = None) -> bytes:
     """Pickled (args, kwargs); names the argument that cannot be pickled.
 
     Plain values (numbers, strings, bytes) take the C pickler directly, several
     times faster than cloudpickle's; anything else goes through cloudpickle,
-    which sends what lives in ``__main__`` by value.
+    which sends what lives in ``__main__`` by value. ``persistent_id`` (pickle's
+    hook) replaces objects that travel by reference (futures, scattered data);
+    without it, such an object raises :class:`NeedsReferences`.
     """
-    if all(type(a) in _PLAIN for a in args) and all(type(v) in _PLAIN for v in kwargs.values()):
+    if persistent_id is None and all(type(a) in _PLAIN for a in args) and all(
+            type(v) in _PLAIN for v in kwargs.values()):  # fmt: skip
         return pickle.dumps((args, kwargs), protocol=PROTOCOL)
     try:
-        return cloudpickle.dumps((args, kwargs), protocol=PROTOCOL)
+        if persistent_id is None:
+            return cloudpickle.dumps((args, kwargs), protocol=PROTOCOL)
+        buf = io.BytesIO()
+        _RefPickler(buf, persistent_id).dump((args, kwargs))
+        return buf.getvalue()
+    except NeedsReferences:
+        raise
     except Exception as e:
         for where, value in [(f"argument {i}", a) for i, a in enumerate(args)] + [
             (f"keyword argument {k!r}", v) for k, v in kwargs.items()
         ]:
             try:
-                cloudpickle.dumps(value, protocol=PROTOCOL)
+                if persistent_id is None:
+                    cloudpickle.dumps(value, protocol=PROTOCOL)
+                else:
+                    _RefPickler(io.BytesIO(), persistent_id).dump(value)
+            except NeedsReferences:
+                raise
             except Exception as inner:
                 raise SerializationError(
                     f"cannot pickle {where} ({_describe(value)}): {inner}"
@@ -125,14 +149,36 @@ def dumps_args(args: tuple, kwargs: dict) -> bytes:
         raise SerializationError(f"cannot pickle the arguments: {e}") from e
 
 
-def job_key(fn_hash: str, args_blob: bytes) -> str:
-    """The default key of a job: hash of (function hash, argument bytes)."""
+def job_key(fn_hash: str, args_blob: bytes, input_keys: Iterable[str] = ()) -> str:
+    """The default key of a job: hash of (function hash, argument bytes, and the keys of
+    the jobs whose results are its inputs, in order)."""
     h = blake2b(fn_hash.encode(), digest_size=16)
     h.update(args_blob)
+    for k in input_keys:
+        h.update(b"\0" + k.encode())
     return h.hexdigest()
 
 
+def data_hash(blob: bytes) -> str:
+    """The hash scattered data is known by: BLAKE2b-128 of its pickle."""
+    return blake2b(blob, digest_size=16).hexdigest()
+
+
 loads = pickle.loads  # cloudpickle output is plain pickle data
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, persistent_load: Callable[[Any], Any]):
+        super().__init__(file)
+        self._load = persistent_load
+
+    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle's hook
+        return self._load(pid)
+
+
+def loads_args(blob: bytes, persistent_load: Callable[[Any], Any]) -> Any:
+    """Unpickle arguments whose futures and scattered data travelled by reference."""
+    return _RefUnpickler(io.BytesIO(blob), persistent_load).load()
 
 
 def loads_function(blob: bytes) -> tuple[str, Callable]:

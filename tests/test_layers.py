@@ -2,8 +2,8 @@
 
 The layers, bottom to top (docs/design.md draws them):
 
-1. contracts: version, errors, defaults, protocol, security, serialize, discovery, system, store
-   (the package: the writer, its schema, sqlite, reader, repair), link, command
+1. contracts: version, errors, defaults, protocol, security, serialize, discovery, system, current, store
+   (the package: the writer, its schema, its graph verbs, sqlite, reader, repair), link, command
 2. batch systems: the launchers registry, base.py and one module per backend
 3. the engine: master, worker, client (none of the three imports another)
 4. launchers: the pool, its keeper, adaptive sizing and the pool's owner, the cluster
@@ -25,8 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "cw"
 
 CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.security", "cw.serialize",
-             "cw.discovery", "cw.system", "cw.store", "cw.store.schema", "cw.store.sqlite", "cw.store.reader",
-             "cw.store.repair", "cw.link", "cw.command", "cw.job", "cw.jobfile", "cw.resources"}  # fmt: skip
+             "cw.discovery", "cw.system", "cw.current", "cw.store", "cw.store.schema", "cw.store.graph",
+             "cw.store.sqlite", "cw.store.reader", "cw.store.repair", "cw.link", "cw.command", "cw.job",
+             "cw.jobfile", "cw.resources"}  # fmt: skip
 ENGINE = ("cw.master", "cw.worker", "cw.client")
 LAUNCHERS = {"cw.launchers.pool", "cw.launchers.keeper", "cw.launchers.local", "cw.launchers.adapt",
              "cw.launchers.elastic", "cw.launchers.owner", "cw.launchers.cluster", "cw.launchers.surface",

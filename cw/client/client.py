@@ -13,19 +13,22 @@ import fnmatch
 import itertools
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, ClassVar, Iterable
 
-from .. import defaults, job
+from .. import current, defaults, job
 from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
-from ..errors import ClientError, ConfigError, MessageTooLargeError, TimeoutError
+from ..errors import ClientError, ConfigError, MessageTooLargeError, NeedsReferences, TimeoutError
 from ..link import query_status
 from ..resources import requirements
-from ..serialize import dumps_args, dumps_function, dumps_result, job_key, loads
+from ..serialize import data_hash, dumps_args, dumps_function, dumps_result, job_key, loads
 from ..serialize import ship_modules as ship
 from .connection import Connection
 from .futures import Delivery, Future
+from .graph import Ref, dumps_graph_args, loads_serial_args, prefetch
+from .graph import reduce as tree_reduce
 from .progress import track
 
 
@@ -64,9 +67,11 @@ class Client:
         unsatisfiable_timeout: float | None = defaults.UNSATISFIABLE_TIMEOUT,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         master_timeout: float = defaults.MASTER_TIMEOUT,
+        _context: dict | None = None,
     ):
         self.run = run
         self.serial = serial
+        self._data: dict[str, bytes] = {}  # a serial client's scattered data
         self.defaults = {"t": timeout, "m": max_retries}
         self._local = None
         self._conn: Connection | None = None
@@ -85,7 +90,7 @@ class Client:
             self._local = Client.embedded(n_workers=n_workers)
             cdir, address = self._local.cluster, self._local.address
         try:
-            context = _context(env, env_from)
+            context = _context if _context is not None else _client_context(env, env_from)
             if output_limit is not None:  # each job's stdout and stderr keep their last bytes
                 context["output_limit"] = int(output_limit)
             self._conn = Connection(cdir.key(), run, context, cdir, address, connect_timeout, master_timeout,
@@ -151,7 +156,11 @@ class Client:
                 sink: Callable | None = None, kill: bool = True) -> Future | Delivery:  # fmt: skip
         requires = requirements(requires)  # checked here: a clear error now, not a job that never runs
         fn_hash, fn_blob = dumps_function(fn)
-        args_blob = dumps_args(args, kwargs)
+        inputs, refs = (), ()
+        try:
+            args_blob = dumps_args(args, kwargs)
+        except NeedsReferences:  # futures or scattered data among the arguments: by reference
+            args_blob, inputs, refs = dumps_graph_args(args, kwargs, self._conn)
         for what, blob in (("arguments", args_blob), ("function", fn_blob)):
             if len(blob) > defaults.MAX_MESSAGE:
                 raise MessageTooLargeError(
@@ -160,7 +169,7 @@ class Client:
                     " shared filesystem and pass its path"
                 )
         if self.serial:
-            fut = self._run_serial(fn, args_blob, key)
+            fut = self._run_serial(fn, args_blob, key, inputs)
             if sink is not None:
                 exc = fut.exception()
                 sink(fut.jobid, fut.result() if exc is None else exc, exc is not None)
@@ -168,8 +177,15 @@ class Client:
         if self._conn is None:
             raise ClientError("this client is closed: make a new one to submit more jobs")
         if key is None and self.run is not None and cache:
-            key = job_key(fn_hash, args_blob)
-        opts = {}
+            keys = [f.key for f in inputs]  # a re-run reuses a graph node by node
+            key = job_key(fn_hash, args_blob, keys) if None not in keys else None
+        opts: dict = {}
+        if inputs:
+            opts["d"] = [f.jobid for f in inputs]
+        if refs:
+            opts["x"] = refs
+        if current.job_id is not None:  # submitted by a job: its child
+            opts["p"] = current.job_id
         if not cache:
             opts["c"] = False
         if requires:
@@ -186,11 +202,16 @@ class Client:
 
     _serial_seq = itertools.count()
 
-    def _run_serial(self, fn: Callable, args_blob: bytes, key: str | None) -> Future:
+    def _run_serial(self, fn: Callable, args_blob: bytes, key: str | None, inputs: Any = ()) -> Future:
         """Run now, in this process: the function itself (so a debugger's breakpoints
         hold), on unpickled copies of the arguments, as a worker would get them."""
         fut = Future(next(self._serial_seq))
-        args, kwargs = loads(args_blob)
+        try:
+            args, kwargs = loads(args_blob) if not inputs and not self._data else loads_serial_args(
+                args_blob, list(inputs), self._data)  # fmt: skip
+        except Exception as e:
+            fut.set_exception(e)
+            return fut
         job.configure(job.worker_dir(), self._archive)
         job.enter_run(self.run)
         job.begin(fut.jobid, key)
@@ -206,7 +227,8 @@ class Client:
         return fut
 
     def map(self, fn: Callable, *iterables: Iterable, progress: bool = False, **options: Any) -> list[Future]:
-        """Submit ``fn`` over the zipped iterables; a list of futures, in order.
+        """Submit ``fn`` over the zipped iterables; a list of futures, in order. The items
+        may be futures (of this client): each job waits for its inputs at the master.
 
         ``progress=True`` draws a bar (tqdm.auto) that follows the jobs as they finish.
         """
@@ -214,6 +236,31 @@ class Client:
         if progress:
             track(futures, getattr(fn, "__name__", "jobs"))
         return futures
+
+    def reduce(self, fn: Callable, futures: Iterable[Any], split_every: int = 2, **options: Any) -> Future:
+        """``fn(a, b)`` folded over the results of ``futures`` by a tree of jobs (``split_every``
+        inputs each, pairwise by default); one future. No result passes through the client."""
+        return tree_reduce(self, fn, futures, split_every, **options)
+
+    def scatter(self, obj: Any, broadcast: bool = False) -> Ref:
+        """Send ``obj`` once; pass the returned ``cw.Ref`` as an argument to any number of jobs.
+
+        Its bytes are stored once, cross the network at most once per worker, and
+        are unpickled at most once per executor process. ``broadcast=True`` pushes
+        them to every connected worker now.
+        """
+        blob = dumps_result(obj)
+        if len(blob) > defaults.MAX_MESSAGE:
+            raise MessageTooLargeError(f"scattered data of {len(blob)} bytes is larger than the largest message"
+                                       f" ({defaults.MAX_MESSAGE} bytes): put it on the shared filesystem")  # fmt: skip
+        ref = Ref(data_hash(blob), len(blob))
+        if self.serial:
+            self._data[ref.hash] = blob
+        elif self._conn is None:
+            raise ClientError("this client is closed: make a new one to scatter data")
+        else:
+            self._conn.scatter(ref.hash, blob, broadcast)
+        return ref
 
     def gather(self, futures: Iterable[cf.Future], timeout: float | None = None,
                progress: bool = False) -> list:  # fmt: skip
@@ -223,6 +270,7 @@ class Client:
         """
         futures = list(futures)
         bar = track(futures) if progress else None
+        prefetch(futures)
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []
         for f in futures:
@@ -310,6 +358,26 @@ def shell_job(cmd: Command, cwd: Any = None, env: Any = None, input: Any = None,
     return (cmd,), kwargs
 
 
+_nested: dict[int, Client] = {}  # pid -> the client of jobs running in this process
+_nested_lock = threading.Lock()
+
+
+def get_client(**kwargs: Any) -> Client:
+    """Inside a job: a client of the same master, in the run and context of the client that
+    submitted the job; the jobs it submits are the job's children. Outside a job: ``Client()``.
+
+    While a job waits on its children's results, the worker runs another job in its slot.
+    """
+    job = current.running()
+    if job is None:
+        return Client(**kwargs)
+    with _nested_lock:
+        c = _nested.get(os.getpid())
+        if c is None or c._conn is None:
+            c = _nested[os.getpid()] = Client(job.address, cluster=job.cluster, run=job.run, _context=job.context)
+    return c
+
+
 def _cluster_dir(cluster: str | os.PathLike | None) -> ClusterDir:
     if cluster is None:
         return ClusterDir()
@@ -318,7 +386,7 @@ def _cluster_dir(cluster: str | os.PathLike | None) -> ClusterDir:
 
 
 
-def _context(env: dict | None, env_from: Iterable[str] | None) -> dict:
+def _client_context(env: dict | None, env_from: Iterable[str] | None) -> dict:
     """What a job needs to run where the client stands: cwd, sys.path, named variables."""
     variables = dict(env or {})
     for pattern in env_from or ():

@@ -62,7 +62,8 @@ class Connection:
         self.connect_timeout = connect_timeout
         self.session = uuid.uuid4().hex
         self.seq = itertools.count()
-        # a submission: (seq, fn hash, fn blob, key, opts, args blob)
+        # a submission: (seq, fn hash, fn blob, key, opts, args blob); scattered data: (seq, None, None, hash,
+        # broadcast, blob)
         self.outq: collections.deque = collections.deque()  # for the I/O thread to send
         self.futures: dict[int, Future | Delivery] = {}
         self.unacked: dict[int, tuple] = {}
@@ -79,6 +80,9 @@ class Connection:
         self.master_workers: int | None = None
         self.master_queued = 0
         self.sent_fns: set[str] = set()
+        self.scattered: set[str] = set()  # hashes of the data this session scattered
+        self.fetching: dict[int, Future | Delivery] = {}  # seq -> a finished job whose kept value we asked for
+        self.fetches: list[int] = []  # to ask for
         self.resend_below: int | None = None  # submissions under this seq may be a second copy
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -123,6 +127,8 @@ class Connection:
                 self.space.wait(1.0)  # backpressure: the master has not caught up
             seq = next(self.seq)
             fut = Future(seq, self, kill) if sink is None else Delivery(seq, sink)
+            if sink is None:
+                fut.key = key
             self.futures[seq] = fut
             sub = (seq, fn_hash, fn_blob, key, opts, args)
             self.unacked[seq] = sub
@@ -136,6 +142,31 @@ class Connection:
         h = ask(self.address, self.key, P.OUTPUT, {"session": self.session, "seq": seq},
                 timeout=self.connect_timeout, encrypt=self.encrypt)  # fmt: skip
         return h.get("status"), h.get("stdout"), h.get("stderr")
+    def scatter(self, data_hash: str, blob: bytes, broadcast: bool) -> None:
+        """Send data once, to be named by its hash in any number of jobs' arguments."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise ClientError("this client is closed: make a new one to scatter data")
+        with self.space:
+            if data_hash in self.scattered and not broadcast:
+                return
+            self.scattered.add(data_hash)
+            seq = next(self.seq)
+            sub = (seq, None, None, data_hash, bool(broadcast), blob)
+            self.unacked[seq] = sub
+            self.unacked_bytes += len(blob)
+            self.outq.append(sub)
+        self._wake()
+
+    def fetch(self, futures: list) -> None:
+        """Ask the master for values it kept (inputs of other jobs); each future's ``_fill`` gets one."""
+        with self.space:
+            for f in futures:
+                if f.jobid not in self.fetching:
+                    self.fetching[f.jobid] = f
+                    self.fetches.append(f.jobid)
+        self._wake()
 
     def cancel(self, seq: int) -> None:
         with self.space:
@@ -256,18 +287,28 @@ class Connection:
             subs = [q.popleft() for _ in range(min(len(q), defaults.BATCH_JOBS))]
             new_fn = []  # each function's bytes travel with its first job on this link
             for s in subs:
-                new_fn.append(s[1] not in self.sent_fns)
+                new_fn.append(s[1] is not None and s[1] not in self.sent_fns)
                 self.sent_fns.add(s[1])
             sizes = [len(s[5]) + (len(s[2]) if first else 0) for s, first in zip(subs, new_fn)]
             for part in P.batches(sizes):
                 batch = subs[part]
                 fns = [(s[1], s[2]) for s, first in zip(batch, new_fn[part]) if first]
-                header: dict = {"j": [(s[0], s[1], s[3], s[4]) for s in batch]}  # SubmitSpec rows
+                header: dict = {"j": [(s[0], s[1], s[3], s[4]) for s in batch if s[1] is not None]}  # SubmitSpec rows
                 if fns:
                     header["f"] = [h for h, _ in fns]
+                data = [s for s in batch if s[1] is None]  # scattered: after the functions
+                if data:
+                    header["x"] = [(s[0], s[3], s[4]) for s in data]
                 if self.resend_below is not None and batch[0][0] < self.resend_below:
                     header["resend"] = True
-                self.link.send(P.SUBMIT, header, [*(s[5] for s in batch), *(b for _, b in fns)])
+                self.link.send(P.SUBMIT, header, [*(s[5] for s in batch if s[1] is not None),
+                                                  *(b for _, b in fns), *(s[5] for s in data)])  # fmt: skip
+        if self.fetches:
+            with self.space:
+                seqs, self.fetches = self.fetches, []
+            if not self.link.send(P.NEED, {"s": seqs}):  # the connection just went
+                with self.space:
+                    self.fetches[:0] = seqs
         if self.cancels:
             with self.space:
                 cancels, self.cancels = self.cancels, []
@@ -303,7 +344,7 @@ class Connection:
                         self._started(h["g"])
                     if "s" in h:
                         self._acked(h["s"])
-                    self._results(h["r"], blobs)
+                    self._results(h["r"], blobs, h.get("k"))
                 elif kind == P.ACK:
                     if "g" in h:
                         self._started(h["g"])
@@ -359,14 +400,42 @@ class Connection:
             if fut is not None:
                 fut._started()
 
-    def _results(self, rows: list, blobs: list[bytes]) -> None:
+    def _results(self, rows: list, blobs: list[bytes], kept: list | None = None) -> None:
         """Complete futures. Nothing a payload does may stop this thread: a value or
-        exception that cannot be rebuilt fails its own future, and the others go on."""
+        exception that cannot be rebuilt fails its own future, and the others go on.
+
+        A value ``kept`` at the master (an input of other jobs) is fetched only when
+        wanted: such a future completes now and asks for it in ``result()``; one with
+        callbacks (they may read it on this thread) or a ClientThread's asks now."""
         futures = self.futures
+        kept = set(kept) if kept else ()
         for row, blob in zip(rows, blobs):
             seq, status, err, tb = row  # a protocol.ClientResult
+            if seq in kept:
+                fut = futures.get(seq)
+                if fut is None:
+                    continue
+                if isinstance(fut, Future) and not fut._done_callbacks:
+                    del futures[seq]
+                    fut._kept()
+                else:
+                    with self.space:
+                        self.fetches.append(seq)
+                continue
+            waiter = self.fetching.pop(seq, None) if self.fetching else None
             fut = futures.pop(seq, None)
             if fut is None:
+                if waiter is not None and isinstance(waiter, Future):
+                    fut = waiter
+                    if status == P.OK:
+                        try:
+                            fut._fill(loads(blob), False)
+                        except BaseException as e:  # noqa: B036
+                            fut._fill(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"), True)
+                    elif status == P.CANCELLED:
+                        fut._fill(cf.CancelledError(f"job {seq} was cancelled"), True)
+                    else:
+                        fut._fill(error_for(status, err, tb, blob, self.session), True)
                 continue
             if status == P.OK:
                 try:
@@ -378,4 +447,4 @@ class Connection:
             elif status == P.CANCELLED:  # by another client API, or a retry of the run
                 fut._settle(cf.CancelledError(f"job {seq} was cancelled"), True)
             else:
-                fut._settle(error_for(status, err, tb, blob), True)
+                fut._settle(error_for(status, err, tb, blob, self.session), True)

@@ -8,13 +8,19 @@ without the cost of a Future.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import pickle
+import threading
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from .. import current
 from .. import protocol as P
 from ..errors import (
+    ClientError,
+    DependencyError,
     JobCrashedError,
     JobError,
+    NeedsReferences,
     RemoteImportError,
     TimeoutError,
     UnsatisfiableError,
@@ -22,6 +28,16 @@ from ..errors import (
 )
 from ..serialize import rebuild_exception
 from .progress import track
+
+
+class _Kept:
+    """A finished job's value that stayed at the master (it is an input of other jobs)."""
+
+    def __repr__(self) -> str:
+        return "<value kept at the master>"
+
+
+KEPT = _Kept()
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -42,8 +58,59 @@ class Future(cf.Future):
     def __init__(self, jobid: int, conn: Connection | None = None, kill: bool = True):
         super().__init__()
         self.jobid = jobid
+        self.key: str | None = None  #: its key in the client's run (futures among a job's arguments feed its key)
         self._conn = conn
+        self._owner = conn  # the connection that can fetch a value kept at the master
         self._kill = kill
+        self._fetched: threading.Event | None = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The job's value. Inside a job, the wait gives the job's slot to another job
+        meanwhile; a value kept at the master (an input of other jobs) is fetched now."""
+        if not self.done():
+            with current.waiting():
+                value = super().result(timeout)
+        else:
+            value = super().result(timeout)
+        if value is KEPT:
+            value = self._fetch(timeout)
+        return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            with current.waiting():
+                return super().exception(timeout)
+        return super().exception(timeout)
+
+    def _fetch(self, timeout: float | None) -> Any:
+        conn = self._owner
+        if conn is None or conn.closed:
+            raise ClientError(f"job {self.jobid}'s value stayed at the master (it is an input of other jobs) and"
+                              " this client is closed: read it with `cw results`, or ask before closing")  # fmt: skip
+        conn.fetch([self])
+        with current.waiting():
+            if not self._fetched.wait(timeout):
+                raise TimeoutError(f"job {self.jobid}'s value did not come from the master within {timeout} s")
+        value = self._result
+        if isinstance(value, _Failed):
+            raise value.exc
+        return value
+
+    def _kept(self) -> None:
+        """The job succeeded; its value stays at the master until someone asks for it."""
+        with self._condition:
+            self._fetched = threading.Event()
+        self._settle(KEPT, False)
+
+    def _fill(self, value: Any, failed: bool) -> None:
+        """A kept value arrived (from the I/O thread)."""
+        with self._condition:
+            self._result = _Failed(value) if failed else value
+        self._fetched.set()
+
+    def __reduce__(self):
+        raise NeedsReferences("a cw Future travels only as an argument of a job of the client that made it"
+                              " (client.submit(f, future)): pass future.result() elsewhere")  # fmt: skip
 
     def stdout(self) -> str | None:
         """What the job wrote to its stdout (file descriptor 1), as submitit's ``job.stdout()``.
@@ -107,6 +174,13 @@ class Future(cf.Future):
         return f"<cw.Future job {self.jobid} {self._state.lower()}>"
 
 
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
 class Delivery:
     """A job's outcome handed straight to a callback: 56 bytes where a Future takes 1.5 KB."""
 
@@ -139,12 +213,30 @@ class Delivery:
         return True
 
 
-def error_for(status: int, err: str, tb: str, blob: bytes) -> BaseException:
+def dependency_error(err: str, blob: bytes, session: str | None) -> DependencyError:
+    """The DependencyError of a job whose input failed: it names the first job that failed
+    (by this client's future number when it is ours) and carries that job's exception."""
+    try:
+        job, sid, seq, status, ierr, itb, iblob = pickle.loads(blob)
+    except Exception:
+        return DependencyError(f"an input of this job failed: {err}")
+    cause = error_for(status, ierr, itb, iblob) if status != P.CANCELLED else cf.CancelledError(ierr)
+    ours = sid is not None and sid == session
+    who = f"job {seq} of this client" if ours else f"job {job} (in the store)"
+    exc = DependencyError(f"an input of this job failed: {who} ended {P.STATUS_NAMES.get(status, status)}:"
+                          f" {ierr}", seq if ours else None, job, cause)  # fmt: skip
+    exc.__cause__ = cause
+    return exc
+
+
+def error_for(status: int, err: str, tb: str, blob: bytes, session: str | None = None) -> BaseException:
     """The exception a client raises for a job that did not succeed.
 
     A job's SystemExit or KeyboardInterrupt arrives as a JobError carrying it
     (``.original``): re-raised as itself, it would end the client's program.
     """
+    if status == P.DEPENDENCY:
+        return dependency_error(err, blob, session)
     if status == P.RAISED:
         exc = rebuild_exception(blob, err, tb)
         if not isinstance(exc, Exception):

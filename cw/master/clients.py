@@ -8,6 +8,7 @@ queue acknowledgements and results on the session, and
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -37,6 +38,15 @@ class Session:
         self.notices: list[str] = []
         self.last_sent = 0.0
         self.submitted = self.done = self.failed = 0  # since this master started, for the status
+        self.kept: set[int] = set()  # seqs among results whose values stay at the master
+        self.recent: collections.OrderedDict[int, int] = collections.OrderedDict()  # finished seq -> job id
+
+    def finished(self, seq: int, jid: int) -> None:
+        """Remember a finished submission's job: later jobs may name its future as input."""
+        recent = self.recent
+        recent[seq] = jid
+        if len(recent) > defaults.SESSION_RECENT:
+            recent.popitem(last=False)
 
     def __repr__(self) -> str:
         return f"<session {self.id[:8]}>"
@@ -70,6 +80,8 @@ class ClientHandlers:
             self._submit(s, h, blobs)
         elif kind == P.CANCEL:
             self._cancel(s, h["s"])
+        elif kind == P.NEED:  # values kept here (inputs of other jobs), wanted after all
+            self._stored_results(s, [int(q) for q in h["s"]])
         elif kind == P.BYE:
             self.peers.pop(s.ident, None)
             self.door.forget(s.ident)
@@ -101,17 +113,24 @@ class ClientHandlers:
         In a named run, a job's identity is its function and its key: one that
         already succeeded is answered from the store; one still queued or
         running (of a client that died, or an earlier copy in this batch) gets
-        the submission attached, and its result answers both.
+        the submission attached, and its result answers both. A job whose
+        arguments name futures (``opts.d``) is stored with its edges and held
+        until its inputs have results; scattered data (``x``) is stored by hash.
         """
         specs = h["j"]
         if blobs and max(map(len, blobs)) >= defaults.RELEASE_BYTES:
             self.release = True  # hand the memory back once they are gone
+        nf = len(h.get("f") or ())
         fns = list(zip(h.get("f") or (), blobs[len(specs) :]))
+        scattered = h.get("x") or ()
         seen = self.store.job_ids(s.id, [sp[0] for sp in specs]) if h.get("resend") else {}
         new: list[tuple] = []  # NewJob rows (plain tuples: this runs once per job)
         hits, hit_blobs, attach = [], [], []  # attach: (seq, job id) or (seq, -1 - index in new)
         firsts: dict = {}  # (key, fn) -> index in new, for copies within this batch
         acks = []  # attached submissions are acknowledged with their result, not now
+        graph: list[tuple] = []  # per new job with inputs or scattered data: (index in new, inputs, refs)
+        aliases, refused = [], []
+        batch: dict[int, int] = {}  # seq -> index in new, or -1 - job id attached to: inputs named in this batch
         for (seq, fn, key, opts), args in zip(specs, blobs):  # SubmitSpec rows
             if seq in seen:  # resent after a reconnect: the first copy stands
                 acks.append(seq)
@@ -122,44 +141,75 @@ class ClientHandlers:
             if s.run is not None and key is not None and opts.get("c", True):
                 if (key, fn) in firsts:
                     attach.append((seq, -1 - firsts[key, fn]))
+                    batch[int(seq)] = firsts[key, fn]
                     continue
                 m = self.store.match_key(s.run, key, fn)
                 if m is not None:
                     if m.status is None:
                         attach.append((seq, m.job))
+                        batch[int(seq)] = -1 - m.job
                     else:
                         acks.append(seq)
                         hits.append(P.ClientResult(seq, m.status, m.error, m.traceback))
                         hit_blobs.append(m.value or b"")
+                        aliases.append((s.id, int(seq), m.job))  # later jobs may take it as input
+                        s.finished(int(seq), m.job)
                     continue
                 firsts[key, fn] = len(new)
             acks.append(seq)
+            inputs = None
+            if opts.get("d"):
+                inputs, unknown = self._resolve_inputs(s, [int(q) for q in opts["d"]], batch)
+                if unknown:
+                    refused.append((seq, f"its inputs name futures {unknown} this client never submitted"))
+                    continue
             timeout = None if opts.get("t") is None else float(opts["t"])
+            if inputs or opts.get("x"):
+                graph.append((len(new), inputs, opts.get("x")))
+            batch[int(seq)] = len(new)
             new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), timeout,
-                        int(opts.get("m", defaults.MAX_RETRIES)), opts.get("o")))  # fmt: skip
+                        int(opts.get("m", defaults.MAX_RETRIES)), opts.get("o"), opts.get("p")))  # fmt: skip
         with self.store.savepoint():
             if fns:
                 self.store.add_functions(fns)
+            ack_x = self._scattered(scattered, blobs[len(specs) + nf :])
             ids = self.store.add_jobs(new) if new else []
+            graph = [(i, [ids[-1 - x] if x < 0 else x for x in inputs or ()], refs) for i, inputs, refs in graph]
+            if graph:
+                self.store.add_graph([(ids[i], pos, inp) for i, inputs, _ in graph for pos, inp in enumerate(inputs)],
+                                     [(ids[i], r) for i, _, refs in graph for r in refs or ()])  # fmt: skip
+            if aliases:
+                self.store.add_aliases(aliases)
         # stored: now the batch counts
         self.functions.update(fns)
         s.acks.extend(acks)
+        s.acks.extend(ack_x)
         s.results.extend(hits)
         s.blobs.extend(hit_blobs)
+        for seq, why in refused:
+            s.results.append(P.ClientResult(seq, P.FAILED, why, ""))
+            s.blobs.append(b"")
+        edges = {i: (inputs, refs) for i, inputs, refs in graph}
         led = {-1 - j for _, j in attach if j < 0}  # jobs of this batch that others wait for
         spill = self.backlog_from is not None or self.policy.window_full(len(new))
         s.submitted += len(new)
         self.submitted += len(new)
         jobs: list = []
-        for i, (jid, (_, seq, _, key, fn, args, requires, timeout, retries, limit)) in enumerate(zip(ids, new)):
+        for i, (jid, (_, seq, _, key, fn, args, requires, timeout, retries, limit, parent)) in enumerate(zip(ids, new)):
             if spill and i not in led:  # the window is full: this job waits in the store only
                 if self.backlog_from is None:
                     self.backlog_from = jid
                 self.backlog += 1
                 jobs.append(None)
             else:
-                jobs.append(Job(jid, s, seq, fn, args, requires, timeout, retries, 0, limit, key))
-                self._enqueue(jobs[-1])
+                job = Job(jid, s, seq, fn, args, requires, timeout, retries, 0, limit, key)
+                job.parent = parent
+                jobs.append(job)
+                if i in edges:
+                    job.inputs, job.refs = edges[i]
+                    self._admit(job)
+                else:
+                    self._enqueue(job)
         for seq, j in attach:
             job = jobs[-1 - j] if j < 0 else self._held(j)
             if job is None:  # cannot be: the store said it is unfinished
@@ -178,7 +228,7 @@ class ClientHandlers:
 
     def _held(self, jid: int) -> Job | None:
         """An unfinished job in memory, taken in from the store if it waits there only."""
-        job = self.policy.jobs.get(jid)
+        job = self.policy.jobs.get(jid) or self.held.get(jid)
         if job is None:
             row = self.store.queued_job(jid)
             if row is not None and not self.store.finished([jid]):
@@ -252,6 +302,7 @@ class ClientHandlers:
         for s in self._dirty:
             if s.ident is None:
                 s.acks, s.started, s.results, s.blobs = [], [], [], []
+                s.kept.clear()
             elif s.results:
                 self._send_results(s)
                 s.last_sent = now
@@ -273,8 +324,13 @@ class ClientHandlers:
                 header["s"], s.acks = s.acks, []
             if s.started:
                 header["g"], s.started = s.started, []
+            if s.kept:
+                kept = [r[0] for r in header["r"] if r[0] in s.kept]
+                if kept:
+                    header["k"] = kept
             self._send(s.ident, P.RESULT, header, s.blobs[part])
         s.results, s.blobs = [], []
+        s.kept.clear()
 
     def _compatible(self, job: Job, w: Worker) -> bool:
         """Whether a worker can unpickle this job's client's pickles (Python, cloudpickle)."""

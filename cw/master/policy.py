@@ -33,7 +33,7 @@ class Job:
     __slots__ = (
         "id", "session", "seq", "fn", "args", "requires", "timeout",
         "max_retries", "attempts", "lost_on", "worker", "followers", "output", "queued_at", "started_at", "key",
-        "needs",
+        "needs", "inputs", "refs", "parent", "missing",
     )  # fmt: skip
 
     def __init__(self, id, session, seq, fn, args, requires, timeout, max_retries, attempts=0, output=None,
@@ -46,6 +46,10 @@ class Job:
         self.output = output  # its output limit in bytes (None: its client's)
         # when this attempt was queued (None: when submitted) and when a worker said it started
         self.queued_at = self.started_at = None
+        # a graph's job: the jobs whose results are its inputs, the scattered data it takes,
+        # the job that submitted it, and how many of its inputs have no result yet
+        self.inputs = self.refs = self.parent = None
+        self.missing = 0
 
 
 class Worker:
@@ -66,8 +70,10 @@ class Worker:
         self.versions: dict = dict(hello.get("versions") or {})
         self.funcs: set[str] = set(hello.get("have") or ())
         self.ctxs: set[str] = set()
+        self.refs: set[str] = set(hello.get("refs") or ())  # scattered data it holds
         self.running: dict[int, Job] = {}  # every job it holds: running or prefetched (hold/release)
         self.reserved: dict[str, float] = {}  # counted resources its held jobs take
+        self.blocked: set[int] = set(hello.get("blocked") or ())  # running, waiting on their children
         self.started: set[int] | None = {int(j) for j in hello.get("running") or ()}
         self.draining = bool(hello.get("draining"))
         self.paused: Optional[dict] = hello.get("paused") or None  #: {until, stopped} while paused
@@ -120,6 +126,12 @@ class Worker:
             return min(len(self.running), self.slots)
         return sum(1 for j in self.started if j in self.running)
 
+    def load(self) -> int:
+        """What it holds, less the jobs blocked on their children: their slots run other jobs."""
+        if not self.blocked:
+            return len(self.running)
+        return len(self.running) - sum(1 for j in self.blocked if j in self.running)
+
     def describe(self) -> str:
         return f"{self.id}{f' ({self.label})' if self.label else ''}"
 
@@ -135,6 +147,7 @@ class Policy:
         self.workers: dict[bytes, Worker] = {}
         self.runtimes: dict[str, float] = {}  # function hash -> smoothed job runtime
         self.mem_bytes = 0  # argument bytes of the jobs held in memory
+        self.outside = 0  # jobs the master holds in memory outside the queues (waiting for inputs)
         self._unschedulable: dict[Optional[str], float] = {}  # requirement -> since when
 
     # -- jobs ----------------------------------------------------------------------
@@ -211,7 +224,7 @@ class Policy:
         )  # fmt: skip
 
     def window_full(self, extra: int = 0) -> bool:
-        held = len(self.jobs) - self.blocked() + extra
+        held = len(self.jobs) + self.outside - self.blocked() + extra
         return held > self.window or self.mem_bytes > self.window_bytes or len(self.jobs) >= 4 * self.window
 
     def room(self) -> int:
@@ -220,7 +233,7 @@ class Policy:
         Jobs no connected worker can run do not count against the window, so
         they cannot keep runnable jobs waiting in the store.
         """
-        want = self.window - (len(self.jobs) - self.blocked())
+        want = self.window - (len(self.jobs) + self.outside - self.blocked())
         return 0 if want < self.window // 2 or self.window_full() else want
 
     # -- workers ---------------------------------------------------------------------
@@ -254,7 +267,7 @@ class Policy:
             if not queues:
                 return
             share = -(-sum(len(q) for _, q in queues) // len(self.workers))
-            for w in sorted(self.workers.values(), key=lambda w: len(w.running) / w.slots):
+            for w in sorted(self.workers.values(), key=lambda w: w.load() / w.slots):
                 jobs = self._fill(w, queues, share, prefetch, compatible)
                 if jobs:
                     yield w, jobs
@@ -265,9 +278,9 @@ class Policy:
             if not q or not satisfies(w.caps, self.requires[rkey]):
                 continue
             if prefetch:  # no more than an even share of what waits
-                free = min(w.limit(self.runtimes.get(q[0].fn)) - len(w.running), share - len(given))
+                free = min(w.limit(self.runtimes.get(q[0].fn)) - w.load(), share - len(given))
             else:  # idle executors: they take what they can run now
-                free = (0 if w.draining or w.paused else w.slots) - len(w.running)
+                free = (0 if w.draining or w.paused else w.slots) - w.load()
             needs = q[0].needs  # one requirement per queue: its jobs need the same
             if needs and free > 0:
                 free = min(free, w.room_for(needs))

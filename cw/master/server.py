@@ -31,6 +31,7 @@ from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
 from ..store import Outcome, Store
 from .clients import ClientHandlers, Session
 from .door import Door
+from .graph import GraphHandlers
 from .policy import Job, Policy, Worker
 from .status import StatusReport, stderr_tail
 from .workers import WorkerHandlers
@@ -38,7 +39,7 @@ from .workers import WorkerHandlers
 log = logging.getLogger(__name__)
 
 
-class Master(ClientHandlers, WorkerHandlers, StatusReport):
+class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
     """A master on one cluster directory: its lock, key, store and published address."""
 
     def __init__(
@@ -116,6 +117,7 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         self.failure: StoreError | None = None  # why the store failed; the master then stops
         self.release = False  # large payloads passed: hand freed memory back to the system
         self._released = 0.0
+        self._graph_init()
         self._load_backlog()
         if self.backlog_from is not None:
             self.backlog = self.store.count_pending(self.backlog_from - 1)
@@ -273,7 +275,8 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
 
     # -- jobs ----------------------------------------------------------------------
     def _enqueue(self, job: Job, front: bool = False) -> None:
-        self.policy.enqueue(job, front)
+        # a nested job goes first: its parent waits for it (depth first keeps few parents waiting)
+        self.policy.enqueue(job, front or job.parent is not None)
         if job.session is not None:
             job.session.jobs[job.seq] = job
 
@@ -295,6 +298,7 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
                    job.started_at if runtime is None else None, stdout, stderr)  # an Outcome row
         if store:
             self.store.add_results([outcome])
+        kept = self._graph_finished(job, status, blob, err, tb)  # an input of other jobs: its value stays
         s = job.session
         if status and status != P.CANCELLED:  # failed
             self.failed += 1
@@ -307,15 +311,23 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
             s.done += 1  # done, or cancelled
         if s is not None:
             s.jobs.pop(job.seq, None)
+            s.finished(job.seq, job.id)
             s.results.append((job.seq, status, err, tb))  # a ClientResult row
-            s.blobs.append(blob)
+            if kept:
+                s.kept.add(job.seq)
+                s.blobs.append(b"")
+            else:
+                s.blobs.append(blob)
             self._dirty.add(s)
         if job.followers:  # submissions of the same run, function and key attached to it
             for fs, fseq in job.followers:
                 fs.jobs.pop(fseq, None)
+                fs.finished(fseq, job.id)
                 fs.acks.append(fseq)  # never acknowledged before: it rides with its result
                 fs.results.append((fseq, status, err, tb))
-                fs.blobs.append(blob)
+                if kept:
+                    fs.kept.add(fseq)
+                fs.blobs.append(b"" if kept else blob)
                 self._dirty.add(fs)
         return outcome
 
@@ -326,9 +338,10 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
             return
         rows = self.store.pending(self.backlog_from - 1, want)
         taken = 0
+        edges = self.store.graph_of([r.id for r in rows])
         for row in rows:
-            if row.id not in self.policy.jobs:  # (a job attached to is taken in early)
-                self._take(row)
+            if row.id not in self.policy.jobs and row.id not in self.held:  # (a job attached to is taken in early)
+                self._take(row, edges)
                 taken += 1
         if len(rows) == want:
             self.backlog_from = rows[-1].id + 1
@@ -336,11 +349,14 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         else:
             self.backlog_from, self.backlog = None, 0
 
-    def _take(self, row) -> Job:
-        """A stored job (a QueuedJob) into the queue, with its session."""
+    def _take(self, row, edges: tuple | None = None) -> Job:
+        """A stored job (a QueuedJob) into the queue, with its session: held instead while
+        its inputs have no result (``edges``: the store's graph_of, read here if not given)."""
         job = Job(row.id, self._session(row.session), row.seq, row.fn, row.args, row.requires,
                   row.timeout, row.max_retries, row.attempts, row.output_limit, row.key)  # fmt: skip
-        self._enqueue(job)
+        inputs, uses = edges if edges is not None else self.store.graph_of([row.id])
+        job.inputs, job.refs = inputs.get(row.id), uses.get(row.id)
+        self._admit(job)
         return job
 
     def _session(self, sid: str) -> Session | None:
@@ -380,6 +396,8 @@ class Master(ClientHandlers, WorkerHandlers, StatusReport):
         except StoreError as e:
             self._store_failed(e)
             return
+        if self.broadcasts:
+            self._broadcast()
         if self.policy.workers and self.policy.jobs:
             self._dispatch()
         if self._dirty:

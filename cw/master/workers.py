@@ -73,6 +73,7 @@ class WorkerHandlers:
     def _from_worker(self, w: Worker, kind: bytes, h: dict, blobs: list[bytes]) -> None:
         w.last_seen = time.monotonic()
         if "running" in h:
+            w.blocked = set(h["blocked"]) if "blocked" in h else set()
             running = set(h["running"])
             new = running - w.started if w.started is not None else running
             w.started = running
@@ -92,6 +93,8 @@ class WorkerHandlers:
             log.info("worker %s resumed", w.describe())
         elif kind == P.HEARTBEAT:
             w.counters = h
+        elif kind == P.NEED:
+            self._need(w, h)
 
     def _tell_started(self, w: Worker, ids: set[int]) -> None:
         """Clients hear which of their jobs started (their futures go RUNNING), with
@@ -116,10 +119,24 @@ class WorkerHandlers:
         """Send each worker the jobs the policy placed on it, with the functions and
         client contexts it does not have yet, in batches."""
         now = time.monotonic()
+        sent = self.sent
         for w, jobs in list(self.policy.assign(self._compatible)):
             tasks, args, fns, ctxs, sizes = [], [], [], [], []
+            extra: dict[int, tuple] = {}  # task index -> (TaskInputs row, scattered hashes, their blobs)
+            keep = set()
             for job in jobs:
-                blob = None
+                blob = ex = None
+                if job.inputs or job.refs:
+                    xs: list = []
+                    xb: list = []
+                    why = self._task_data(w, job, xs, xb)
+                    if why is not None:
+                        self.policy.unplace(job)
+                        self._finish(job, P.FAILED, b"", why, "", None, None)
+                        continue
+                    ex = ((job.id, job.inputs or [], job.refs or []), xs, xb)
+                if job.id in self.dependents:
+                    keep.add(job.id)
                 if job.fn not in w.funcs:
                     blob = self.functions.get(job.fn) or self.store.function(job.fn)
                     if blob is None:
@@ -134,11 +151,15 @@ class WorkerHandlers:
                 if ctx is not None and ctx not in w.ctxs:
                     new_ctx = (ctx, {**s.context, "run": s.run})
                     w.ctxs.add(ctx)
+                size = len(job.args) + (len(blob) if blob else 0)
+                if ex is not None:
+                    extra[len(tasks)] = ex
+                    size += sum(map(len, ex[2]))
                 tasks.append((job.id, job.fn, ctx, job.timeout, job.output, job.key, job.needs))  # a TaskSpec row
                 args.append(job.args)
                 fns.append(blob)
                 ctxs.append(new_ctx)
-                sizes.append(len(job.args) + (len(blob) if blob else 0))
+                sizes.append(size)
             for part in P.batches(sizes):
                 header: dict = {"t": tasks[part]}
                 new = [(t[1], b) for t, b in zip(tasks[part], fns[part]) if b is not None]
@@ -146,7 +167,22 @@ class WorkerHandlers:
                 c = {k: v for k, v in filter(None, ctxs[part])}
                 if c:
                     header["c"] = c
-                self._send(w.ident, P.TASKS, header, [*args[part], *(b for _, b in new)])
+                xblobs: list = []
+                if extra:
+                    rows = [extra[i] for i in range(part.start, part.stop) if i in extra]
+                    if rows:
+                        header["i"] = [r[0] for r in rows]  # TaskInputs rows
+                        xs = [x for r in rows for x in r[1]]
+                        if xs:
+                            header["x"] = xs
+                            xblobs = [b for r in rows for b in r[2]]
+                if keep:
+                    k = [t[0] for t in tasks[part] if t[0] in keep]
+                    if k:
+                        header["k"] = k
+                sent["arguments"] += sum(len(a) for a in args[part])
+                sent["functions"] += sum(len(b) for _, b in new)
+                self._send(w.ident, P.TASKS, header, [*args[part], *(b for _, b in new), *xblobs])
             w.last_sent = now
 
     # -- results in --------------------------------------------------------------------

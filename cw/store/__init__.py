@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from .. import defaults
 from ..errors import StoreError
 from ..protocol import OK
+from .graph import GraphVerbs
 from .schema import SCHEMA_VERSION, prepare
 from .sqlite import Checkpointer, chunks, connect, file_identity, guarded, json_column
 
@@ -52,6 +53,7 @@ class NewJob(NamedTuple):
     timeout: Optional[float]
     max_retries: int
     output_limit: Optional[int]  #: bytes of stdout and stderr kept (None: the session's)
+    parent: Optional[int] = None  #: the job that submitted it, for a nested job
 
 
 class QueuedJob(NamedTuple):
@@ -130,7 +132,7 @@ _QUEUED = ("SELECT id, session, seq, fn, args, requires, timeout, max_retries, a
            " FROM jobs")
 _ADD_FUNCTION = "INSERT OR IGNORE INTO functions (hash, blob, created) VALUES (?, ?, ?)"
 _ADD_JOB = ("INSERT INTO jobs (id, session, seq, run, key, fn, args, requires, timeout, max_retries,"
-            " submitted, output_limit) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
+            " submitted, output_limit, parent) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
 _ADD_RESULT = ("INSERT OR IGNORE INTO results (job, status, value, error, traceback, worker, runtime,"
                " finished, queued, started, stdout, stderr) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
 
@@ -139,7 +141,7 @@ def _queued(row: tuple) -> QueuedJob:
     return QueuedJob(*row[:5], json_column(row[5]), *row[6:])
 
 
-class Store:
+class Store(GraphVerbs):
     """The master's store. Not thread-safe: only the master's loop calls it."""
 
     @guarded
@@ -289,11 +291,11 @@ class Store:
         self._begin()
         first, now = self._next_id, time.time()
         self.conn.executemany(_ADD_JOB, [
-            (first + i, session, seq, run, key, fn, args, json.dumps(req) if req else None, timeout,
-             retries, now, limit)
-            for i, (session, seq, run, key, fn, args, req, timeout, retries, limit) in enumerate(jobs)])  # fmt: skip
+            (first + i, j[0], j[1], j[2], j[3], j[4], j[5], json.dumps(j[6]) if j[6] else None, j[7], j[8], now,
+             j[9], j[10] if len(j) > 10 else None)
+            for i, j in enumerate(jobs)])  # fmt: skip
         if jobs and len(jobs[-1][5]) >= defaults.RELEASE_BYTES:
-            self._unbind(_ADD_JOB, (-1, "", -1, None, None, "", b"", None, None, 0, 0, None))
+            self._unbind(_ADD_JOB, (-1, "", -1, None, None, "", b"", None, None, 0, 0, None, None))
         self._next_id = first + len(jobs)
         return list(range(first, self._next_id))
 

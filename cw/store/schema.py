@@ -12,7 +12,35 @@ from ..errors import StoreError
 
 #: The schema's version (SQLite's user_version). An older store is migrated forward when
 #: the master opens it; a newer one is refused.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+
+#: Graphs (a job's inputs are other jobs' results), scattered data, submissions answered by
+#: another job's result (schema 5).
+_GRAPH = """
+CREATE TABLE deps (                 -- graphs: a job's inputs are other jobs' results
+    job INTEGER NOT NULL,           -- a job ...
+    pos INTEGER NOT NULL,           -- ... whose argument number pos (in its blob's numbering) ...
+    input INTEGER NOT NULL,         -- ... is this job's result
+    PRIMARY KEY (job, pos)
+);
+CREATE INDEX idx_deps_input ON deps (input);
+CREATE TABLE refs (
+    hash TEXT PRIMARY KEY,          -- BLAKE2b of blob: scattered data, stored once
+    blob BLOB,
+    created REAL
+);
+CREATE TABLE uses (
+    job INTEGER NOT NULL,           -- a job whose arguments name ...
+    ref TEXT NOT NULL               -- ... this scattered data
+);
+CREATE INDEX idx_uses_job ON uses (job);
+CREATE TABLE aliases (
+    session TEXT NOT NULL,          -- a submission answered by another job's stored result
+    seq INTEGER NOT NULL,           -- (a re-run, an attached copy): later jobs of the session
+    job INTEGER NOT NULL,           -- may take it as input
+    PRIMARY KEY (session, seq)
+);
+"""
 
 SCHEMA = """
 CREATE TABLE functions (
@@ -39,7 +67,8 @@ CREATE TABLE jobs (
     max_retries INTEGER,
     attempts INTEGER DEFAULT 0,     -- workers lost while running it
     submitted REAL,
-    output_limit INTEGER            -- bytes of stdout and stderr kept (NULL: the session's)
+    output_limit INTEGER,           -- bytes of stdout and stderr kept (NULL: the session's)
+    parent INTEGER                  -- the job that submitted it (a nested job)
 );
 CREATE UNIQUE INDEX idx_jobs_session_seq ON jobs (session, seq);
 CREATE INDEX idx_jobs_run_key ON jobs (run, key);
@@ -90,7 +119,7 @@ CREATE TABLE outputs (              -- the files each job archived in the cluste
     sha256 TEXT,
     PRIMARY KEY (job, name)
 );
-"""
+""" + _GRAPH
 
 
 
@@ -120,6 +149,8 @@ CREATE TABLE outputs (
     size INTEGER, sha256 TEXT, PRIMARY KEY (job, name)
 );
 """,
+    # graphs, scattered data, nested jobs (a job's parent)
+    4: "ALTER TABLE jobs ADD COLUMN parent INTEGER;\n" + _GRAPH,
 }
 
 

@@ -27,15 +27,18 @@ from ..launchers import environment
 from ..link import Link
 from ..serialize import runtime_versions
 from .caps import Devices, capabilities
-from .executor import Child
+from .executor import BLOCKED, Child
 from .executors import Executors
+from .inputs import Inputs
 from .output import echo_output
 from .pause import Pausing
+from .sent import SentResults
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
 
-class Agent(Executors, Pausing):
+class Agent(Executors, Slots, Pausing):
     def __init__(
         self,
         address: str | None = None,
@@ -68,8 +71,14 @@ class Agent(Executors, Pausing):
         self.children: list[Child] = []
         self.reaping: set[int] = set()  # killed processes not reaped yet
         self.sweep_until = self.next_sweep = 0.0
-        # (jid, fn, ctx, timeout, args, output limit, key, needs)
+        # (jid, fn, ctx, timeout, args, output limit, key, needs, (inputs, refs) or None)
         self.pending: Deque[tuple] = collections.deque()
+        self.inputs = Inputs()
+        self.resumers: Deque[Child] = collections.deque()  # children whose job may go on, waiting for a slot
+        self.spares: list[Child] = []  # idle processes that gave their slot to a resuming job: warm, reused
+        self.sent = SentResults()  # recent successes: sent again after a broken link
+        self.resend = False
+        self.heard = 0.0  # when the master last said anything
         self.fn_blobs: dict[str, bytes] = {}
         self.contexts: dict[str, dict] = {}
         self.outbox: list[P.WorkerResult] = []
@@ -109,16 +118,23 @@ class Agent(Executors, Pausing):
         Tasks not yet given to a child are dropped: the master requeues them.
         """
         self.pending.clear()
+        self.inputs.forget_requests()
         self.link.welcomed = False
-        self._send(P.HELLO, {
+        resent = self.sent.since(self.heard, self.heartbeat)  # may never have been stored: they go again
+        header = {
             "role": "worker", "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "procs": self.procs, "caps": self.caps, "have": list(self.fn_blobs),
-            "holding": [t[0] for c in self.children for t in c.inflight] + [r[0] for r in self.outbox],
+            "refs": self.inputs.held_refs(),
+            "holding": [t[0] for c in self.children for t in c.inflight] + [r[0] for r in self.outbox] + resent,
             "running": self._running(), "draining": self.draining,
             "info": self.env.info(), "label": self.env.label(), "task": self.env.task(),
             "versions": runtime_versions(), "epoch": self.epoch,
             **({"paused": self._pause_state()} if self.paused else {}),
-        })  # fmt: skip
+        }  # fmt: skip
+        if self._blocked():
+            header["blocked"] = self._blocked()
+        self._send(P.HELLO, header)
+        self.resend = bool(resent)
         self.hello_sent = time.monotonic()
         log.info("worker %s saying hello to %s with %d procs", self.id, self.link.address, self.procs)
 
@@ -172,6 +188,8 @@ class Agent(Executors, Pausing):
                     self._read_control()
                 if self.cancelled:
                     self._cancel()
+                if self.resumers:
+                    self._grant()
                 self._feed_children()
                 self._flush()
                 now = time.monotonic()
@@ -188,7 +206,7 @@ class Agent(Executors, Pausing):
                     self._begin_drain("lifetime reached")
                 # also under load (results keep the link busy): the status shows RSS and CPU
                 if now - self.link.last_sent >= self.heartbeat or now - self._last_usage[0] >= defaults.USAGE_EVERY:
-                    self._send(P.HEARTBEAT, {**self.counters, "running": self._running(), **self._usage(now)})
+                    self._send(P.HEARTBEAT, {**self._counters(), **self._usage(now)})
                 if not self.link.keep_alive(now):
                     break
                 if self.draining:
@@ -200,16 +218,26 @@ class Agent(Executors, Pausing):
 
     def _read_master(self) -> None:
         for kind, h, blobs in self.link.recv():
+            self.heard = time.monotonic()
             if kind == P.TASKS:
                 tasks = h["t"]
                 n = len(tasks)
+                nf = len(h.get("f", ()))
                 for fn, blob in zip(h.get("f", ()), blobs[n:]):
                     self.fn_blobs[fn] = blob
                     self.counters["fn_received"] += 1
                 self.contexts.update(h.get("c") or {})
-                for (jid, fn, ctx, timeout, limit, key, needs), args in zip(tasks, blobs):  # TaskSpec rows
-                    self.pending.append((jid, fn, ctx, timeout, args, limit, key, needs))
+                if "i" not in h:
+                    for (jid, fn, ctx, timeout, limit, key, needs), args in zip(tasks, blobs):  # TaskSpec rows
+                        self.pending.append((jid, fn, ctx, timeout, args, limit, key, needs, None))
+                else:  # a graph's: each waits until its inputs and scattered data are here
+                    self.pending.extend(self.inputs.tasks(h, tasks, blobs, n + nf))
                 self.counters["tasks"] += n
+            elif kind == P.DATA:
+                ready, bad = self.inputs.arrived(h, blobs)
+                self.pending.extendleft(reversed(ready))
+                for t, why in bad:
+                    self._result(t[0], P.FAILED, None, f"job {t[0]} cannot run: {why}", None, b"")
             elif kind == P.CANCEL:
                 self.cancelled.update(h["i"])
             elif kind == P.WELCOME:
@@ -232,7 +260,9 @@ class Agent(Executors, Pausing):
 
     def _welcomed(self, h: dict) -> None:
         """A master on another store (a new epoch) knows none of our jobs, and their ids
-        name other jobs there: drop them, results included, before any new task."""
+        name other jobs there: drop them, results included, before any new task. The same
+        store: results sent since we last heard from it may never have been stored, and go
+        again."""
         epoch = h.get("epoch")
         if self.epoch is not None and epoch != self.epoch:
             held = [t[0] for c in self.children for t in c.inflight] + [r[0] for r in self.outbox]
@@ -245,7 +275,16 @@ class Agent(Executors, Pausing):
                     self._respawn(c)
             self.outbox, self.outblobs = [], []
             self.cancelled.clear()
+            self.sent = SentResults()
+            self.resend = False
         self.epoch = epoch
+        if self.resend:
+            self.resend = False
+            for rows, out, files in self.sent.batches():
+                header = {"r": rows, "running": self._running()}
+                if files:
+                    header["o"] = files
+                self._send(P.RESULT, header, out)
 
     # -- children ----------------------------------------------------------------
     def _feed_children(self) -> None:
@@ -273,7 +312,7 @@ class Agent(Executors, Pausing):
             ctx = self.pending[0][2]
             if c.used and c.ctx != ctx:  # another client's job: start from a clean process
                 c = self._respawn(c)
-            batch, new_funcs, limits = [], [], {}
+            batch, new_funcs, limits, keys, short = [], [], {}, [], False
             while self.pending and len(batch) < per and self.pending[0][2] == ctx:
                 if batch and (self.pending[0][1] != batch[0][1] or self.pending[0][7]):
                     break  # one function per batch (its runtime sized the batch); a GPU job alone
@@ -282,23 +321,37 @@ class Agent(Executors, Pausing):
                 if gpus:  # its own devices: it waits while they are busy (the master counts too)
                     devices = self.devices.take(self.pending[0][0], int(gpus))
                     if devices is None:
+                        short = True
                         break
-                jid, fn, _, timeout, args, limit, key, _ = task = self.pending.popleft()
+                jid, fn, _, timeout, args, limit, key, _, ex = task = self.pending.popleft()
+                if ex is not None:
+                    missing = self.inputs.missing(task)
+                    if missing:  # gone from the cache since it arrived: ask again
+                        if devices is not None:
+                            self.devices.give_back(jid)
+                        self.inputs.ask(missing)
+                        self.inputs.waiting.append(task)
+                        continue
+                    keys += self.inputs.keys(task)
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
-                batch.append((jid, fn, args, key, devices))
+                batch.append((jid, fn, args, key, devices, None if ex is None else ex[0]))
                 if limit is not None:
                     limits[jid] = limit
                 c.inflight.append(task)
                 if devices is not None:
                     break
             if not batch:
-                break
+                if short:  # a GPU job waits for its devices
+                    break
+                continue  # what it took waits for its inputs: the next child may take more
+            data, drop = self.inputs.for_child(c.data, keys) if keys else ((), ())
             c.head_started = now
             self.heads_changed = True
+            where = (self.link.address, str(self.cluster.path))
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None,
-                                            limits or None), protocol=5))  # fmt: skip
+                                            limits or None, data, drop, where), protocol=5))  # fmt: skip
             c.ctx, c.used = ctx, True
 
     def _read_child(self, c: Child) -> None:
@@ -311,6 +364,9 @@ class Agent(Executors, Pausing):
             self._child_died(c, f"the process running the job garbled its answer ({e!r})")
 
     def _child_answered(self, c: Child, answer: tuple) -> None:
+        if len(answer) == 2:  # its job waits on its children, or may go on
+            self._child_waits(c, answer[0] == BLOCKED)
+            return
         jid, status, runtime, err, tb, blob, files, output = answer
         if not c.inflight or c.inflight[0][0] != jid:  # one answer per job, whatever the job does
             log.warning("executor %d answered for job %s, which it is not running: ignored", c.pid, jid)
@@ -322,34 +378,6 @@ class Agent(Executors, Pausing):
             self.outfiles.append([jid, *files])
         old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
         self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
-
-    def _cancel(self) -> None:
-        """Drop cancelled jobs not started; kill the process running a cancelled one."""
-        ids, self.cancelled = self.cancelled, set()
-        kept = collections.deque(t for t in self.pending if t[0] not in ids)
-        for t in self.pending:
-            if t[0] in ids:
-                self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
-        self.pending = kept
-        for c in list(self.children):
-            hit = [t for t in c.inflight if t[0] in ids]
-            if not hit:
-                continue
-            for t in hit:
-                c.inflight.remove(t)
-                self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
-            self.pending.extendleft(reversed(c.inflight))
-            c.inflight.clear()
-            self._respawn(c)
-            for t in hit:
-                job.wipe(self.wdir.job(t[0]))
-
-    def _check_timeouts(self, now: float) -> None:
-        for c in list(self.children):
-            if c.inflight and c.stopped is None:  # a stopped job's time is not its own
-                timeout = c.inflight[0][3]
-                if timeout is not None and now - c.head_started > timeout:
-                    self._replace(c, f"timed out after {timeout} s and was killed", P.TIMEOUT)
 
     def _limit(self, task: tuple) -> int:
         """The output limit of a task: its own, its client's, or the default."""
@@ -374,11 +402,21 @@ class Agent(Executors, Pausing):
             echo_output(jid, output)
         self.outblobs.append(blob)
         self.counters["results"] += 1
+        keep = self.inputs.keep
+        if keep and jid in keep:  # an input of other jobs: they may run here next
+            keep.discard(jid)
+            if status == P.OK:
+                self.inputs.put(jid, blob)
 
     def _flush(self) -> None:
         if not self.link.welcomed:  # results wait for a session the master has welcomed
             return
+        need = self.inputs.request()
+        if need is not None:
+            self._send(P.NEED, need)
         if self.outbox:
+            now = time.monotonic()
+            blocked = self._blocked()
             sizes = [len(b) + (len(r[5] or "") + len(r[6] or "") if len(r) > 5 else 0)
                      for r, b in zip(self.outbox, self.outblobs)]  # fmt: skip
             sent = 0
@@ -387,15 +425,19 @@ class Agent(Executors, Pausing):
                 if self.outfiles:  # archived outputs travel with their jobs' results
                     ids = {r[0] for r in header["r"]}
                     header["o"] = [f for f in self.outfiles if f[0] in ids]
+                if blocked:
+                    header["blocked"] = blocked
                 if not self.link.send(P.RESULT, header, self.outblobs[part]):
                     break  # the connection just went: the rest waits for the next session
                 sent = part.stop
+            # a master killed now never stored them: kept, with what they archived, to go again
+            self.sent.add(now, self.outbox[:sent], self.outblobs[:sent], self.outfiles)
             if self.outfiles and sent:
                 done = {r[0] for r in self.outbox[:sent]}
                 self.outfiles = [f for f in self.outfiles if f[0] not in done]
             del self.outbox[:sent], self.outblobs[:sent]
         elif self.heads_changed:  # the master charges a lost worker's running jobs only
-            self._send(P.HEARTBEAT, {**self.counters, "running": self._running()})
+            self._send(P.HEARTBEAT, self._counters())
         self.heads_changed = False
 
     # -- stopping ----------------------------------------------------------------
@@ -413,7 +455,7 @@ class Agent(Executors, Pausing):
             self.paused = None
         self.draining = True
         self.drain_started = time.monotonic()
-        returned = [t[0] for t in self.pending]
+        returned = [t[0] for t in self.pending] + [t[0] for t in self.inputs.forget_requests()]
         self.pending.clear()
         log.warning("worker %s draining (%s): %d jobs handed back, %d running get %.0f s",
                     self.id, why, len(returned), sum(len(c.inflight) for c in self.children), self.grace)  # fmt: skip
@@ -421,7 +463,7 @@ class Agent(Executors, Pausing):
 
     def _shutdown(self) -> None:
         """Kill the children; every job not finished goes back to the master uncharged."""
-        for c in self.children:
+        for c in self.children + self.spares:
             c.kill()
         deadline = time.monotonic() + 1.0  # their jobs' orphans come to us: end them too
         while time.monotonic() < deadline:
@@ -433,6 +475,7 @@ class Agent(Executors, Pausing):
             time.sleep(0.01)
         if self.link is not None and self.link.sock is not None:
             returned = [t[0] for t in self.pending] + [t[0] for c in self.children for t in c.inflight]
+            returned += [t[0] for t in self.inputs.forget_requests()]
             self._flush()
             self._send(P.BYE, {"returned": returned, "final": True, "why": self.drain_requested or "stopped"})
             self.link.close()

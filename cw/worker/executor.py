@@ -4,12 +4,19 @@ The isolation is what makes a segfault, ``os._exit``, a memory blow-up or a
 timeout survivable: the agent reports the job, replaces the child and keeps
 its slot. A child serves one client context (cwd, sys.path, environment) for
 its whole life. The agent and a child speak over a pipe: the agent sends a
-pickled batch ``(tasks, new functions, context, output limits)``, the child
-answers one pickled tuple per job: the fields of :class:`cw.protocol.WorkerResult`,
-the value's blob, what was archived of the job's outputs (:mod:`cw.job`), then
-what the job wrote to its fds 1 and 2 (:mod:`cw.worker.output`), each None if
-nothing (a plain tuple: a named one costs five times as much to pickle, on
-every job).
+pickled batch ``(tasks, new functions, context, output limits, data, drop,
+where)``, the child answers one pickled tuple per job: the fields of
+:class:`cw.protocol.WorkerResult`, the value's blob, what was archived of the
+job's outputs (:mod:`cw.job`), then what the job wrote to its fds 1 and 2
+(:mod:`cw.worker.output`), each None if nothing (a plain tuple: a named one
+costs five times as much to pickle, on every job).
+
+A task's inputs (other jobs' results) and scattered data come in ``data``,
+each once while the child keeps it (the agent mirrors the child's cache and
+names in ``drop`` what it must forget); the child unpickles each at most once.
+A job that waits on jobs it submitted (``cw.get_client()``) sends ``(BLOCKED,
+id)`` before it waits and ``(RESUMED, id)`` after, then waits for the agent's
+``GO``: meanwhile its slot runs another job.
 
 A job may do what programs do. The processes it starts stay inside the job:
 the child leads a process group of its own (the agent kills the group with
@@ -23,6 +30,7 @@ may run a ``multiprocessing.Pool``, on the CPUs its slot was given.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import multiprocessing
 import os
@@ -35,10 +43,10 @@ import time
 import traceback
 from typing import Any, Deque, Optional
 
-from .. import defaults, job, system
+from .. import current, defaults, job, system
 from .. import protocol as P
 from ..errors import OutputsError, SerializationError
-from ..serialize import dumps_exception, dumps_result, loads, loads_function
+from ..serialize import dumps_exception, dumps_result, loads, loads_args, loads_function
 from .output import Watched, capture, capture_file, collect, leftover
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,17 @@ PROCESS_TIME = 20e-6
 
 _me = 0  # this executor's pid: a process with another pid is one the job forked
 _pipe_fd = -1
+
+BLOCKED, RESUMED, GO = "B", "U", b"G"  # a job waits on its children; it may go on; it has its slot
+
+
+class _Pickled:
+    """Data as it came (its pickle), until a job first takes it."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
 
 
 def _enter_context(ctx: dict | None) -> None:
@@ -188,9 +207,19 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
     limit = defaults.OUTPUT_LIMIT
     blobs: dict[str, bytes] = {}
     funcs: dict[str, Any] = {}
+    values: dict[Any, Any] = {}  # job id (an input) or hash (scattered data) -> value
     entered = False
     send, recv, poll, clock = conn.send_bytes, conn.recv_bytes, conn.poll, time.perf_counter
     large = False
+
+    def block(waits: bool) -> None:  # cw.current's hook: a job waits on its children, or resumes
+        if os.getpid() != _me:
+            return  # a process the job forked has no slot of its own
+        send(pickle.dumps((BLOCKED if waits else RESUMED, current.job_id), protocol=5))
+        if not waits and recv() != GO:  # the agent answers nothing else while we wait for a slot
+            os._exit(3)
+
+    current.block = block
     while True:
         try:
             if large and not poll(1.0):  # idle after large payloads: hand memory back
@@ -200,7 +229,7 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
         except (EOFError, OSError):
             os._exit(0)
         large = large or len(msg) >= defaults.RELEASE_BYTES
-        tasks, new_funcs, ctx, limits = pickle.loads(msg)
+        tasks, new_funcs, ctx, limits, data, drop, where = pickle.loads(msg)
         msg = None  # an idle executor holds nothing of its last batch
         if not entered:
             _enter_context(ctx)
@@ -209,14 +238,23 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
             if ctx and ctx.get("output_limit") is not None:
                 limit = int(ctx["output_limit"])
         blobs.update(new_funcs)
+        for k in drop:
+            values.pop(k, None)
+        for k, blob in data:
+            values[k] = _Pickled(blob)
+        data = blob = None
+        if where is not None:  # what cw.get_client() in a job needs: its master, run and context
+            current.where = (where[0], where[1], (ctx or {}).get("run"), ctx or {})
         jid = None
         last, unchecked = tasks[-1][0], []
-        for jid, fn_hash, args_blob, key, devices in tasks:
+        for jid, fn_hash, args_blob, key, devices, inputs in tasks:
             t0 = clock()
+            current.job_id = jid
             if devices is None:
-                out = _run(jid, fn_hash, args_blob, blobs, funcs, key)
+                out = _run(jid, fn_hash, args_blob, blobs, funcs, key, inputs, values)
             else:
-                out = _run_on(devices, jid, fn_hash, args_blob, blobs, funcs, key)
+                out = _run_on(devices, jid, fn_hash, args_blob, blobs, funcs, key, inputs, values)
+            current.job_id = None
             output = None
             if Watched.written or out[1] or fn_hash in noisy:  # it wrote, or failed (out[1])
                 output = collect(out_fd, err_fd, limits.get(jid, limit) if limits else limit, [])
@@ -252,7 +290,18 @@ def _end_leftovers(jid: int) -> None:
         log.info("job %s left processes running (%d): killed them", jid, n)
 
 
-def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict, key: Optional[str]) -> tuple:
+def _value(values: dict, inputs: list, pid: Any) -> Any:
+    """pickle's persistent_load for a task's arguments: input number ``pid`` (an int), or
+    scattered data by its hash (a str); unpickled on first use, then kept."""
+    key = inputs[pid] if isinstance(pid, int) else pid
+    v = values[key]
+    if type(v) is _Pickled:
+        v = values[key] = loads(v.blob)
+    return v
+
+
+def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict, key: Optional[str],
+         inputs: Optional[list] = None, values: Optional[dict] = None) -> tuple:  # fmt: skip
     """Run one job; its answer (WorkerResult fields, the blob, then what it archived). A
     process the job forked never gets past here."""
     t0 = time.perf_counter()
@@ -266,7 +315,10 @@ def _run(jid: int, fn_hash: str, args_blob: bytes, blobs: dict, funcs: dict, key
                 return _import_failure(jid, f"the function {pickle.loads(blobs[fn_hash])[0]}", e, t0)
             _publish_main(fn)
         try:
-            args, kwargs = loads(args_blob)
+            if inputs is None:
+                args, kwargs = loads(args_blob)
+            else:  # futures and scattered data among them: from this process's cache
+                args, kwargs = loads_args(args_blob, functools.partial(_value, values, inputs))
         except (ImportError, AttributeError) as e:
             return _import_failure(jid, f"the arguments of job {jid}", e, t0)
         value = fn(*args, **kwargs)
@@ -377,6 +429,9 @@ class Child:
         self.head_started = 0.0  # when the first task of inflight started
         self.stopped: Optional[list[int]] = None  # its job's process groups, while a pause stops them
         self.stopped_at = 0.0
+        self.data: collections.OrderedDict = collections.OrderedDict()  # inputs it holds: key -> bytes
+        self.blocked = False  # its job waits on its children (another process has its slot)
+        self.slot = 0  # whose CPUs it runs on
 
     def fds(self) -> tuple:
         return (self.fd,) + ((self.pidfd,) if self.pidfd is not None else ())

@@ -2,13 +2,15 @@
 killed (with every process group of their job), reaped, and their jobs' orphans ended.
 
 Part of :class:`cw.worker.agent.Agent` (a mixin: it uses the agent's children,
-poller, queue and results). The agent never waits on a process: a killed
+spares, poller, queue and results). The agent never waits on a process: a killed
 executor is reaped by a later sweep, and what its job started outside its
-group comes to the agent (a child subreaper), which ends it.
+group comes to the agent (a child subreaper), which ends it. A cancelled or
+timed-out job is killed with its executor here too.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -61,16 +63,17 @@ class Executors:
         """A new executor for slot i, on the slot's CPUs."""
         cpus, n = self.shares[i]
         # its siblings' pipes, pidfds and capture files are theirs alone
-        others = tuple(fd for o in self.children if o.pid != -1 for fd in (*o.fds(), o.out_fd, o.err_fd))
+        others = tuple(fd for o in self.children + self.spares if o.pid != -1
+                       for fd in (*o.fds(), o.out_fd, o.err_fd))  # fmt: skip
         if self.control is not None:  # the control socket is the agent's alone
             others += (self.control.fileno(),)
-        return Child(cpus, n, others)
+        child = Child(cpus, n, others)
+        child.slot = i
+        return child
 
-    def _respawn(self, c: Child) -> Child:
-        """Kill an executor (with every process of its job) and start another in its slot.
-
-        Never waits: a process not reaped yet is reaped by a later sweep.
-        """
+    def _end(self, c: Child) -> None:
+        """Kill an executor (with every process of its job); never waits: a process not
+        reaped yet is reaped by a later sweep."""
         for fd in c.fds():
             self.poller.unregister(fd)
         c.kill()
@@ -78,8 +81,19 @@ class Executors:
             self.reaping.add(c.pid)
         c.pid = -1
         self.sweep_until = time.monotonic() + defaults.ORPHAN_SWEEP
-        i = self.children.index(c)
-        self.children[i] = new = self._spawn(i)
+
+    def _respawn(self, c: Child) -> Child | None:
+        """Kill an executor and start another in its slot; none for one whose job was
+        blocked (another process took its slot when it blocked)."""
+        self._end(c)
+        k = self.children.index(c)
+        if c.blocked:
+            del self.children[k]
+            if c in self.resumers:
+                self.resumers.remove(c)
+            self.heads_changed = True
+            return None
+        self.children[k] = new = self._spawn(c.slot)
         for fd in new.fds():
             self.poller.register(fd, zmq.POLLIN)
         return new
@@ -92,7 +106,7 @@ class Executors:
         if self.reaping:
             self.reaping = {pid for pid in self.reaping if system.reap(pid) is None}
         if now < self.sweep_until:
-            live = {c.pid for c in self.children}
+            live = {c.pid for c in self.children + self.spares}
             for pid in system.children(os.getpid()):
                 if pid not in live and pid not in self.reaping:
                     system.kill_orphan(pid)
@@ -100,3 +114,37 @@ class Executors:
         for c in list(self.children):
             if c.pidfd is None and c in self.children and c.ended():
                 self._child_died(c)
+
+    def _cancel(self) -> None:
+        """Drop cancelled jobs not started; kill the process running a cancelled one."""
+        ids, self.cancelled = self.cancelled, set()
+        kept = collections.deque(t for t in self.pending if t[0] not in ids)
+        for t in self.pending:
+            if t[0] in ids:
+                self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
+        self.pending = kept
+        for c in list(self.children):
+            hit = [t for t in c.inflight if t[0] in ids]
+            if not hit:
+                continue
+            for t in hit:
+                c.inflight.remove(t)
+                self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
+            self.pending.extendleft(reversed(c.inflight))
+            c.inflight.clear()
+            self._respawn(c)
+            for t in hit:
+                job.wipe(self.wdir.job(t[0]))
+        waiting = self.inputs.waiting
+        if any(t[0] in ids for t in waiting):
+            for t in waiting:
+                if t[0] in ids:
+                    self._result(t[0], P.CANCELLED, None, "cancelled", None, b"")
+            self.inputs.waiting = [t for t in waiting if t[0] not in ids]
+
+    def _check_timeouts(self, now: float) -> None:
+        for c in list(self.children):
+            if c.inflight and c.stopped is None:  # a stopped job's time is not its own
+                timeout = c.inflight[0][3]
+                if timeout is not None and now - c.head_started > timeout:
+                    self._replace(c, f"timed out after {timeout} s and was killed", P.TIMEOUT)

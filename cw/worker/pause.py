@@ -139,6 +139,7 @@ class Pausing:
         if stop:
             self._stop_jobs()
         returned = [t[0] for t in self.pending]  # (devices are taken when a task starts, not before)
+        returned += [t[0] for t in self.inputs.forget_requests()]  # those waiting for their inputs too
         self.pending.clear()
         log.warning("worker %s paused by %s%s%s: %d unstarted jobs handed back", self.id, why,
                     f" for {seconds:g} s" if until else "", ", running jobs stopped" if stop else "",
