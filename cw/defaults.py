@@ -117,8 +117,8 @@ WORKER_DATA_CACHE = 1024 * 1024 * 1024
 #: An executor process keeps the unpickled inputs and scattered data it was given, up to
 #: this many bytes (counted by their pickles), the most recently used.
 EXECUTOR_DATA_CACHE = 512 * 1024 * 1024
-#: A worker sends again, after a broken link, the results it sent this many seconds before
-#: (a master killed meanwhile may never have stored them) ...
+#: A worker sends again, after a broken link, the results it sent since it last heard from the
+#: master (a master killed meanwhile may never have stored them), at most this many seconds old ...
 RESULT_RESEND_SECONDS = 30.0
 #: ... up to this many bytes of them.
 RESULT_RESEND_BYTES = 64 * 1024 * 1024

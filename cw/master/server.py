@@ -118,6 +118,10 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         self.release = False  # large payloads passed: hand freed memory back to the system
         self._released = 0.0
         self._graph_init()
+        # after a crash: the workers that were connected may hold jobs, or their results; give
+        # out no job until they are back (or worker_timeout passed), so that none runs twice
+        self.expected = set(self.store.connected_workers())
+        self.expect_until = time.monotonic() + worker_timeout
         self._load_backlog()
         if self.backlog_from is not None:
             self.backlog = self.store.count_pending(self.backlog_from - 1)
@@ -398,10 +402,23 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
             return
         if self.broadcasts:
             self._broadcast()
-        if self.policy.workers and self.policy.jobs:
+        if self.policy.workers and self.policy.jobs and not self._awaiting_workers():
             self._dispatch()
         if self._dirty:
             self._answer_clients()
+
+    def _awaiting_workers(self) -> bool:
+        """True while workers connected to the last master may still come back with its jobs."""
+        if not self.expected:
+            return False
+        back = {w.id for w in self.policy.workers.values()}
+        if self.expected <= back or time.monotonic() > self.expect_until:
+            missing = self.expected - back
+            if missing:
+                log.info("%d workers of the last master did not come back: giving out their jobs", len(missing))
+            self.expected = set()
+            return False
+        return True
 
     def _store_failed(self, e: StoreError) -> None:
         """The store failed (disk full, I/O error, damaged, read-only, moved): nothing of

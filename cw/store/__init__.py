@@ -344,6 +344,17 @@ class Store(GraphVerbs):
         )
 
     @guarded
+    def connected_workers(self) -> list[str]:
+        """The workers connected when the last master stopped (they have not left); from now on
+        they count as gone until they join again."""
+        ids = [r[0] for r in self.conn.execute("SELECT id FROM workers WHERE left IS NULL")]
+        if ids:
+            self._begin()
+            self.conn.execute("UPDATE workers SET left = ?, reason = 'the master stopped' WHERE left IS NULL",
+                              (time.time(),))  # fmt: skip
+        return ids
+
+    @guarded
     def retry_failed(self, run: str) -> list[QueuedJob]:
         """Forget the failed results of a run; its jobs, for the queue."""
         self._begin()

@@ -1,0 +1,94 @@
+"""Graphs that survive: a master killed mid-graph finishes it after a restart; re-runs reuse nodes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections import Counter
+
+import pytest
+from conftest import start_workers, wait_for
+from test_resume import start_master
+
+import cw
+from cw.discovery import ClusterDir
+
+
+def node(where, tag, *inputs):
+    """One node of a graph: leaves a file per run, returns its tag plus its inputs."""
+    open(os.path.join(where, f"{tag}-{os.getpid()}-{time.monotonic_ns()}"), "w").close()
+    time.sleep(0.003)
+    return tag + sum(inputs)
+
+
+def runs(where) -> Counter:
+    return Counter(int(name.split("-")[0]) for name in os.listdir(where))
+
+
+def build(c, where, leaves, first_leaf=0):
+    """A binary tree over ``leaves`` leaves: leaves get tags 1..n, inner nodes n+1...; 2n - 1 nodes."""
+    level = [c.submit(node, str(where), first_leaf + i + 1) for i in range(leaves)]
+    tag = leaves
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level) - 1, 2):
+            tag += 1
+            nxt.append(c.submit(node, str(where), tag * 1000, level[i], level[i + 1]))
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0], tag
+
+
+def expected(leaves, first_leaf=0):
+    # every inner tag contributes tag * 1000; the leaves their own tags
+    inner = sum(t * 1000 for t in range(leaves + 1, 2 * leaves))
+    return inner + sum(first_leaf + i + 1 for i in range(leaves))
+
+
+@pytest.mark.timeout(300)
+def test_master_kill9_mid_graph_then_restart_runs_every_node_exactly_once(cw_home, procs, tmp_path):
+    where = tmp_path / "runs"
+    where.mkdir()
+    m1 = start_master(procs, "m1")
+    start_workers(procs, 2, "--master-timeout", "2")
+    with cw.Client(master_timeout=2) as c:
+        top, last = build(c, where, 500)  # 999 nodes
+        wait_for(lambda: sum(runs(where).values()) >= 300, timeout=120, interval=0.01, what="300 nodes run")
+        m1.kill()  # kill -9, mid-graph
+        m1.wait()
+        start_master(procs, "m2")
+        assert top.result(240) == expected(500)
+    counts = runs(where)
+    assert len(counts) == 999 and set(counts.values()) == {1}, [t for t, n in counts.items() if n != 1]
+    db = sqlite3.connect(ClusterDir().store_path)
+    assert db.execute("SELECT count(*) FROM results WHERE status = 0").fetchone()[0] == 999
+    assert db.execute("SELECT count(*) FROM deps").fetchone()[0] == 2 * 499
+
+
+@pytest.mark.timeout(180)
+def test_a_rerun_reuses_stored_results_node_by_node(master, workers, tmp_path):
+    where = tmp_path / "runs"
+    where.mkdir()
+    with cw.Client(run="graph-1") as c:
+        top, _ = build(c, where, 16)
+        assert top.result(60) == expected(16)
+    first = runs(where)
+    assert sum(first.values()) == 31
+    with cw.Client(run="graph-1") as c:  # the same graph: nothing runs again
+        top, _ = build(c, where, 16)
+        assert top.result(60) == expected(16)
+    assert runs(where) == first
+    with cw.Client(run="graph-1") as c:  # one leaf changed: it and the path above it run, nothing else
+        level = [c.submit(node, str(where), 100 if i == 0 else i + 1) for i in range(16)]
+        tag = 16
+        while len(level) > 1:
+            nxt = []
+            for i in range(0, len(level), 2):
+                tag += 1
+                nxt.append(c.submit(node, str(where), tag * 1000, level[i], level[i + 1]))
+            level = nxt
+        assert level[0].result(60) == expected(16) + 99
+    again = runs(where) - first
+    assert sum(again.values()) == 5 and 100 in again  # the leaf and its 4 ancestors
