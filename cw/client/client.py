@@ -9,6 +9,7 @@ each job in-process, after the same serialization round trip a cluster makes.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import fnmatch
 import itertools
 import os
@@ -272,17 +273,19 @@ class Client:
         bar = track(futures) if progress else None
         prefetch(futures)
         deadline = None if timeout is None else time.monotonic() + timeout
-        out = []
-        for f in futures:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                out.append(f.result(left))
-            except cf.TimeoutError:
-                raise TimeoutError(f"gather: {len(futures) - len(out)} jobs unfinished after {timeout} s") from None
-            except BaseException:
-                if bar is not None:
-                    bar.close()
-                raise
+        out: list = []
+        pending = not all(f.done() for f in futures)
+        with current.waiting() if pending else contextlib.nullcontext():  # inside a job: its slot is lent
+            for f in futures:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    out.append(f.result(left))
+                except cf.TimeoutError:
+                    raise TimeoutError(f"gather: {len(futures) - len(out)} jobs unfinished after {timeout} s") from None
+                except BaseException:
+                    if bar is not None:
+                        bar.close()
+                    raise
         return out
 
     def cancel(self, futures: Iterable[cf.Future] | cf.Future) -> int:

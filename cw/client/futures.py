@@ -257,17 +257,25 @@ def error_for(status: int, err: str, tb: str, blob: bytes, session: str | None =
 
 def as_completed(futures: Iterable[cf.Future], timeout: float | None = None,
                  progress: bool = False) -> Iterator[cf.Future]:  # fmt: skip
-    """Futures in the order they finish (``concurrent.futures.as_completed``).
+    """Futures in the order they finish (``concurrent.futures.as_completed``). Inside a job,
+    its slot runs another job while it waits for the next one.
 
     ``progress=True`` draws a bar (tqdm.auto): done, failed, total and the rate.
     """
     if progress:
         futures = list(futures)
         bar = track(futures)
+    it = cf.as_completed(futures, timeout)
     try:
-        yield from cf.as_completed(futures, timeout)
-    except cf.TimeoutError as e:
-        raise TimeoutError(str(e)) from None
+        while True:
+            try:
+                with current.waiting():
+                    f = next(it)
+            except StopIteration:
+                return
+            except cf.TimeoutError as e:
+                raise TimeoutError(str(e)) from None
+            yield f
     finally:
         if progress:
             bar.close()

@@ -146,10 +146,12 @@ class WorkerHandlers:
                     self.functions[job.fn] = blob
                     w.funcs.add(job.fn)
                 s = job.session or (job.followers[0][0] if job.followers else None)
-                ctx = s.id if s is not None and s.context else None
+                # a nested client (cw.get_client() in a job) names the context of the client it
+                # stands for: its jobs run in that client's processes
+                ctx = (s.context.get("ctx") or s.id) if s is not None and s.context else None
                 new_ctx = None
                 if ctx is not None and ctx not in w.ctxs:
-                    new_ctx = (ctx, {**s.context, "run": s.run})
+                    new_ctx = (ctx, {**s.context, "run": s.run, "ctx": ctx})
                     w.ctxs.add(ctx)
                 size = len(job.args) + (len(blob) if blob else 0)
                 if ex is not None:
