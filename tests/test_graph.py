@@ -135,3 +135,38 @@ def test_serial_client_runs_graphs_in_order(cw_home):
         c.submit(inc, bad).result()
     ref = c.scatter({"k": 5})
     assert c.submit(total, ref).result() == 5
+
+
+def concat(a, b):
+    return a + b
+
+
+def leaf(i):
+    return i, b"x" * 1000
+
+
+def merge(a, b):
+    return a[0] + b[0], a[1]
+
+
+@pytest.mark.timeout(240)
+def test_a_tree_reduction_of_10000_leaves_passes_no_leaf_through_the_client(master, workers):
+    with cw.Client() as c:
+        total = c.reduce(merge, (c.submit(leaf, i) for i in range(10_000)))
+        value = total.result(200)
+        received = c.traffic["received"]
+        assert value == (sum(range(10_000)), b"x" * 1000)
+        # 10,000 leaves of 1 KB: their values stayed at the master, and at the workers
+        assert received < 1_000_000, received
+        st = c.status()
+        assert st["held"] == 0 and st["sent"]["inputs"] < 2 * 10_000 * 1100
+
+
+def test_reduce_keeps_the_order_and_takes_a_list(master, workers):
+    with cw.Client() as c:
+        parts = c.map(str, range(1, 12))
+        assert c.reduce(concat, parts).result(60) == "1234567891011"
+        assert c.reduce(concat, parts, split_every=3).result(60) == "1234567891011"
+        assert c.reduce(concat, parts[:1]) is parts[0]
+        with pytest.raises(ValueError):
+            c.reduce(concat, [])

@@ -302,6 +302,11 @@ class Client:
             raise ClientError("this client is closed (or serial): no output to ask for")
         _, out, err = self._conn.output(jobid)
         return out, err
+    @property
+    def traffic(self) -> dict:
+        """Bytes this client moved: ``sent`` (arguments, functions, scattered data) and
+        ``received`` (results)."""
+        return dict(self._conn.traffic) if self._conn is not None else {"sent": 0, "received": 0}
 
     def status(self) -> dict:
         """The master's view: workers, queued and running jobs."""

@@ -83,6 +83,7 @@ class Connection:
         self.scattered: set[str] = set()  # hashes of the data this session scattered
         self.fetching: dict[int, Future | Delivery] = {}  # seq -> a finished job whose kept value we asked for
         self.fetches: list[int] = []  # to ask for
+        self.traffic = {"sent": 0, "received": 0}  # bytes of blobs: submitted, and results received
         self.resend_below: int | None = None  # submissions under this seq may be a second copy
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -301,8 +302,9 @@ class Connection:
                     header["x"] = [(s[0], s[3], s[4]) for s in data]
                 if self.resend_below is not None and batch[0][0] < self.resend_below:
                     header["resend"] = True
-                self.link.send(P.SUBMIT, header, [*(s[5] for s in batch if s[1] is not None),
-                                                  *(b for _, b in fns), *(s[5] for s in data)])  # fmt: skip
+                blobs = [*(s[5] for s in batch if s[1] is not None), *(b for _, b in fns), *(s[5] for s in data)]
+                self.link.send(P.SUBMIT, header, blobs)
+                self.traffic["sent"] += sum(map(len, blobs))
         if self.fetches:
             with self.space:
                 seqs, self.fetches = self.fetches, []
@@ -340,6 +342,7 @@ class Connection:
         try:
             for kind, h, blobs in self.link.recv():
                 if kind == P.RESULT:
+                    self.traffic["received"] += sum(map(len, blobs))
                     if "g" in h:
                         self._started(h["g"])
                     if "s" in h:

@@ -92,32 +92,42 @@ def fold(fn: Callable, *values: Any) -> Any:
     return functools.reduce(fn, values)
 
 
-def reduce(client: Client, fn: Callable, futures: Iterable[Any], split_every: int = 2, **options: Any) -> Future:
+def reduce(client: Client, fn: Callable, futures: Iterable[Any], split_every: int = 2, **options: Any) -> Any:
     """One future: ``fn`` folded over the futures' results by a tree of jobs, ``split_every``
-    inputs a job; no result passes through the client."""
+    inputs a job, in order (``fn`` must be associative); no result passes through the client.
+
+    The tree grows as the futures come: a node is submitted as soon as its
+    inputs are there, so with a generator of futures the leaves' values stay
+    at the master (a value with a dependent is kept there) and never reach
+    the client.
+    """
     if split_every < 2:
         raise ValueError(f"split_every must be 2 or more, not {split_every}")
-    level = list(futures)
-    if not level:
+    levels: list[list] = []
+
+    def node(group: list) -> Future:
+        if len(group) == 2:
+            return client.submit(fn, *group, **options)
+        return client.submit(fold, fn, *group, **options)
+
+    def push(level: int, f: Any) -> None:
+        if len(levels) <= level:
+            levels.append([])
+        buf = levels[level]
+        buf.append(f)
+        if len(buf) == split_every:
+            levels[level] = []
+            push(level + 1, node(buf))
+
+    for f in futures:
+        push(0, f)
+    rest = [f for buf in reversed(levels) for f in buf]  # what is left, in order: higher levels came first
+    if not rest:
         raise ValueError("reduce of no futures: nothing to reduce")
-    if len(level) == 1:  # nothing to fold: still one future, computed by a job
-        return client.submit(_identity, level[0], **options)
-    while len(level) > 1:
-        nxt = []
-        for i in range(0, len(level), split_every):
-            group = level[i : i + split_every]
-            if len(group) == 1:
-                nxt.append(group[0])
-            elif len(group) == 2:
-                nxt.append(client.submit(fn, *group, **options))
-            else:
-                nxt.append(client.submit(fold, fn, *group, **options))
-        level = nxt
-    return level[0]
-
-
-def _identity(x: Any) -> Any:
-    return x
+    while len(rest) > 1:
+        rest = [node(rest[i : i + split_every]) if len(rest[i : i + split_every]) > 1 else rest[i]
+                for i in range(0, len(rest), split_every)]  # fmt: skip
+    return rest[0]
 
 
 def prefetch(futures: list) -> None:
