@@ -92,3 +92,45 @@ def test_a_rerun_reuses_stored_results_node_by_node(master, workers, tmp_path):
         assert level[0].result(60) == expected(16) + 99
     again = runs(where) - first
     assert sum(again.values()) == 5 and 100 in again  # the leaf and its 4 ancestors
+
+
+def add(a, b):
+    return a + b
+
+
+@pytest.mark.timeout(180)
+def test_a_graph_larger_than_the_queue_window_waits_in_the_store_with_its_edges(cw_home, procs):
+    start_master(procs, "m", "--queue-window", "40")
+    start_workers(procs, 2)
+    with cw.Client() as c:
+        leaves = c.map(int, range(300))
+        total = c.reduce(add, leaves)
+        assert total.result(120) == sum(range(300))
+    db = sqlite3.connect(ClusterDir().store_path)
+    assert db.execute("SELECT count(*) FROM deps").fetchone()[0] == 2 * 299
+
+
+def test_a_store_of_schema_1_is_migrated_forward(tmp_path):
+    from cw import store as S
+
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(f"BEGIN; {S.SCHEMA} PRAGMA user_version = 1; COMMIT;")
+    old.execute("INSERT INTO jobs (id, session, seq, fn, args) VALUES (1, 's', 0, 'f', x'00')")
+    old.commit()
+    old.close()
+    st = S.Store(path)
+    try:
+        assert st.conn.execute("PRAGMA user_version").fetchone()[0] == S.SCHEMA_VERSION
+        assert [r.id for r in st.pending()] == [1]  # nothing lost
+        st.add_graph([(1, 0, 7)], [(1, "h")])
+        st.commit()
+        assert st.graph_of([1]) == ({1: [7]}, {1: ["h"]})
+    finally:
+        st.close()
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version = {S.SCHEMA_VERSION + 1}")
+    newer.commit()
+    newer.close()
+    with pytest.raises(cw.errors.StoreError, match="newer"):
+        S.Store(path)

@@ -8,7 +8,6 @@ queue acknowledgements and results on the session, and
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 
@@ -39,14 +38,16 @@ class Session:
         self.last_sent = 0.0
         self.submitted = self.done = self.failed = 0  # since this master started, for the status
         self.kept: set[int] = set()  # seqs among results whose values stay at the master
-        self.recent: collections.OrderedDict[int, int] = collections.OrderedDict()  # finished seq -> job id
+        self.recent: dict[int, int] = {}  # finished seq -> job id, the latest ones
 
     def finished(self, seq: int, jid: int) -> None:
-        """Remember a finished submission's job: later jobs may name its future as input."""
+        """Remember a finished submission's job: later jobs may name its future as input
+        (older ones are looked up in the store)."""
         recent = self.recent
         recent[seq] = jid
         if len(recent) > defaults.SESSION_RECENT:
-            recent.popitem(last=False)
+            for old in list(recent)[: defaults.SESSION_RECENT // 2]:
+                del recent[old]
 
     def __repr__(self) -> str:
         return f"<session {self.id[:8]}>"

@@ -58,7 +58,6 @@ class GraphHandlers:
         self.held: dict[int, Job] = {}  # jobs waiting for inputs that have no result yet
         self.dependents: dict[int, list[Job]] = {}  # input job id -> jobs that wait for it
         self.values = DataCache(defaults.MASTER_DATA_CACHE)
-        self.statuses: collections.OrderedDict[int, int] = collections.OrderedDict()  # recent outcomes
         self.sent = dict.fromkeys(SENT_KINDS, 0)  # bytes sent to workers, by kind
         self.broadcasts: list[str] = []  # scattered data to push to every worker after the commit
         self._cascade: Optional[list] = None
@@ -104,10 +103,7 @@ class GraphHandlers:
             else:
                 done.append(jid)
         if done:
-            known = {j: self.statuses[j] for j in done if j in self.statuses}
-            rest = [j for j in done if j not in known]
-            if rest:
-                known.update(self.store.statuses(rest))
+            known = self.store.statuses(done)
             bad = [j for j in done if known.get(j, P.OK) != P.OK]
             lost = [j for j in done if j not in known]  # no result, and not in memory: in the store only
             if bad:
@@ -154,14 +150,10 @@ class GraphHandlers:
     def _graph_finished(self, job: Job, status: int, blob: bytes, err: Any, tb: Any) -> bool:
         """Release or fail the jobs waiting for this one; True if it succeeded and had any (its
         value then stays here: clients get it when they ask)."""
-        if self.held.pop(job.id, None) is not None:
+        if self.held and self.held.pop(job.id, None) is not None:
             self.policy.outside = len(self.held)
             self._unhook(job)
-        recent = self.statuses
-        recent[job.id] = status
-        if len(recent) > defaults.SESSION_RECENT:
-            recent.popitem(last=False)
-        waiting = self.dependents.pop(job.id, None)
+        waiting = self.dependents.pop(job.id, None) if self.dependents else None
         if not waiting:
             return False
         if status == P.OK:
