@@ -134,3 +134,20 @@ def test_a_store_of_schema_1_is_migrated_forward(tmp_path):
     newer.close()
     with pytest.raises(cw.errors.StoreError, match="newer"):
         S.Store(path)
+
+
+def slow_add(a, b):
+    time.sleep(1.0)
+    return a + b
+
+
+def test_a_future_attached_to_another_clients_job_feeds_a_graph(master, workers):
+    """In a run, a submission attached to an unfinished job of the same key is an input like any."""
+    with cw.Client(run="shared") as first, cw.Client(run="shared") as second:
+        a = first.submit(slow_add, 1, 2)
+        wait_for(lambda: a.running(), timeout=30, what="the first copy to run")
+        b = second.submit(slow_add, 1, 2)  # attached to the first client's job
+        c = second.submit(slow_add, b, 10)
+        assert c.result(60) == 13 and b.result(10) == 3 and a.result(10) == 3
+    db = sqlite3.connect(ClusterDir().store_path)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # the copy ran once

@@ -102,9 +102,15 @@ class ClientHandlers:
                 "store": str(self.store.path)}  # fmt: skip
 
     def _stored_results(self, s: Session, seqs: list[int]) -> None:
+        found = set()
         for r in self.store.session_results(s.id, seqs):
             s.results.append(P.ClientResult(r.seq, r.status, r.error, r.traceback))
             s.blobs.append(r.value or b"")
+            found.add(r.seq)
+        if len(found) < len(seqs):  # answered by another job's result: a re-run's, or one attached to
+            for seq, status, value, err, tb in self.store.alias_results(s.id, [q for q in seqs if q not in found]):
+                s.results.append(P.ClientResult(seq, status, err, tb))
+                s.blobs.append(value or b"")
         self._dirty.add(s)
 
     def _submit(self, s: Session, h: dict, blobs: list[bytes]) -> None:

@@ -324,6 +324,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
                 s.blobs.append(blob)
             self._dirty.add(s)
         if job.followers:  # submissions of the same run, function and key attached to it
+            self.store.add_aliases([(fs.id, fseq, job.id) for fs, fseq in job.followers])
             for fs, fseq in job.followers:
                 fs.jobs.pop(fseq, None)
                 fs.finished(fseq, job.id)

@@ -96,3 +96,15 @@ class GraphVerbs:
             for job, ref in self.conn.execute(f"SELECT job, ref FROM uses WHERE job IN ({marks})", chunk):
                 uses.setdefault(job, []).append(ref)
         return inputs, uses
+
+    @guarded
+    def alias_results(self, session: str, seqs: Sequence[int]) -> list[tuple]:
+        """(seq, status, value, error, traceback) of this session's submissions answered by
+        another job's result (a re-run, or one attached to a job of the same key)."""
+        out: list[tuple] = []
+        for chunk in chunks(list(seqs)):
+            out += self.conn.execute(
+                "SELECT a.seq, r.status, r.value, r.error, r.traceback FROM aliases a JOIN results r"
+                f" ON r.job = a.job WHERE a.session = ? AND a.seq IN ({','.join('?' * len(chunk))})",
+                (session, *chunk)).fetchall()  # fmt: skip
+        return out
