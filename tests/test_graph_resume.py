@@ -110,12 +110,27 @@ def test_a_graph_larger_than_the_queue_window_waits_in_the_store_with_its_edges(
     assert db.execute("SELECT count(*) FROM deps").fetchone()[0] == 2 * 299
 
 
+SCHEMA_1 = """
+CREATE TABLE functions (hash TEXT PRIMARY KEY, blob BLOB, created REAL);
+CREATE TABLE sessions (id TEXT PRIMARY KEY, run TEXT, context TEXT, started REAL);
+CREATE TABLE jobs (id INTEGER PRIMARY KEY, session TEXT NOT NULL, seq INTEGER NOT NULL, run TEXT, key TEXT,
+    fn TEXT NOT NULL, args BLOB NOT NULL, requires TEXT, timeout REAL, max_retries INTEGER,
+    attempts INTEGER DEFAULT 0, submitted REAL);
+CREATE UNIQUE INDEX idx_jobs_session_seq ON jobs (session, seq);
+CREATE INDEX idx_jobs_run_key ON jobs (run, key);
+CREATE TABLE results (job INTEGER PRIMARY KEY REFERENCES jobs (id), status INTEGER, value BLOB, error TEXT,
+    traceback TEXT, worker TEXT, runtime REAL, finished REAL);
+CREATE TABLE workers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, caps TEXT, joined REAL, left REAL,
+    reason TEXT);
+"""
+
+
 def test_a_store_of_schema_1_is_migrated_forward(tmp_path):
     from cw import store as S
 
     path = tmp_path / "old.sqlite"
     old = sqlite3.connect(path)
-    old.executescript(f"BEGIN; {S.SCHEMA} PRAGMA user_version = 1; COMMIT;")
+    old.executescript(f"BEGIN; {SCHEMA_1} PRAGMA user_version = 1; COMMIT;")
     old.execute("INSERT INTO jobs (id, session, seq, fn, args) VALUES (1, 's', 0, 'f', x'00')")
     old.commit()
     old.close()
@@ -151,3 +166,24 @@ def test_a_future_attached_to_another_clients_job_feeds_a_graph(master, workers)
         assert c.result(60) == 13 and b.result(10) == 3 and a.result(10) == 3
     db = sqlite3.connect(ClusterDir().store_path)
     assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2  # the copy ran once
+
+
+def test_the_row_copy_of_cw_store_recover_keeps_the_graph(tmp_path):
+    from cw import store as S
+    from cw.store import repair
+
+    st = S.Store(tmp_path / "a.sqlite")
+    st.add_jobs([("s", 0, None, None, "f", b"x", None, None, 3, None),
+                 ("s", 1, None, None, "f", b"y", None, None, 3, None, 1)])  # fmt: skip
+    st.add_graph([(2, 0, 1)], [(2, "h")])
+    st.add_refs([("h", b"data")])
+    st.commit()
+    st.close()
+    repair._copy_rows(tmp_path / "a.sqlite", tmp_path / "b.sqlite")
+    rows = repair._finish(tmp_path / "b.sqlite")
+    assert rows["deps"] == rows["uses"] == rows["refs"] == 1 and rows["jobs"] == 2
+    again = S.Store(tmp_path / "b.sqlite")
+    try:
+        assert again.graph_of([2]) == ({2: [1]}, {2: ["h"]}) and again.ref("h") == b"data"
+    finally:
+        again.close()

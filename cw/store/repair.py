@@ -28,7 +28,8 @@ from .schema import SCHEMA, SCHEMA_VERSION
 #: Our tables, and the column each is ordered by (its rowid). A recovered store keeps its
 #: jobs and their ids, so it keeps its epoch too (meta; a store older than the epoch has none).
 TABLES = (("functions", "rowid"), ("sessions", "rowid"), ("jobs", "id"), ("results", "job"),
-          ("attempts", "rowid"), ("workers", "rowid"), ("meta", "rowid"), ("outputs", "rowid"))  # fmt: skip
+          ("attempts", "rowid"), ("workers", "rowid"), ("meta", "rowid"), ("outputs", "rowid"), ("deps", "rowid"),
+          ("refs", "rowid"), ("uses", "rowid"), ("aliases", "rowid"))  # fmt: skip
 
 
 class Recovery(NamedTuple):
@@ -92,7 +93,8 @@ def _shell_recover(src: Path, out: Path) -> str | None:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
         conn.close()
-    missing = [t for t, _ in TABLES if t not in names and t not in ("attempts", "meta")]  # (newer schemas)
+    first = ("functions", "sessions", "jobs", "results", "workers")  # the others came with later schemas
+    missing = [t for t, _ in TABLES if t not in names and t in first]
     return f"sqlite3 .recover rebuilt no table {', '.join(missing)}" if missing else None
 
 
