@@ -89,3 +89,36 @@ def test_a_parent_killed_mid_wait_is_retried_and_its_children_finish_once(cw_hom
     db = sqlite3.connect(ClusterDir().store_path)
     attempts = db.execute("SELECT attempts FROM jobs WHERE parent IS NULL").fetchall()
     assert attempts == [(1,)]  # charged as any job whose worker is lost
+
+
+def fan(n):
+    """Waits on its children with gather, cw.wait and as_completed, one after the other."""
+    c = cw.get_client()
+    a = c.gather([c.submit(pow, 2, i) for i in range(n)])
+    futs = [c.submit(pow, 3, i) for i in range(n)]
+    done, _ = cw.wait(futs)
+    b = sorted(f.result() for f in cw.as_completed([c.submit(pow, 5, i) for i in range(n)]))
+    return sum(a), sum(f.result() for f in done), sum(b)
+
+
+def waits_long(seconds):
+    c = cw.get_client()
+    return c.submit(time.sleep, seconds).result()
+
+
+def test_gather_wait_and_as_completed_inside_a_job_on_one_slot(master, procs):
+    start_workers(procs, 1)
+    with cw.Client() as c:
+        assert c.submit(fan, 6).result(120) == (63, 364, 3906)
+
+
+def test_a_parent_cancelled_while_it_waits_frees_its_process_and_the_worker_goes_on(master, procs):
+    start_workers(procs, 1, "--procs", "2")  # one slot for the child, the other free
+    with cw.Client() as c:
+        parent = c.submit(waits_long, 5)
+        wait_for(lambda: any(w.get("blocked") for w in c.status()["workers"]), timeout=60,
+                 what="the parent to wait on its child")  # fmt: skip
+        assert parent.cancel()
+        assert c.gather(c.map(pow, [2] * 5, range(5)), timeout=60) == [1, 2, 4, 8, 16]
+        wait_for(lambda: not any(w.get("blocked") for w in c.status()["workers"]), timeout=30,
+                 what="no job reported blocked")  # fmt: skip
