@@ -105,12 +105,12 @@ class GraphHandlers:
         if done:
             known = self.store.statuses(done)
             bad = [j for j in done if known.get(j, P.OK) != P.OK]
-            lost = [j for j in done if j not in known]  # no result, and not in memory: in the store only
+            lost = [j for j in done if j not in known]  # no result, not in memory: waiting in the store only
             if bad:
                 self._unhook(job)
                 self._fail_dependent(job, bad[0], known[bad[0]])
                 return
-            for jid in lost:  # (loaded in id order, so this does not happen; held until it finishes)
+            for jid in lost:  # (a job taken in before its inputs, to be attached to): held until they finish
                 self.dependents.setdefault(jid, []).append(job)
                 missing += 1
         job.missing = missing
