@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import wait_for
@@ -52,6 +54,8 @@ def test_broadcast_pushes_to_every_worker_at_once(master, workers):
         wait_for(lambda: c.status()["sent"]["refs"] >= 2 * ref.size, timeout=30, what="the broadcast")
         assert c.gather(c.map(size_of, [ref] * 50), timeout=60) == [MB] * 50
         assert c.status()["sent"]["refs"] == 2 * ref.size  # nothing more once every worker has it
+    out = subprocess.run([sys.executable, "-m", "cw", "status"], capture_output=True, text=True, timeout=60)
+    assert "sent to workers:" in out.stdout and "2.0 MB of refs" in out.stdout, out.stdout + out.stderr
 
 
 def test_a_fanned_out_input_reaches_each_worker_once(master, workers):

@@ -48,12 +48,17 @@ def status_cmd(cluster_name, cluster_dir, as_json):
         return
     if doc["live"]:
         click.echo(f"master {doc['master']} at {doc['address']} (store {doc['store']})")
+        held = f", {doc['held']} waiting for their inputs" if doc.get("held") else ""
         click.echo(f"jobs: {doc['queued']} queued, {doc['running']} running,"
-                   f" {doc.get('prefetched', 0)} prefetched, {doc['done']} done since start")  # fmt: skip
+                   f" {doc.get('prefetched', 0)} prefetched{held}, {doc['done']} done since start")  # fmt: skip
+        sent = doc.get("sent") or {}
+        if any(sent.values()):
+            click.echo("sent to workers: " + ", ".join(f"{_size(n)} of {kind}" for kind, n in sent.items()))
         click.echo(f"workers: {len(doc['workers'])}")
         for w in doc["workers"]:
             where = w.get("label") or " ".join(f"{k}={v}" for k, v in w.get("info", {}).items())
-            click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running"
+            blocked = f" ({w['blocked']} waiting on their children)" if w.get("blocked") else ""
+            click.echo(f"  {w['id']:<30} {w['slots']:>3} slots {w['running']:>6} running{blocked}"
                        f" {w.get('prefetched', 0):>6} prefetched"
                        f"{'  draining' if w['draining'] else ''}{_paused(w.get('paused'))}  {where}")  # fmt: skip
             held = ", ".join(f"{k} {_amount(k, v)} of {_amount(k, w['caps'].get(k, 0))} held"
@@ -207,3 +212,11 @@ def retry_cmd(run, cluster_name, cluster_dir, failed):
     finally:
         cluster.unlock()
     click.echo(f"{n} failed jobs of run {run} will run when a master starts on {cluster.path}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
