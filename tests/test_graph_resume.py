@@ -29,6 +29,7 @@ def runs(where) -> Counter:
 def build(c, where, leaves, first_leaf=0):
     """A binary tree over ``leaves`` leaves: leaves get tags 1..n, inner nodes n+1...; 2n - 1 nodes."""
     level = [c.submit(node, str(where), first_leaf + i + 1) for i in range(leaves)]
+    c.first = level[0]  # a leaf, to ask for its value (kept at the master) later
     tag = leaves
     while len(level) > 1:
         nxt = []
@@ -60,6 +61,7 @@ def test_master_kill9_mid_graph_then_restart_runs_every_node_exactly_once(cw_hom
         m1.wait()
         start_master(procs, "m2")
         assert top.result(240) == expected(500)
+        assert c.first.result(30) == 1  # a value kept at the first master, asked of the second
     counts = runs(where)
     assert len(counts) == 999 and set(counts.values()) == {1}, [t for t, n in counts.items() if n != 1]
     db = sqlite3.connect(ClusterDir().store_path)

@@ -334,6 +334,7 @@ class Connection:
                 self.outq.clear()
                 self.outq.extend(sorted(self.unacked.values()))
                 self.resend_below = max(self.unacked, default=-1) + 1
+                self.fetches = list(self.fetching)  # kept values asked of the last master: ask again
             log.warning("reconnected to master %s at %s; resending %d submissions",
                         self.master, self.address, len(self.outq))  # fmt: skip
         self.welcomed.set()
