@@ -408,19 +408,6 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         if self._dirty:
             self._answer_clients()
 
-    def _awaiting_workers(self) -> bool:
-        """True while workers connected to the last master may still come back with its jobs."""
-        if not self.expected:
-            return False
-        back = {w.id for w in self.policy.workers.values()}
-        if self.expected <= back or time.monotonic() > self.expect_until:
-            missing = self.expected - back
-            if missing:
-                log.info("%d workers of the last master did not come back: giving out their jobs", len(missing))
-            self.expected = set()
-            return False
-        return True
-
     def _store_failed(self, e: StoreError) -> None:
         """The store failed (disk full, I/O error, damaged, read-only, moved): nothing of
         this turn counts, and the master stops serving.

@@ -268,6 +268,19 @@ class WorkerHandlers:
             self.store.add_attempts([(j.id, w.id, j.queued_at, j.started_at, now, status, why, None, None)
                                      for j in jobs])  # fmt: skip
 
+    def _awaiting_workers(self) -> bool:
+        """True while workers connected to the last master may still come back with its jobs."""
+        if not self.expected:
+            return False
+        back = {w.id for w in self.policy.workers.values()}
+        if self.expected <= back or time.monotonic() > self.expect_until:
+            missing = self.expected - back
+            if missing:
+                log.info("%d workers of the last master did not come back: giving out their jobs", len(missing))
+            self.expected = set()
+            return False
+        return True
+
     def _check_workers(self, now: float) -> None:
         """Lose silent workers; heartbeat the others.
 
