@@ -1,4 +1,5 @@
-"""What the master does for workers: joining, tasks, results, drains, losses, post-mortems.
+"""What the master does for workers: joining, tasks, results, drains, losses, post-mortems,
+and the jobs that require what no connected worker offers.
 
 Part of :class:`cw.master.server.Master` (a mixin: it uses the master's store,
 policy and sending). Where jobs go is the policy's decision
@@ -350,3 +351,34 @@ class WorkerHandlers:
             self.post_mortems[wid] = text
             self.store.worker_left(wid, text)
             log.warning("worker %s post-mortem: %s", wid, text)
+
+    def _check_unschedulable(self, now: float) -> None:
+        """Jobs that require what no connected worker has: their clients are warned at once
+        (and again every NO_WORKERS_WARNING s: a worker that has it may still join), and
+        the jobs fail once their client's ``unsatisfiable_timeout`` has passed."""
+        warned = {}
+        for requires, q, since in self.policy.unschedulable(now):
+            rkey = repr(requires)
+            warned[rkey] = last = self._unmet.get(rkey, -1e18)
+            if now - last >= defaults.NO_WORKERS_WARNING:
+                warned[rkey] = now
+                text = (f"{len(q)} jobs require {requires}, which none of the {len(self.policy.workers)}"
+                        f" connected workers offers; they offer: {self.policy.describe_workers()}")  # fmt: skip
+                log.warning(text)
+                for s in {j.session for j in list(q)[:1000] if j.session is not None}:
+                    s.notices.append(text)
+            expired = [j for j in q if j.worker is None and self.policy.jobs.get(j.id) is j
+                       and now - since >= self._unsatisfiable_after(j)]  # fmt: skip
+            for j in expired:
+                err = (f"job {j.id} requires {requires}, which none of the {len(self.policy.workers)} connected"
+                       f" workers has offered for {now - since:.0f} s (Client(unsatisfiable_timeout=...));"
+                       f" they offer: {self.policy.describe_workers()}")  # fmt: skip
+                self._finish(j, P.UNSATISFIABLE, b"", err, "", None, None)
+            if expired:
+                self.policy.prune()
+        self._unmet = warned  # requirements met again (or gone) are warned anew if they return
+
+    def _unsatisfiable_after(self, job: Job) -> float:
+        s = job.session
+        t = s.unsatisfiable if s is not None else defaults.UNSATISFIABLE_TIMEOUT
+        return float("inf") if t is None else t
