@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 from conftest import start_workers, wait_for
+from test_migrations import SCHEMA_1
 from test_resume import start_master
 
 import cw
@@ -110,21 +111,6 @@ def test_a_graph_larger_than_the_queue_window_waits_in_the_store_with_its_edges(
         assert total.result(120) == sum(range(300))
     db = sqlite3.connect(ClusterDir().store_path)
     assert db.execute("SELECT count(*) FROM deps").fetchone()[0] == 2 * 299
-
-
-SCHEMA_1 = """
-CREATE TABLE functions (hash TEXT PRIMARY KEY, blob BLOB, created REAL);
-CREATE TABLE sessions (id TEXT PRIMARY KEY, run TEXT, context TEXT, started REAL);
-CREATE TABLE jobs (id INTEGER PRIMARY KEY, session TEXT NOT NULL, seq INTEGER NOT NULL, run TEXT, key TEXT,
-    fn TEXT NOT NULL, args BLOB NOT NULL, requires TEXT, timeout REAL, max_retries INTEGER,
-    attempts INTEGER DEFAULT 0, submitted REAL);
-CREATE UNIQUE INDEX idx_jobs_session_seq ON jobs (session, seq);
-CREATE INDEX idx_jobs_run_key ON jobs (run, key);
-CREATE TABLE results (job INTEGER PRIMARY KEY REFERENCES jobs (id), status INTEGER, value BLOB, error TEXT,
-    traceback TEXT, worker TEXT, runtime REAL, finished REAL);
-CREATE TABLE workers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, caps TEXT, joined REAL, left REAL,
-    reason TEXT);
-"""
 
 
 def test_a_store_of_schema_1_is_migrated_forward(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import stat
 import subprocess
 import time
@@ -175,19 +174,17 @@ def test_up_leaves_nothing_others_can_read(pool):
 
 
 def test_a_store_from_before_the_epoch_gets_one_and_keeps_its_jobs(tmp_path):
-    """The epoch came with the last schema version: a store made before it is migrated forward."""
+    """The epoch came with schema 3: a store made before it (schema 2) is migrated forward."""
     import sqlite3
 
+    from test_migrations import SCHEMA_1
+
     from cw.store import Store
-    from cw.store.schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION
+    from cw.store.schema import MIGRATIONS, SCHEMA_VERSION
 
     path = tmp_path / "old.sqlite"
     db = sqlite3.connect(path)
-    db.executescript(SCHEMA)  # today's tables, less those made since schema 2 (the epoch's meta among them)
-    for v in range(2, SCHEMA_VERSION):
-        for table in re.findall(r"CREATE TABLE (\w+)", MIGRATIONS[v]):
-            db.execute(f"DROP TABLE {table}")
-    db.execute("PRAGMA user_version = 2")
+    db.executescript(SCHEMA_1 + MIGRATIONS[1] + "PRAGMA user_version = 2;")
     db.execute("INSERT INTO jobs (id, session, seq, fn, args) VALUES (7, 's', 0, 'f', x'00')")
     db.commit()
     db.close()
