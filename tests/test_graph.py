@@ -11,6 +11,7 @@ import pytest
 from conftest import wait_for
 
 import cw
+from cw import protocol as P
 from cw.discovery import ClusterDir
 
 
@@ -88,7 +89,7 @@ def test_a_failed_input_fails_its_dependents_with_dependency_error(master, worke
         assert fine.result(10) == 2
     db = sqlite3.connect(ClusterDir().store_path)
     statuses = dict(db.execute("SELECT j.seq, r.status FROM jobs j JOIN results r ON r.job = j.id"))
-    assert statuses[child.jobid] == statuses[grandchild.jobid] == statuses[mixed.jobid] == 8
+    assert statuses[child.jobid] == statuses[grandchild.jobid] == statuses[mixed.jobid] == P.DEPENDENCY
 
 
 def test_cancelling_a_future_cancels_its_dependents(master, workers):
