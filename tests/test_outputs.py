@@ -172,3 +172,19 @@ def test_a_store_of_the_previous_schema_is_migrated(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.execute("SELECT job, name FROM outputs").fetchall() == [(1, "a.txt")]
+
+
+def test_a_result_sent_again_after_a_broken_link_carries_what_its_job_archived():
+    """A master killed right after a RESULT may not have stored it: the worker sends it again
+    with its `o` row, so the archived files are recorded with the result either way."""
+    from cw import protocol as P
+    from cw.worker.sent import SentResults
+
+    sent = SentResults()
+    rows = [(1, P.OK, 0.1, None, None), (2, P.RAISED, 0.1, "boom", "tb"), (3, P.OK, 0.1, None, None)]
+    files = [[1, "outputs/r/k1", [["a.txt", 3, "0" * 64]]], [2, "outputs/r/k2", [["b.txt", 4, "1" * 64]]]]
+    sent.add(time.monotonic(), rows, [b"x", b"", b"y"], files)
+    assert sent.since(time.monotonic(), 1.0) == [1, 3]  # successes only: a failure may be retried
+    (again, blobs, archived), = list(sent.batches())
+    assert [r[0] for r in again] == [1, 3] and blobs == [b"x", b"y"]
+    assert archived == [files[0]]
