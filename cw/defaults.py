@@ -169,6 +169,10 @@ COMMAND_TIMEOUT = 60.0
 QUERY_TIMEOUT = 20.0
 #: Seconds each command of a job environment's deadline() and post_mortem() may take.
 PROBE_TIMEOUT = 5.0
+#: Where this user's workers on a host keep their local control sockets (``cw pause``
+#: without the key): ``<CONTROL_ROOT>/cw-<uid>/`` (``$CW_CONTROL_ROOT``, else /tmp: not
+#: ``$TMPDIR``, which batch systems set per job).
+CONTROL_ROOT = os.environ.get("CW_CONTROL_ROOT", "/tmp")
 #: A job environment's deadline() asks the scheduler again after this many seconds.
 DEADLINE_CACHE = 60.0
 #: The scheduler signals a worker this many seconds before its time limit, so that

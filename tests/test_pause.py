@@ -112,14 +112,23 @@ def test_stop_running_stops_cpu_use_and_the_stopped_time_is_not_timed(master, pr
 
 @pytest.mark.timeout(120)
 def test_the_workers_user_pauses_it_without_the_cluster_key(master, procs, tmp_path):
-    private = tmp_path / "tmp"  # this test's workers' sockets, away from any other's
+    private = tmp_path / "ctl"  # this test's workers' sockets, away from any other's
     private.mkdir()
-    w = procs.start("w", "-m", "cw.worker", "--heartbeat", "0.2", env={"TMPDIR": str(private)})
-    nokey = {"TMPDIR": str(private), "CW_HOME": str(tmp_path / "elsewhere")}  # no key, no master.json here
+    batch_tmp = tmp_path / "job-tmp"  # a batch system's $TMPDIR for the job: not where `cw pause` looks
+    batch_tmp.mkdir()
+    w = procs.start("w", "-m", "cw.worker", "--heartbeat", "0.2",
+                    env={"CW_CONTROL_ROOT": str(private), "TMPDIR": str(batch_tmp)})  # fmt: skip
+    nokey = {"CW_CONTROL_ROOT": str(private), "CW_HOME": str(tmp_path / "elsewhere")}  # no key, no master.json
     with cw.Client() as c:
         wait_for(lambda: workers_by_pid(c).get(w.pid), what="the worker")
         sockets = list((private / f"cw-{os.getuid()}").glob("ctl-*.sock"))
         assert len(sockets) == 1 and oct(os.stat(sockets[0].parent).st_mode & 0o777) == "0o700"
+        dead = sockets[0].parent / "ctl-999999999.sock"  # a worker killed with kill -9 left its socket
+        dead.touch()
+        other = subprocess.run([sys.executable, "-m", "cw", "pause", "--cluster-dir", str(tmp_path / "other")],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, **nokey})  # fmt: skip
+        assert other.returncode != 0 and "none matched" in other.stderr  # another cluster's workers only
+        assert not dead.exists() and "skipped" not in other.stderr  # the dead one's socket is gone, unsaid
         t0 = time.monotonic()
         out = cw_cmd("pause", "--stop-running", env=nokey)
         assert "1 workers paused, their running jobs stopped" in out
@@ -129,5 +138,8 @@ def test_the_workers_user_pauses_it_without_the_cluster_key(master, procs, tmp_p
         time.sleep(1.0)
         assert not f.done()  # no new job while paused
         assert "1 workers resumed" in cw_cmd("resume", env=nokey)
+        again = subprocess.run([sys.executable, "-m", "cw", "resume"], capture_output=True, text=True,
+                               timeout=60, env={**os.environ, **nokey})  # fmt: skip
+        assert again.returncode != 0 and "none matched" in again.stderr  # it was not paused any more
         assert f.result(30) == w.pid
         assert json.loads(cw_cmd("status", "--json"))["workers"][0]["paused"] is None

@@ -135,3 +135,30 @@ def test_capabilities_come_from_the_job_environment_and_the_host(fake_gpus):
     assert detect_gpus({**fake_gpus, "CUDA_VISIBLE_DEVICES": "GPU-bbbb-1111"}) == (["GPU-bbbb-1111"], "Fake GPU X1")
     assert detect_gpus({**fake_gpus, "CUDA_VISIBLE_DEVICES": ""}) == ([], None)
     assert detect_gpus(fake_gpus) == (["0", "1"], "Fake GPU X1")
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_gpu_probe_is_killed_with_what_it_started(tmp_path, monkeypatch):
+    """An nvidia-smi that hangs (a wedged driver) costs the worker the probe's timeout, and
+    neither it nor the helpers it started are left on the node."""
+    import cw.worker.caps as caps_module
+
+    monkeypatch.setattr(caps_module, "PROBE_TIMEOUT", 1.0)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pids = tmp_path / "pids"
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nsleep 300 &\necho $! >> {pids}\necho $$ >> {pids}\nsleep 300\n")
+    smi.chmod(0o755)
+    assert detect_gpus({"PATH": f"{bin_dir}:{os.environ['PATH']}"}) == ([], None)
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 2
+
+    def gone(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] == "Z"  # a zombie its reaper will take
+        except FileNotFoundError:
+            return True
+
+    wait_for(lambda: all(gone(p) for p in left), timeout=10, what="the probe and its helper to be gone")

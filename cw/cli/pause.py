@@ -32,19 +32,23 @@ def _through_master(cluster, kind: bytes, header: dict) -> list[str]:
     return doc.get("paused" if kind == P.PAUSE else "resumed", [])
 
 
-def _locally(request: dict) -> list[str]:
+def _locally(request: dict, cluster_name, cluster_dir) -> list[str]:
+    """This user's workers on this host (of the named cluster only, if one is named) that the
+    request changed or, for a pause, that are paused."""
     from ..worker.pause import ask_local, control_sockets
 
+    if cluster_name or cluster_dir:
+        request = dict(request, cluster=str(cluster_from(cluster_name, cluster_dir).path))
     reached, problems = [], []
     for path in control_sockets():
         try:
             answer = ask_local(path, request)
-        except (OSError, ValueError) as e:  # a worker that ended without removing its socket
+        except (OSError, ValueError) as e:  # a worker stopped, or ending
             problems.append(f"{path}: {e}")
             continue
         if "error" in answer:
             problems.append(f"{path}: {answer['error']}")
-        else:
+        elif not answer.get("other") and ("pause" in request or answer.get("changed")):
             reached.append(str(answer.get("id")))
     for p in problems:
         click.echo(f"  (skipped {p})", err=True)
@@ -65,13 +69,14 @@ def pause_cmd(cluster_name, cluster_dir, host, worker, every, duration, stop_run
     """Pause workers: they take no new jobs (what they hold but have not started goes back
     to the queue); with --stop-running their running jobs stop too.
 
-    With no --host, --worker or --all, pauses your own workers on this host, through
-    a socket only you can reach: no cluster key needed.
+    With no --host, --worker or --all, pauses your own workers on this host (of every
+    cluster, or of the one --cluster names), through a socket only you can reach: no
+    cluster key needed.
     """  # fmt: skip
     seconds = parse_duration(duration) if duration else None
     selector = _targets(host, worker, every)
     if selector is None:
-        ids = _locally({"pause": {"seconds": seconds, "stop": stop_running}})
+        ids = _locally({"pause": {"seconds": seconds, "stop": stop_running}}, cluster_name, cluster_dir)
         where = "on this host"
     else:
         header = dict(selector, stop=stop_running) if stop_running else dict(selector)
@@ -81,7 +86,7 @@ def pause_cmd(cluster_name, cluster_dir, host, worker, every, duration, stop_run
         where = "through the master"
     if not ids:
         raise click.ClickException(f"no worker paused {where}: none matched")
-    what = "paused" + (", their running jobs stopped" if stop_running else "") + (f", for {duration}" if duration else "")
+    what = "paused" + (", their running jobs stopped" if stop_running else "") + (f", for {seconds:g} s" if duration else "")
     click.echo(f"{len(ids)} workers {what}: {', '.join(ids)}")
 
 
@@ -93,11 +98,12 @@ def pause_cmd(cluster_name, cluster_dir, host, worker, every, duration, stop_run
 def resume_cmd(cluster_name, cluster_dir, host, worker, every):
     """Resume paused workers: they take jobs again, and stopped jobs continue.
 
-    With no --host, --worker or --all, resumes your own workers on this host.
+    With no --host, --worker or --all, resumes your own workers on this host (of every
+    cluster, or of the one --cluster names).
     """
     selector = _targets(host, worker, every)
     if selector is None:
-        ids = _locally({"resume": {}})
+        ids = _locally({"resume": {}}, cluster_name, cluster_dir)
     else:
         ids = _through_master(cluster_from(cluster_name, cluster_dir), P.RESUME, selector)
     if not ids:

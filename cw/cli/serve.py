@@ -100,6 +100,7 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
 @click.option("--watch-pid", type=int, default=None, metavar="PID",
               help="Drain when process PID ends (LocalCluster's processes end with their owner).")
 @click.option("--scratch-dir", default=lambda: os.environ.get("CW_SCRATCH_DIR"), metavar="DIR",
+              type=click.Path(file_okay=False),
               help="Where jobs' scratch and outputs live on this node's disk (default: $CW_SCRATCH_DIR,"
                    " else $TMPDIR or /tmp).")
 @log_option

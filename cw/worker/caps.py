@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from typing import Any, Mapping, Optional
@@ -38,8 +39,7 @@ def detect_gpus(environ: Mapping[str, str] = os.environ) -> tuple[list[str], Opt
     rows = []
     if smi:
         try:
-            out = subprocess.run([smi, "--query-gpu=index,uuid,name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=PROBE_TIMEOUT, env=dict(environ))  # fmt: skip
+            out = _probe([smi, "--query-gpu=index,uuid,name", "--format=csv,noheader"], environ)
             if out.returncode == 0:
                 rows = [[x.strip() for x in line.split(",", 2)] for line in out.stdout.splitlines() if line.count(",") >= 2]
             else:
@@ -87,6 +87,23 @@ def capabilities(procs: int, tags: list[str], env: Any, environ: Mapping[str, st
         devices = devices[:n] if n <= len(devices) else [str(i) for i in range(n)]
     caps.update(told)
     return caps, devices
+
+
+def _probe(argv: list[str], environ: Mapping[str, str]) -> subprocess.CompletedProcess:
+    """Run a probe in a process group of its own: one that hangs is killed with whatever it
+    started (a hung ``nvidia-smi`` leaves helpers behind)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(environ), start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 class Devices:

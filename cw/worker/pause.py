@@ -9,7 +9,7 @@ resume, and the time they spent stopped does not count against their
 
 A pause comes through the master (``cw pause --host H``, with the cluster's
 key), or from this host without the key, through a unix socket in the
-worker's private directory (``/tmp/cw-<uid>/ctl-<pid>.sock``, mode 0700
+worker's private directory (``/tmp/cw-<uid>/ctl-<pid>.sock``, whatever ``$TMPDIR`` says; mode 0700
 directory, and only a peer of the same user is heard): ``cw pause`` with no
 selector pauses this user's workers on this host. Part of
 :class:`cw.worker.agent.Agent` (a mixin).
@@ -24,26 +24,39 @@ import os
 import signal
 import socket
 import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import protocol as P
 from .. import system
+from ..defaults import CONTROL_ROOT
 
 log = logging.getLogger(__name__)
 
 
 def control_dir() -> Path:
-    """Where this user's workers on this host listen for local pause and resume."""
-    return Path(tempfile.gettempdir()) / f"cw-{os.getuid()}"
+    """Where this user's workers on this host listen for local pause and resume: under /tmp
+    itself, not ``$TMPDIR``, which a batch system sets per job (Grid Engine's
+    ``/tmp/<job>.<task>.<queue>``) and a person at the host does not know."""
+    return Path(CONTROL_ROOT) / f"cw-{os.getuid()}"
 
 
 def control_sockets() -> list[Path]:
-    """The control sockets of this user's workers on this host."""
+    """The control sockets of this user's live workers on this host; those of workers that
+    died without removing theirs (``kill -9``) are removed."""
     d = control_dir()
-    return sorted(d.glob("ctl-*.sock")) if d.is_dir() else []
+    found = []
+    for path in sorted(d.glob("ctl-*.sock")) if d.is_dir() else []:
+        try:
+            os.kill(int(path.name[4:-5]), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            continue
+        except (ValueError, PermissionError):
+            pass
+        found.append(path)
+    return found
 
 
 def ask_local(path: Path, request: dict, timeout: float = 5.0) -> dict:
@@ -76,6 +89,7 @@ class Pausing:
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
             log.warning("%s is not private to this user: no local pause for this worker", d)
             return
+        control_sockets()  # dead workers' sockets go
         path = d / f"ctl-{os.getpid()}.sock"
         try:
             path.unlink()
@@ -118,12 +132,17 @@ class Pausing:
                         break
                     data += chunk
                 req = json.loads(data or b"{}")
+                if req.get("cluster") not in (None, str(self.cluster.path)):
+                    conn.sendall(json.dumps({"id": self.id, "other": True}).encode() + b"\n")
+                    return
+                was = self.paused
                 if "pause" in req:
                     p = req["pause"] or {}
                     self.pause(p.get("seconds"), bool(p.get("stop")), "a local request")
                 elif "resume" in req:
                     self.resume("a local request")
-                conn.sendall(json.dumps({"id": self.id, "paused": self.paused}).encode() + b"\n")
+                changed = (was is None) != (self.paused is None)
+                conn.sendall(json.dumps({"id": self.id, "paused": self.paused, "changed": changed}).encode() + b"\n")
             except (OSError, ValueError, TypeError, AttributeError) as e:
                 log.warning("local control request refused: %s", e)
 
