@@ -212,7 +212,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
             if self.publish:
                 self.cluster.unpublish(os.getpid())
             self.door.close()
-            self.sock.close(linger=500)
+            self.sock.close(linger=2000 if self.failure is not None else 500)  # a failure's BYE must get out
             self.ctx.term()
             self.cluster.unlock()
             log.info("master %s stopped", self.id)
