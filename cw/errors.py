@@ -25,6 +25,12 @@ class AuthenticationError(CwError):
     """The master rejected our messages: the secret keys differ."""
 
 
+class InvalidJobError(CwError, ValueError, TypeError):
+    """A job's options are malformed (``requires=``, ``timeout=``, ``max_retries=``,
+    ``output_limit=``): refused at submit, before anything is sent; the message says which
+    option and what it takes. A ValueError and a TypeError too."""
+
+
 class ClientError(CwError, RuntimeError):
     """The client cannot go on: it is closed, or its connection failed for good."""
 

@@ -14,8 +14,11 @@ only its own device.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Optional
+
+from .errors import InvalidJobError
 
 #: Resources a job holds while it runs (reserved on placement, given back with its result).
 COUNTED = ("gpus", "mem")
@@ -40,32 +43,48 @@ def parse_bytes(text: str | int | float, unit: str = "") -> int:
 
 def requirements(requires: Any) -> Optional[dict]:
     """A job's requirements, checked and in one form (mem in bytes, gpus a count, tags a
-    list); None for none. ValueError or TypeError says what is wrong."""
-    if not requires:
+    list); None for none. InvalidJobError (a ValueError and a TypeError) says what is wrong."""
+    if requires is None or (isinstance(requires, dict) and not requires):
         return None
     if not isinstance(requires, dict):
-        raise TypeError(f"requires must be a dict such as {{'gpus': 1, 'mem': '8G', 'tags': ['x']}}, not {requires!r}")
+        raise InvalidJobError(f"requires must be a dict such as {{'gpus': 1, 'mem': '8G', 'tags': ['x']}}, not {requires!r}")
     out: dict = {}
     for k, v in requires.items():
         if not isinstance(k, str) or not k:
-            raise TypeError(f"requires: {k!r} is not a capability name")
+            raise InvalidJobError(f"requires: {k!r} is not a capability name")
         if k == "mem":
             try:
                 out[k] = parse_bytes(v)
             except (ValueError, TypeError, KeyError):
-                raise ValueError(f"requires: mem={v!r} is not an amount of memory (8G, 512M, bytes)") from None
+                raise InvalidJobError(f"requires: mem={v!r} is not an amount of memory (8G, 512M, bytes)") from None
         elif k in ("gpus", "cpus"):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"requires: {k}={v!r} must be a whole number (0 or more)")
+                raise InvalidJobError(f"requires: {k}={v!r} must be a whole number (0 or more)")
             out[k] = v
         elif k in ("tags", "tag"):
             tags = [v] if isinstance(v, str) else v
             if not isinstance(tags, (list, tuple, set)) or not all(isinstance(t, str) and t for t in tags):
-                raise TypeError(f"requires: tags={v!r} must be a list of names")
+                raise InvalidJobError(f"requires: tags={v!r} must be a list of names")
             out["tags"] = sorted(set(out.get("tags", [])) | set(tags))
+        elif isinstance(v, bool) or isinstance(v, (int, float, str)) and v == v:
+            out[k] = v  # compared as it is: a number is a minimum, anything else must be equal
         else:
-            out[k] = v
+            raise InvalidJobError(f"requires: {k}={v!r} must be a number, a word or true/false")
     return {k: out[k] for k in sorted(out) if not (k in COUNTED and out[k] == 0)} or None
+
+
+def limits(timeout: Any = None, max_retries: Any = None, output_limit: Any = None) -> tuple:
+    """A job's limits, checked: (timeout in seconds or None, max_retries or None, output_limit
+    or None). InvalidJobError says which is wrong: a timeout is a positive number of seconds
+    (None: no limit), retries and the output limit whole numbers, 0 or more."""
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (timeout > 0) or math.isinf(timeout):
+            raise InvalidJobError(f"timeout={timeout!r}: a job's timeout is a number of seconds above 0 (None: no limit)")
+        timeout = float(timeout)
+    for name, v in (("max_retries", max_retries), ("output_limit", output_limit)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise InvalidJobError(f"{name}={v!r} must be a whole number, 0 or more")
+    return timeout, max_retries, output_limit
 
 
 def counted(requires: Optional[dict]) -> Optional[dict]:

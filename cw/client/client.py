@@ -23,7 +23,7 @@ from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
 from ..errors import ClientError, ConfigError, MessageTooLargeError, NeedsReferences, TimeoutError
 from ..link import query_status
-from ..resources import requirements
+from ..resources import limits, requirements
 from ..serialize import data_hash, dumps_args, dumps_function, dumps_result, job_key, loads
 from ..serialize import ship_modules as ship
 from .connection import Connection
@@ -73,6 +73,7 @@ class Client:
         self.run = run
         self.serial = serial
         self._data: dict[str, bytes] = {}  # a serial client's scattered data
+        timeout, max_retries, output_limit = limits(timeout, max_retries, output_limit)  # refused now, not per job
         self.defaults = {"t": timeout, "m": max_retries}
         self._local = None
         self._conn: Connection | None = None
@@ -155,7 +156,9 @@ class Client:
                 cache: bool = True, requires: dict | None = None, timeout: float | None = None,
                 max_retries: int | None = None, output_limit: int | None = None,
                 sink: Callable | None = None, kill: bool = True) -> Future | Delivery:  # fmt: skip
-        requires = requirements(requires)  # checked here: a clear error now, not a job that never runs
+        # checked here: a clear error now (InvalidJobError), not a job that never runs or dies at once
+        requires = requirements(requires)
+        timeout, max_retries, output_limit = limits(timeout, max_retries, output_limit)
         fn_hash, fn_blob = dumps_function(fn)
         inputs, refs = (), ()
         try:
@@ -193,12 +196,12 @@ class Client:
             opts["r"] = requires
         t = timeout if timeout is not None else self.defaults["t"]
         if t is not None:
-            opts["t"] = float(t)
+            opts["t"] = t
         m = max_retries if max_retries is not None else self.defaults["m"]
         if m is not None:
-            opts["m"] = int(m)
+            opts["m"] = m
         if output_limit is not None:
-            opts["o"] = int(output_limit)
+            opts["o"] = output_limit
         return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink, kill)
 
     _serial_seq = itertools.count()

@@ -13,6 +13,8 @@ import time
 
 from .. import defaults
 from .. import protocol as P
+from ..errors import InvalidJobError
+from ..resources import limits, requirements
 from ..serialize import incompatibility
 from ..store import Outcome
 from .policy import Job, Worker
@@ -51,6 +53,26 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<session {self.id[:8]}>"
+
+
+def checked(opts: dict) -> dict:
+    """A SUBMIT row's options, checked as the client checks them (InvalidJobError if not):
+    a job the policy cannot read must never be stored, or it would stop every master."""
+    requires = requirements(opts.get("r"))
+    t, m, o = limits(opts.get("t"), opts.get("m"), opts.get("o"))
+    return {**opts, "r": requires, "t": t, "m": m, "o": o}
+
+
+def refusal(row) -> str | None:
+    """Why a stored job (a QueuedJob) cannot be taken in, or None: options a master that
+    did not check them stored. It fails alone; no master stops on it."""
+    if row.requires is None and row.timeout is None:
+        return None
+    try:
+        checked({"r": row.requires, "t": row.timeout})
+    except InvalidJobError as e:
+        return f"refused by the master: {e}"
+    return None
 
 
 class ClientHandlers:
@@ -145,6 +167,14 @@ class ClientHandlers:
             if seq in s.jobs:  # resent, and attached to a job already
                 continue
             opts = opts or {}
+            if opts.get("r") or "t" in opts or "o" in opts or "m" in opts:
+                try:  # checked by the client too; a message that skipped it must not reach dispatch
+                    opts = checked(opts)
+                except InvalidJobError as e:
+                    acks.append(seq)
+                    hits.append(P.ClientResult(seq, P.FAILED, f"refused by the master: {e}", ""))
+                    hit_blobs.append(b"")
+                    continue
             if s.run is not None and key is not None and opts.get("c", True):
                 if (key, fn) in firsts:
                     attach.append((seq, -1 - firsts[key, fn]))
@@ -170,12 +200,12 @@ class ClientHandlers:
                 if unknown:
                     refused.append((seq, f"its inputs name futures {unknown} this client never submitted"))
                     continue
-            timeout = None if opts.get("t") is None else float(opts["t"])
             if inputs or opts.get("x"):
                 graph.append((len(new), inputs, opts.get("x")))
             batch[int(seq)] = len(new)
-            new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), timeout,
-                        int(opts.get("m", defaults.MAX_RETRIES)), opts.get("o"), opts.get("p")))  # fmt: skip
+            retries = opts.get("m")
+            new.append((s.id, int(seq), s.run, key, fn, args, opts.get("r"), opts.get("t"),
+                        defaults.MAX_RETRIES if retries is None else retries, opts.get("o"), opts.get("p")))  # fmt: skip
         with self.store.savepoint():
             if fns:
                 self.store.add_functions(fns)

@@ -29,7 +29,7 @@ from .. import protocol as P
 from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
 from ..store import Outcome, Store
-from .clients import ClientHandlers, Session
+from .clients import ClientHandlers, Session, refusal
 from .door import Door
 from .graph import GraphHandlers
 from .policy import Job, Policy, Worker
@@ -356,9 +356,15 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
 
     def _take(self, row, edges: tuple | None = None) -> Job:
         """A stored job (a QueuedJob) into the queue, with its session: held instead while
-        its inputs have no result (``edges``: the store's graph_of, read here if not given)."""
-        job = Job(row.id, self._session(row.session), row.seq, row.fn, row.args, row.requires,
+        its inputs have no result (``edges``: the store's graph_of, read here if not given).
+        One whose options no policy can read (stored by a master that did not check them)
+        fails alone."""
+        bad = refusal(row)
+        job = Job(row.id, self._session(row.session), row.seq, row.fn, row.args, None if bad else row.requires,
                   row.timeout, row.max_retries, row.attempts, row.output_limit, row.key)  # fmt: skip
+        if bad:
+            self._finish(job, P.FAILED, b"", bad, "", None, None)
+            return job
         inputs, uses = edges if edges is not None else self.store.graph_of([row.id])
         job.inputs, job.refs = inputs.get(row.id), uses.get(row.id)
         self._admit(job)
