@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from conftest import wait_for
 
 import cw
+from cw.store.reader import StoreReader
 
 
 def nap(seconds, value):
@@ -214,6 +217,37 @@ def test_the_client_survives_a_result_that_exits_when_unpickled(workers):
             c.gather([c.submit(interrupts)])
         assert isinstance(e.value.original, KeyboardInterrupt)
         assert c.gather([c.submit(square, 5)]) == [25]
+
+
+def size_of(blob):
+    return len(blob)
+
+
+@pytest.mark.timeout(90)
+def test_close_leaves_what_was_submitted_at_the_master(master, workers, procs):
+    """close() right after submitting: the pending futures are cancelled, and every job
+    is at the master (it runs on and lands in the store), even when the master has not
+    read them yet when close() is called."""
+    m = procs.procs[0][1]
+    c = cw.Client(run="closed")
+    assert c.submit(size_of, b"").result(30) == 0
+    m.send_signal(signal.SIGSTOP)  # busy elsewhere: nothing is read for a while
+    try:
+        futures = [c.submit(size_of, bytes(500_000) + bytes([i])) for i in range(60)]  # 30 MB
+        closer = threading.Thread(target=c.close)
+        closer.start()
+        time.sleep(2.0)  # longer than a socket's linger
+    finally:
+        m.send_signal(signal.SIGCONT)
+    closer.join(60)
+    assert not closer.is_alive() and all(f.done() for f in futures)  # finished, or cancelled
+
+    def stored():
+        with StoreReader(master.store_path) as r:
+            return r.results("closed")
+
+    wait_for(lambda: len(stored()) == 61, timeout=60, what="every job in the store")
+    assert {row["status"] for row in stored()} == {"done"}
 
 
 def test_submit_after_close_says_the_client_is_closed(cw_home):

@@ -196,8 +196,12 @@ class Connection:
         return True
 
     def close(self) -> None:
+        """Close, once the master has committed what was submitted (up to EXIT_FLUSH s):
+        the jobs run on at the master and land in the store. Pending futures are cancelled."""
         if self.closed:
             return
+        if threading.current_thread() is not self.thread and self.thread.is_alive():
+            self.flush(defaults.EXIT_FLUSH)
         _open.discard(self)
         self.closed = True
         self._wake()
