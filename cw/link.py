@@ -87,7 +87,7 @@ class Link:
         self.ever_welcomed = False
         self.last_heard = self.last_sent = time.monotonic()
         self._lost_since: float | None = None
-        self._retry_at = 0.0
+        self._retry_at = self._looked = 0.0
         self._backoff = defaults.BACKOFF
 
     def _resolve(self) -> str | None:
@@ -239,11 +239,14 @@ class Link:
         self.drop()
 
     def drop(self) -> None:
-        """The master is gone (BYE, or another master at its address): reconnect at once."""
+        """The master is gone (BYE, or another master at its address): reconnect at once
+        the first time; while no master has answered since, with backoff (another master
+        holding the address refuses each connection at once: no loop)."""
         self.welcomed = False
         self.channel = None
         self.last_heard = time.monotonic() - self.master_timeout - 1
-        self._retry_at = 0.0
+        if self._lost_since is None:
+            self._retry_at = 0.0
 
     def keep_alive(self, now: float) -> bool:
         """Reconnect, with backoff, once the master has been silent too long; open the
@@ -256,7 +259,9 @@ class Link:
         if (self.channel is None and self._handshaken and self.sock is not None
                 and now - self._opened > defaults.HANDSHAKE_RETRY):  # fmt: skip
             self._open()
-        if now - self.last_heard <= self.master_timeout or now < self._retry_at:
+        if now - self.last_heard <= self.master_timeout:
+            return True
+        if now < self._retry_at and not self._moved(now):
             return True
         self._lost_since = self._lost_since or self.last_heard
         if self.give_up is not None and now - self._lost_since > self.give_up:
@@ -268,6 +273,15 @@ class Link:
         self._retry_at = now + self._backoff
         self._backoff = min(2 * self._backoff, defaults.BACKOFF_MAX)
         return True
+
+    def _moved(self, now: float) -> bool:
+        """While the master is lost, whether it published another address (a master
+        restarted on another port): then there is no waiting out the backoff. Looked at
+        once a second at most."""
+        if self.cluster is None or now < self._looked + 1.0:
+            return False
+        self._looked = now
+        return self._resolve() not in (None, self.address)
 
     def _close_sockets(self, linger: int) -> None:
         if self.sock is not None:

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -220,3 +221,39 @@ def test_chaos_kill_workers_every_2s(fast_master, procs):
     assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 5000
     assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 5000
     assert db.execute("SELECT count(*) FROM results WHERE status != 0").fetchone()[0] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_meets_another_master_on_its_masters_port(cw_home, procs, tmp_path):
+    """Its master dies and a master of another cluster takes the port: the worker's
+    reconnects are refused, with backoff (no loop); once its own master is back on another
+    port (master.json), it joins at once, without waiting out the backoff."""
+    from cw.discovery import ClusterDir
+
+    ours = ClusterDir()
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+    s.close()
+    a = procs.start("master-a", "-m", "cw.master", "--bind", "127.0.0.1", "--port", port, "--heartbeat", "0.2")
+    wait_for(ours.master_address, what="master.json")
+    start_workers(procs, 1, "--master-timeout", "1", "--give-up", "600")
+    with cw.Client() as c:
+        _workers(c, 1)
+    a.kill()
+    a.wait()
+    other = {"CW_HOME": str(tmp_path / "other-home")}
+    b = procs.start("master-b", "-m", "cw.master", "--bind", "127.0.0.1", "--port", port, "--heartbeat", "0.2", env=other)
+    wait_for(lambda: "rejects our key" in procs.log("worker-1"), timeout=30, what="the other master's refusal")
+    time.sleep(8)
+    refusals = procs.log("worker-1").count("rejects our key")
+    assert refusals <= 8, f"{refusals} reconnects to the other master in 8 s"
+    b.terminate()
+    b.wait()
+    procs.start("master-a2", "-m", "cw.master", "--bind", "127.0.0.1", "--port", "0", "--heartbeat", "0.2")
+    wait_for(lambda: (ours.master_address() or ":" + port).rsplit(":", 1)[1] != port, what="the new master.json")
+    t0 = time.monotonic()
+    with cw.Client() as c:
+        wait_for(lambda: len(c.status()["workers"]) == 1, timeout=15, what="the worker back")
+        assert c.submit(square, 4).result(30) == 16
+    assert time.monotonic() - t0 < 10
