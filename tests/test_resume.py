@@ -159,10 +159,16 @@ def test_retry_failed_through_the_live_master(master, workers, tmp_path):
     with cw.Client(run="again") as c:
         with pytest.raises(RuntimeError, match="first run fails"):
             c.submit(flaky, marker).result(30)
+        cancelled = c.submit(nap, 30, "cancelled")
+        wait_for(cancelled.running, timeout=30, what="the job to start")
+        assert c.cancel([cancelled]) == 1  # cancelled, not failed: a retry leaves it so
     out = cw_cli("retry", "again", "--failed")
     assert out.returncode == 0 and "1 failed jobs of run again requeued by the master" in out.stdout
     db = sqlite3.connect(master.store_path)
-    wait_for(lambda: db.execute("SELECT r.status FROM results r").fetchall() == [(0,)], what="retried job done")
+    wait_for(lambda: db.execute("SELECT r.status FROM results r ORDER BY r.job").fetchall() == [(0,), (5,)],
+             what="retried job done")  # fmt: skip
+    time.sleep(1.0)
+    assert db.execute("SELECT r.status FROM results r ORDER BY r.job").fetchall() == [(0,), (5,)]
     assert cw_cli("results", "again", "--failed", "--format", "csv").stdout.strip().count("\n") == 0
 
 

@@ -85,7 +85,7 @@ def _amount(k: str, v: float) -> str:
 @click.command("results")
 @click.argument("run", required=False)
 @cluster_options
-@click.option("--failed", is_flag=True, help="Only jobs that did not succeed.")
+@click.option("--failed", is_flag=True, help="Only jobs that failed (not those that succeeded or were cancelled).")
 @click.option("--outputs", "files", is_flag=True, help="List the files the jobs archived (see `cw pull`).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True, help="Output format.")
@@ -139,7 +139,7 @@ def format_rows(rows: list[dict], fmt: str, columns: tuple = COLUMNS) -> str:
 @click.argument("run")
 @click.argument("which", required=False, metavar="[KEY|ID]")
 @cluster_options
-@click.option("--failed", is_flag=True, help="Only jobs that did not succeed.")
+@click.option("--failed", is_flag=True, help="Only jobs that failed (not those that succeeded or were cancelled).")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing the output of jobs as they finish (Ctrl-C stops).")
 def logs_cmd(run, which, cluster_name, cluster_dir, failed, follow):
     """Each finished job's own stdout and stderr in RUN ('-': jobs without a run name).
@@ -187,7 +187,7 @@ def _log_text(r: dict) -> str:
 @click.command("retry")
 @click.argument("run")
 @cluster_options
-@click.option("--failed", is_flag=True, required=True, help="Requeue the jobs that did not succeed.")
+@click.option("--failed", is_flag=True, required=True, help="Requeue the jobs that failed (cancelled ones stay cancelled).")
 def retry_cmd(run, cluster_name, cluster_dir, failed):
     """Run the failed jobs of RUN again (through the live master, else in the store)."""
     cluster = cluster_from(cluster_name, cluster_dir, read=True)

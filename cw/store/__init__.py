@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from .. import defaults
 from ..errors import StoreError
-from ..protocol import OK
+from ..protocol import CANCELLED, OK
 from .graph import GraphVerbs
 from .schema import SCHEMA_VERSION, prepare
 from .sqlite import Checkpointer, chunks, connect, file_identity, guarded, json_column
@@ -356,10 +356,12 @@ class Store(GraphVerbs):
 
     @guarded
     def retry_failed(self, run: str) -> list[QueuedJob]:
-        """Forget the failed results of a run; its jobs, for the queue."""
+        """Forget the failed results of a run; its jobs, for the queue. Cancelled jobs
+        are not failures: they stay cancelled (a user asked for it)."""
         self._begin()
-        failed = "SELECT job FROM results r JOIN jobs j ON j.id = r.job WHERE j.run IS ? AND r.status != ?"
-        ids = [r[0] for r in self.conn.execute(failed, (run, OK))]
+        failed = ("SELECT job FROM results r JOIN jobs j ON j.id = r.job WHERE j.run IS ?"
+                  " AND r.status NOT IN (?, ?)")  # fmt: skip
+        ids = [r[0] for r in self.conn.execute(failed, (run, OK, CANCELLED))]
         # the failed attempt stays in the job's history
         self.conn.executemany(
             "INSERT INTO attempts SELECT job, worker, queued, started, finished, status, error, stdout,"

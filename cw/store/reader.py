@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..protocol import OK, RAISED, STATUS_NAMES
+from ..protocol import CANCELLED, OK, RAISED, STATUS_NAMES
 from .schema import check_readable
 from .sqlite import connect, guarded
 
-_FAILED = f"r.status NOT IN ({OK}, 5)"  # not done, not cancelled
+_FAILED = f"r.status NOT IN ({OK}, {CANCELLED})"  # not done, not cancelled
 
 
 def integrity(path: str | Path, quick: bool = False) -> list[str]:
@@ -85,7 +85,7 @@ class StoreReader:
         return self._rows(
             "SELECT coalesce(j.run, '') AS run, count(*) AS jobs, count(*) - count(r.job) AS pending,"
             f" sum(r.status = {OK}) AS done, sum({_FAILED.replace('r.status', 'coalesce(r.status, 0)')})"
-            " AS failed, sum(r.status = 5) AS cancelled, min(j.submitted) AS submitted,"
+            f" AS failed, sum(r.status = {CANCELLED}) AS cancelled, min(j.submitted) AS submitted,"
             " max(r.finished) AS finished FROM jobs j LEFT JOIN results r ON r.job = j.id"
             " GROUP BY coalesce(j.run, '') ORDER BY min(j.id)"
         )
@@ -105,10 +105,10 @@ class StoreReader:
         files = "(SELECT count(*) FROM outputs o WHERE o.job = j.id)" if self.has_files else "0"
         sql = (f"SELECT j.id, j.seq, j.run, j.key, r.status, r.value, r.error, r.worker, r.runtime, {timing},"
                f" r.finished, {files} FROM jobs j JOIN results r ON r.job = j.id WHERE {where}"
-               + (" AND r.status != ?" if failed else "") + " ORDER BY j.id")  # fmt: skip
+               + (f" AND {_FAILED}" if failed else "") + " ORDER BY j.id")  # fmt: skip
         out = []
         for jid, seq, r, key, status, value, error, worker, runtime, queued, started, finished, n in \
-                self.conn.execute(sql, params + ([OK] if failed else [])):  # fmt: skip
+                self.conn.execute(sql, params):  # fmt: skip
             out.append({
                 "job": jid, "seq": seq, "run": r, "key": key, "status": STATUS_NAMES.get(status, str(status)),
                 "value": _value_text(value) if status == OK else None, "error": error, "worker": worker,
