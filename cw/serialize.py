@@ -22,7 +22,6 @@ from .version import __version__
 
 PROTOCOL = 5  # readable by every supported Python (3.8+)
 _FN_CACHE_SIZE = 256
-_fn_cache: OrderedDict[Any, tuple[str, bytes]] = OrderedDict()
 _by_value_lock = threading.Lock()
 _SYSTEM_DIRS = tuple(
     os.path.realpath(p) + os.sep
@@ -53,11 +52,28 @@ def ship_modules(modules: Iterable[ModuleType | str]) -> None:
     """Send these modules' functions and classes by value from now on (no import on workers)."""
     for m in modules:
         cloudpickle.register_pickle_by_value(sys.modules[m] if isinstance(m, str) else m)
-    _fn_cache.clear()
 
 
-def dumps_function(fn: Callable) -> tuple[str, bytes]:
-    """(hash, bytes) of a function; pickled once per function object, like dask does.
+class FunctionCache:
+    """Functions pickled by one client: each once, with the globals it reads then (as
+    dask does), by function object. A new client pickles them anew."""
+
+    def __init__(self, size: int = _FN_CACHE_SIZE):
+        self.size = size
+        self.items: OrderedDict[Any, tuple[str, bytes]] = OrderedDict()
+
+    def get(self, fn: Any) -> tuple[str, bytes] | None:
+        return self.items.get(fn)
+
+    def put(self, fn: Any, out: tuple[str, bytes]) -> None:
+        self.items[fn] = out
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+def dumps_function(fn: Callable, cache: FunctionCache | None = None) -> tuple[str, bytes]:
+    """(hash, bytes) of a function; pickled once per function object and cache (a
+    client's), like dask does.
 
     A function from the user's own module travels by reference (the worker
     imports it, so module state and classes stay the module's own), with a
@@ -69,7 +85,7 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
     # state that may change between submits. (A function's globals are captured
     # when it is first pickled: pass what changes as arguments.)
     cacheable = isinstance(fn, types.FunctionType)
-    hit = _fn_cache.get(fn) if cacheable else None
+    hit = cache.get(fn) if cacheable and cache is not None else None
     if hit is not None:
         return hit
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', None) or _describe(fn)}"
@@ -92,10 +108,8 @@ def dumps_function(fn: Callable) -> tuple[str, bytes]:
                     cloudpickle.unregister_pickle_by_value(mod)
     blob = pickle.dumps((name, primary, fallback), protocol=PROTOCOL)
     out = (blake2b(blob, digest_size=16).hexdigest(), blob)
-    if cacheable:
-        _fn_cache[fn] = out
-        if len(_fn_cache) > _FN_CACHE_SIZE:
-            _fn_cache.popitem(last=False)
+    if cacheable and cache is not None:
+        cache.put(fn, out)
     return out
 
 

@@ -383,3 +383,28 @@ def test_an_attached_submission_survives_a_master_restart(cw_home, procs, tmp_pa
         m1.wait()
         start_master(procs, "m2")
         assert second.result(90) == 3 and first.result(90) == 3
+
+
+CLIENTS = """
+import cw
+
+SCALE = 1
+
+def f(x):
+    return x * SCALE
+
+with cw.Client() as c1:
+    print(c1.submit(f, 10).result(30))
+SCALE = 100
+with cw.Client() as c2:  # a new client pickles the function anew, with the globals of now
+    print(c2.submit(f, 10).result(30))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_each_client_pickles_its_functions_anew(master, workers, tmp_path):
+    script = tmp_path / "clients.py"
+    script.write_text(textwrap.dedent(CLIENTS))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10", "1000"]

@@ -24,7 +24,15 @@ from ..discovery import ClusterDir, resolve_address
 from ..errors import ClientError, ConfigError, MessageTooLargeError, NeedsReferences, TimeoutError
 from ..link import query_status
 from ..resources import limits, requirements
-from ..serialize import data_hash, dumps_args, dumps_function, dumps_result, job_key, loads
+from ..serialize import (
+    FunctionCache,
+    data_hash,
+    dumps_args,
+    dumps_function,
+    dumps_result,
+    job_key,
+    loads,
+)
 from ..serialize import ship_modules as ship
 from .connection import Connection
 from .futures import Delivery, Future
@@ -77,6 +85,7 @@ class Client:
         self.defaults = {"t": timeout, "m": max_retries}
         self._local = None
         self._conn: Connection | None = None
+        self._functions = FunctionCache()  # each function pickled once by this client
         if ship_modules:
             ship(ship_modules)
         if serial:
@@ -159,7 +168,7 @@ class Client:
         # checked here: a clear error now (InvalidJobError), not a job that never runs or dies at once
         requires = requirements(requires)
         timeout, max_retries, output_limit = limits(timeout, max_retries, output_limit)
-        fn_hash, fn_blob = dumps_function(fn)
+        fn_hash, fn_blob = dumps_function(fn, self._functions)
         inputs, refs = (), ()
         try:
             args_blob = dumps_args(args, kwargs)
