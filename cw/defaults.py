@@ -90,6 +90,10 @@ EXECUTOR_BATCH_MAX = 200
 #: freed memory back to the system (malloc_trim, at most once a second, once idle), so
 #: that it returns to its baseline.
 RELEASE_BYTES = 1024 * 1024
+#: Arguments that pickle to at most this many bytes and hold a set get their default key
+#: (in a named run) from a pickle with every set in sorted order: a set's order changes
+#: with each interpreter's string hashing, and the key must not. Larger ones keep their bytes.
+CANONICAL_KEY_BYTES = 4 * 1024 * 1024
 #: Seconds a worker keeps looking for processes of killed executors' jobs (to end them).
 ORPHAN_SWEEP = 5.0
 #: Weight of a new sample in the smoothed runtime of a function (exponential moving average).

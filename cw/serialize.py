@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import cloudpickle
 
+from . import defaults
 from .errors import JobError, NeedsReferences, RemoteTraceback, SerializationError
 from .version import __version__
 
@@ -54,6 +55,57 @@ def ship_modules(modules: Iterable[ModuleType | str]) -> None:
         cloudpickle.register_pickle_by_value(sys.modules[m] if isinstance(m, str) else m)
 
 
+class _Canonical(pickle._Pickler):  # type: ignore[name-defined]
+    """cloudpickle's reductions on the Python pickler, with every set in sorted order.
+
+    A set's order follows its elements' hashes, which change with each interpreter
+    (PYTHONHASHSEED), and so would a job's function hash and default key: a re-run
+    of a named run would miss its stored results. The C pickler writes sets before
+    any hook could order them; this one asks ``reducer_override`` first.
+    """
+
+    dispatch_table = cloudpickle.Pickler.dispatch_table
+    _function_reduce = cloudpickle.Pickler._function_reduce
+    _dynamic_function_reduce = cloudpickle.Pickler._dynamic_function_reduce
+    _function_getnewargs = cloudpickle.Pickler._function_getnewargs
+
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=PROTOCOL)
+        self.globals_ref: dict = {}
+        self.proto = PROTOCOL
+
+    def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is set or t is frozenset:
+            try:
+                items = sorted(obj)
+            except TypeError:  # elements of several types: by their own (canonical) bytes
+                items = sorted(obj, key=_canonical)
+            return t, (items,)
+        return cloudpickle.Pickler.reducer_override(self, obj)
+
+
+def _canonical(obj: Any) -> bytes:
+    with io.BytesIO() as f:
+        _Canonical(f).dump(obj)
+        return f.getvalue()
+
+
+def _has_set(blob: bytes) -> bool:
+    """Whether a pickle (protocol 4+) may hold a set: EMPTY_SET or FROZENSET, then MEMOIZE."""
+    return b"\x8f\x94" in blob or b"\x91\x94" in blob
+
+
+def _stable(obj: Any, blob: bytes) -> bytes:
+    """The pickle of obj with its sets in sorted order when it may hold one, else blob."""
+    if not _has_set(blob) or len(blob) > defaults.CANONICAL_KEY_BYTES:
+        return blob
+    try:
+        return _canonical(obj)
+    except Exception:  # what only the C pickler takes: its bytes, then
+        return blob
+
+
 class FunctionCache:
     """Functions pickled by one client: each once, with the globals it reads then (as
     dask does), by function object. A new client pickles them anew."""
@@ -77,7 +129,9 @@ def dumps_function(fn: Callable, cache: FunctionCache | None = None) -> tuple[st
 
     A function from the user's own module travels by reference (the worker
     imports it, so module state and classes stay the module's own), with a
-    by-value copy beside it for a worker that cannot import the module.
+    by-value copy beside it for a worker that cannot import the module. The
+    same function pickles to the same bytes in every interpreter (sets sorted),
+    so its hash names it across re-runs.
     """
     if not callable(fn):
         raise SerializationError(f"cannot submit {_describe(fn)}: it is not callable")
@@ -90,7 +144,7 @@ def dumps_function(fn: Callable, cache: FunctionCache | None = None) -> tuple[st
         return hit
     name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', None) or _describe(fn)}"
     try:
-        primary = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        primary = _stable(fn, cloudpickle.dumps(fn, protocol=PROTOCOL))
     except Exception as e:
         raise SerializationError(f"cannot pickle function {name}: {e}") from e
     fallback = None
@@ -101,7 +155,7 @@ def dumps_function(fn: Callable, cache: FunctionCache | None = None) -> tuple[st
             if not already:
                 cloudpickle.register_pickle_by_value(mod)
                 try:
-                    fallback = cloudpickle.dumps(fn, protocol=PROTOCOL)
+                    fallback = _stable(fn, cloudpickle.dumps(fn, protocol=PROTOCOL))
                 except Exception:
                     fallback = None  # by reference only, then
                 finally:
@@ -163,11 +217,13 @@ def dumps_args(args: tuple, kwargs: dict, persistent_id: Callable[[Any], Any] | 
         raise SerializationError(f"cannot pickle the arguments: {e}") from e
 
 
-def job_key(fn_hash: str, args_blob: bytes, input_keys: Iterable[str] = ()) -> str:
+def job_key(fn_hash: str, args_blob: bytes, input_keys: Iterable[str] = (), value: tuple | None = None) -> str:
     """The default key of a job: hash of (function hash, argument bytes, and the keys of
-    the jobs whose results are its inputs, in order)."""
+    the jobs whose results are its inputs, in order). Given the arguments (``value``:
+    args and kwargs), bytes that may hold a set are made again with sets in sorted
+    order, so that the key is the same in every interpreter."""
     h = blake2b(fn_hash.encode(), digest_size=16)
-    h.update(args_blob)
+    h.update(args_blob if value is None else _stable(value, args_blob))
     for k in input_keys:
         h.update(b"\0" + k.encode())
     return h.hexdigest()

@@ -385,6 +385,46 @@ def test_an_attached_submission_survives_a_master_restart(cw_home, procs, tmp_pa
         assert second.result(90) == 3 and first.result(90) == 3
 
 
+SETS = """
+import os, sys, uuid
+import cw
+
+WORDS = {"alpha", "beta", "gamma", "delta", "epsilon"}
+
+def ran(where, what):
+    open(os.path.join(where, f"{what}-{uuid.uuid4().hex}"), "w").close()
+
+def with_set(where, s):
+    ran(where, "set")
+    return len(s)
+
+def reads_a_global_set(where, x):
+    ran(where, "global")
+    return x in WORDS and x not in {"zeta", "eta", "theta"}
+
+with cw.Client(run="sets") as c:
+    futures = [c.submit(with_set, sys.argv[1], {"a", "b", "c", "d", "e"}),
+               c.submit(with_set, sys.argv[1], frozenset({"f", "g", "h", "i"})),
+               c.submit(reads_a_global_set, sys.argv[1], "beta")]
+    print(c.gather(futures))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_rerun_finds_jobs_whose_function_or_arguments_hold_sets(master, workers, tmp_path):
+    """A set's order changes with each interpreter's string hashing: the function's hash
+    and the default key must not, or a re-run runs everything again."""
+    script = tmp_path / "sets.py"
+    script.write_text(textwrap.dedent(SETS))
+    execs = tmp_path / "execs"
+    execs.mkdir()
+    for seed in ("1", "2", "3"):
+        out = subprocess.run([sys.executable, str(script), str(execs)], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PYTHONHASHSEED": seed})  # fmt: skip
+        assert out.returncode == 0 and out.stdout.strip() == "[5, 4, True]", out.stderr
+    assert sorted(name.split("-")[0] for name in os.listdir(execs)) == ["global", "set", "set"]
+
+
 CLIENTS = """
 import cw
 

@@ -191,7 +191,8 @@ class Client:
             raise ClientError("this client is closed: make a new one to submit more jobs")
         if key is None and self.run is not None and cache:
             keys = [f.key for f in inputs]  # a re-run reuses a graph node by node
-            key = job_key(fn_hash, args_blob, keys) if None not in keys else None
+            plain = None if inputs or refs else (args, kwargs)  # sets in them hashed in sorted order
+            key = job_key(fn_hash, args_blob, keys, plain) if None not in keys else None
         opts: dict = {}
         if inputs:
             opts["d"] = [f.jobid for f in inputs]
