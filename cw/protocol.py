@@ -108,6 +108,7 @@ class ClientResult(NamedTuple):
     status: int
     error: Optional[str]
     traceback: Optional[str]
+    job: Optional[int] = None  #: the store's id of the job that answered (an earlier one's, for a stored result)
 
 
 class Message(NamedTuple):
@@ -129,7 +130,7 @@ MESSAGES = (
     Message("client", "master", CANCEL, ("s",)),
     Message("client", "master", STATUS, ()),
     Message("client", "master", RETRY, ("run",)),
-    Message("client", "master", OUTPUT, ("session", "seq")),
+    Message("client", "master", OUTPUT, ("session", "seq", "job?")),
     Message("client", "master", PAUSE, ("host?", "worker?", "seconds?", "stop?")),
     Message("client", "master", RESUME, ("host?", "worker?")),
     Message("client", "master", NEED, ("s",)),

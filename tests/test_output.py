@@ -292,3 +292,30 @@ def test_an_executor_holds_only_its_own_two_capture_files(master, procs):
     with cw.Client() as c:
         c.submit(crash_after_writing).exception(30)  # one executor replaced
         assert set(c.gather([c.submit(capture_files) for _ in range(12)], timeout=30)) == {2}
+
+
+def says_slowly(x, seconds=0.0):
+    time.sleep(seconds)
+    print(f"said {x}")
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_stored_or_attached_answer_has_its_jobs_output(master, workers):
+    """A submission answered by an earlier job (its stored result, or attached to it while
+    it runs) has that job's output: the output of the job that answered it."""
+    with cw.Client(run="told") as first:
+        assert first.submit(says_slowly, 1).result(30) == 1
+        running = first.submit(says_slowly, 2, 2.0)
+        with cw.Client(run="told") as again:
+            stored, attached = again.submit(says_slowly, 1), again.submit(says_slowly, 2, 2.0)
+            assert stored.result(30) == 1 and attached.result(30) == 2
+            assert stored.stdout() == "said 1\n" and stored.stderr() == ""
+            assert attached.stdout() == "said 2\n"
+        assert running.result(30) == 2 and running.stdout() == "said 2\n"
+        assert stored_output_has(master, "told", "said 1") and stored_output_has(master, "told", "said 2")
+
+
+def stored_output_has(cluster, run, text):
+    with StoreReader(cluster.store_path) as r:
+        return any(text in row["stdout"] for row in r.outputs(run))

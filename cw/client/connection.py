@@ -138,10 +138,13 @@ class Connection:
         self._wake()
         return fut
 
-    def output(self, seq: int) -> tuple[int | None, str | None, str | None]:
-        """A finished job's (status, stdout, stderr), asked of the master (None while unfinished)."""
-        h = ask(self.address, self.key, P.OUTPUT, {"session": self.session, "seq": seq},
-                timeout=self.connect_timeout, encrypt=self.encrypt)  # fmt: skip
+    def output(self, seq: int, job: int | None = None) -> tuple[int | None, str | None, str | None]:
+        """A finished job's (status, stdout, stderr), asked of the master (None while unfinished):
+        by the id of the job that answered when known (a stored result's is an earlier job's)."""
+        header = {"session": self.session, "seq": seq}
+        if job is not None:
+            header["job"] = job
+        h = ask(self.address, self.key, P.OUTPUT, header, timeout=self.connect_timeout, encrypt=self.encrypt)
         return h.get("status"), h.get("stdout"), h.get("stderr")
     def scatter(self, data_hash: str, blob: bytes, broadcast: bool) -> None:
         """Send data once, to be named by its hash in any number of jobs' arguments."""
@@ -418,11 +421,14 @@ class Connection:
         futures = self.futures
         kept = set(kept) if kept else ()
         for row, blob in zip(rows, blobs):
-            seq, status, err, tb = row  # a protocol.ClientResult
+            seq, status, err, tb = row[:4]  # a protocol.ClientResult
+            job = row[4] if len(row) > 4 else None  # the store's id of the job that answered
             if seq in kept:
                 fut = futures.get(seq)
                 if fut is None:
                     continue
+                if job is not None and type(fut) is Future:
+                    fut._job = job
                 if isinstance(fut, Future) and not fut._done_callbacks:
                     del futures[seq]
                     fut._kept()
@@ -445,6 +451,8 @@ class Connection:
                     else:
                         fut._fill(error_for(status, err, tb, blob, self.session), True)
                 continue
+            if job is not None and type(fut) is Future:
+                fut._job = job
             if status == P.OK:
                 try:
                     value = loads(blob)

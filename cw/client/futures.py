@@ -54,6 +54,7 @@ class Future(cf.Future):
     """
 
     _output: tuple | None = None  # (status, stdout, stderr), asked once the job finished
+    _job: int | None = None  # the store's id of the job that answered, from its result
 
     def __init__(self, jobid: int, conn: Connection | None = None, kill: bool = True):
         super().__init__()
@@ -130,7 +131,7 @@ class Future(cf.Future):
 
     def _fetch_output(self) -> tuple | None:
         if self._output is None and self.done() and self._conn is not None:
-            out = self._conn.output(self.jobid)
+            out = self._conn.output(self.jobid, self._job)
             if out[0] is not None:
                 self._output = out
         return self._output

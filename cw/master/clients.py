@@ -113,7 +113,8 @@ class ClientHandlers:
 
     def _output(self, h: dict) -> dict:
         """A finished job's own output, by session and seq (the answer to OUTPUT)."""
-        row = self.store.output(str(h["session"]), int(h["seq"]))
+        job = h.get("job")
+        row = self.store.output(str(h["session"]), int(h["seq"]), None if job is None else int(job))
         if row is None:
             return {"status": None, "stdout": None, "stderr": None}
         return {"status": row[0], "stdout": row[1], "stderr": row[2]}
@@ -126,12 +127,12 @@ class ClientHandlers:
     def _stored_results(self, s: Session, seqs: list[int]) -> None:
         found = set()
         for r in self.store.session_results(s.id, seqs):
-            s.results.append(P.ClientResult(r.seq, r.status, r.error, r.traceback))
+            s.results.append(P.ClientResult(r.seq, r.status, r.error, r.traceback, r.job))
             s.blobs.append(r.value or b"")
             found.add(r.seq)
         if len(found) < len(seqs):  # answered by another job's result: a re-run's, or one attached to
-            for seq, status, value, err, tb in self.store.alias_results(s.id, [q for q in seqs if q not in found]):
-                s.results.append(P.ClientResult(seq, status, err, tb))
+            for seq, status, value, err, tb, job in self.store.alias_results(s.id, [q for q in seqs if q not in found]):
+                s.results.append(P.ClientResult(seq, status, err, tb, job))
                 s.blobs.append(value or b"")
         self._dirty.add(s)
 
@@ -187,7 +188,7 @@ class ClientHandlers:
                         batch[int(seq)] = -1 - m.job
                     else:
                         acks.append(seq)
-                        hits.append(P.ClientResult(seq, m.status, m.error, m.traceback))
+                        hits.append(P.ClientResult(seq, m.status, m.error, m.traceback, m.job))
                         hit_blobs.append(m.value or b"")
                         aliases.append((s.id, int(seq), m.job))  # later jobs may take it as input
                         s.finished(int(seq), m.job)
@@ -252,7 +253,7 @@ class ClientHandlers:
             if job is None:  # cannot be: the store said it is unfinished
                 s.acks.append(seq)
                 s.results.append((seq, P.FAILED, f"job {j} vanished before this submission could"
-                                  " attach to it: submit it again", ""))  # fmt: skip
+                                  " attach to it: submit it again", "", None))  # fmt: skip
                 s.blobs.append(b"")
                 continue
             if job.followers is None:
@@ -310,7 +311,7 @@ class ClientHandlers:
             self.store.add_results([Outcome(i, P.CANCELLED, b"", "cancelled", "", None, None, now, None,
                                             None, None, None) for i in ids.values()])  # fmt: skip
             for seq in ids:
-                s.results.append(P.ClientResult(seq, P.CANCELLED, "cancelled", ""))
+                s.results.append(P.ClientResult(seq, P.CANCELLED, "cancelled", "", ids[seq]))
                 s.blobs.append(b"")
             self._dirty.add(s)
 
@@ -318,7 +319,7 @@ class ClientHandlers:
         """Tell a session its submission is cancelled (acknowledged too: it may never have been)."""
         s.jobs.pop(seq, None)
         s.acks.append(seq)
-        s.results.append((seq, P.CANCELLED, "cancelled", ""))
+        s.results.append((seq, P.CANCELLED, "cancelled", "", None))
         s.blobs.append(b"")
         self._dirty.add(s)
 

@@ -316,7 +316,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         if s is not None:
             s.jobs.pop(job.seq, None)
             s.finished(job.seq, job.id)
-            s.results.append((job.seq, status, err, tb))  # a ClientResult row
+            s.results.append((job.seq, status, err, tb, job.id))  # a ClientResult row
             if kept:
                 s.kept.add(job.seq)
                 s.blobs.append(b"")
@@ -329,7 +329,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
                 fs.jobs.pop(fseq, None)
                 fs.finished(fseq, job.id)
                 fs.acks.append(fseq)  # never acknowledged before: it rides with its result
-                fs.results.append((fseq, status, err, tb))
+                fs.results.append((fseq, status, err, tb, job.id))
                 if kept:
                     fs.kept.add(fseq)
                 fs.blobs.append(b"" if kept else blob)

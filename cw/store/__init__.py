@@ -111,6 +111,7 @@ class StoredResult(NamedTuple):
     value: bytes
     error: Optional[str]
     traceback: Optional[str]
+    job: int
 
 
 class KeyMatch(NamedTuple):
@@ -437,15 +438,20 @@ class Store(GraphVerbs):
         out: list[StoredResult] = []
         for chunk in chunks(list(seqs)):
             out += map(StoredResult._make, self.conn.execute(
-                "SELECT j.seq, r.status, r.value, r.error, r.traceback FROM jobs j"
+                "SELECT j.seq, r.status, r.value, r.error, r.traceback, j.id FROM jobs j"
                 " JOIN results r ON r.job = j.id"
                 f" WHERE j.session = ? AND j.seq IN ({','.join('?' * len(chunk))})",
                 (session, *chunk)))  # fmt: skip
         return out
 
     @guarded
-    def output(self, session: str, seq: int) -> tuple[int, Optional[str], Optional[str]] | None:
-        """A finished job's (status, stdout, stderr), by its client's seq; None while it has no result."""
+    def output(self, session: str, seq: int, job: int | None = None) -> tuple[int, Optional[str], Optional[str]] | None:
+        """A finished job's (status, stdout, stderr), by its id, else by its client's seq;
+        None while it has no result."""
+        if job is not None:
+            return self.conn.execute(
+                "SELECT status, coalesce(stdout, ''), coalesce(stderr, '') FROM results WHERE job = ?", (job,)
+            ).fetchone()
         return self.conn.execute(
             "SELECT r.status, coalesce(r.stdout, ''), coalesce(r.stderr, '') FROM jobs j"
             " JOIN results r ON r.job = j.id WHERE j.session = ? AND j.seq = ?", (session, seq)

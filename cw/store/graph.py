@@ -99,12 +99,12 @@ class GraphVerbs:
 
     @guarded
     def alias_results(self, session: str, seqs: Sequence[int]) -> list[tuple]:
-        """(seq, status, value, error, traceback) of this session's submissions answered by
-        another job's result (a re-run, or one attached to a job of the same key)."""
+        """(seq, status, value, error, traceback, job) of this session's submissions answered
+        by another job's result (a re-run, or one attached to a job of the same key)."""
         out: list[tuple] = []
         for chunk in chunks(list(seqs)):
             out += self.conn.execute(
-                "SELECT a.seq, r.status, r.value, r.error, r.traceback FROM aliases a JOIN results r"
+                "SELECT a.seq, r.status, r.value, r.error, r.traceback, a.job FROM aliases a JOIN results r"
                 f" ON r.job = a.job WHERE a.session = ? AND a.seq IN ({','.join('?' * len(chunk))})",
                 (session, *chunk)).fetchall()  # fmt: skip
         return out
