@@ -203,9 +203,9 @@ class SetupError(CwError):
 class DependencyError(CwError):
     """An input of the job (a future passed as one of its arguments) did not succeed.
 
-    ``jobid`` is the failed input's future number in this client (its
-    ``Future.jobid``), or None when it belongs to another client; ``job`` its
-    id in the store; ``error`` the exception that input raised (or the error
+    ``jobid`` is the failed input's ``Future.jobid`` (its id in the store) when it
+    is this client's, None when it belongs to another client; ``job`` its id in
+    the store; ``error`` the exception that input raised (or the error
     that stopped it: crashed, lost, timed out). The job itself never ran.
     """
 

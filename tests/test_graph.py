@@ -81,14 +81,14 @@ def test_a_failed_input_fails_its_dependents_with_dependency_error(master, worke
             with pytest.raises(cw.DependencyError) as info:
                 f.result(60)
             e = info.value
-            assert e.jobid == bad.jobid  # the first job that failed, by this client's number
+            assert e.jobid == bad.jobid == e.job  # the first job that failed, by its number in the store
             assert isinstance(e.error, ZeroDivisionError) and "boom 7" in str(e.error)
-            assert f"job {bad.jobid} of this client" in str(e)
+            assert f"job {bad.jobid} ended" in str(e)
         with pytest.raises(ZeroDivisionError):
             bad.result()
         assert fine.result(10) == 2
     db = sqlite3.connect(ClusterDir().store_path)
-    statuses = dict(db.execute("SELECT j.seq, r.status FROM jobs j JOIN results r ON r.job = j.id"))
+    statuses = dict(db.execute("SELECT j.id, r.status FROM jobs j JOIN results r ON r.job = j.id"))
     assert statuses[child.jobid] == statuses[grandchild.jobid] == statuses[mixed.jobid] == P.DEPENDENCY
 
 

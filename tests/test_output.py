@@ -319,3 +319,41 @@ def test_a_stored_or_attached_answer_has_its_jobs_output(master, workers):
 def stored_output_has(cluster, run, text):
     with StoreReader(cluster.store_path) as r:
         return any(text in row["stdout"] for row in r.outputs(run))
+
+
+def exits_after_saying(x):
+    print(f"call {x}", flush=True)
+    if x == 2:
+        os._exit(3)
+    return x
+
+
+class Unloadable:
+    def __reduce__(self):
+        return (int, ("x",))
+
+
+def unloadable():
+    return Unloadable()
+
+
+@pytest.mark.timeout(60)
+def test_a_future_knows_its_jobs_number_in_the_store(master, workers):
+    """One number: future.jobid is the id error messages and cw logs use, whatever the
+    session (a second client numbers its submissions from 0 again)."""
+    with cw.Client(run="ids") as c:
+        c.submit(exits_after_saying, 0).result(30)
+    with cw.Client(run="ids") as c2:
+        ok, crash = c2.submit(exits_after_saying, 1), c2.submit(exits_after_saying, 2)
+        assert ok.result(30) == 1
+        with pytest.raises(cw.JobCrashedError) as e:
+            crash.result(30)
+        assert crash.jobid is not None and str(e.value).startswith(f"job {crash.jobid} ")
+        bad = c2.submit(unloadable)
+        assert f"result of job {bad.exception(30) and bad.jobid}:" in str(bad.exception())
+    with StoreReader(master.store_path) as r:
+        out = {row["job"]: row["stdout"] for row in r.outputs("ids")}
+    assert out[ok.jobid] == "call 1\n" and out[crash.jobid] == "call 2\n"
+    logs = subprocess.run([sys.executable, "-m", "cw", "logs", "ids", str(ok.jobid)], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert "call 1" in logs.stdout and "call 0" not in logs.stdout, logs.stdout + logs.stderr

@@ -195,7 +195,7 @@ class Client:
             key = job_key(fn_hash, args_blob, keys, plain) if None not in keys else None
         opts: dict = {}
         if inputs:
-            opts["d"] = [f.jobid for f in inputs]
+            opts["d"] = [f._seq for f in inputs]
         if refs:
             opts["x"] = refs
         if current.job_id is not None:  # submitted by a job: its child
@@ -309,8 +309,8 @@ class Client:
         return sum(bool(f._cancel(kill=True) if isinstance(f, Future) else f.cancel()) for f in futures)
 
     def output(self, jobid: int) -> tuple[str | None, str | None]:
-        """(stdout, stderr) of this client's job number ``jobid`` (a ``ClientThread`` id,
-        or ``future.jobid``); (None, None) while it has not finished."""
+        """(stdout, stderr) of a ``ClientThread``'s job ``jobid`` (the number its submit
+        returned); (None, None) while it has not finished. A future has ``stdout()``."""
         if self._conn is None:
             raise ClientError("this client is closed (or serial): no output to ask for")
         _, out, err = self._conn.output(jobid)

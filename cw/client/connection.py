@@ -167,9 +167,9 @@ class Connection:
         """Ask the master for values it kept (inputs of other jobs); each future's ``_fill`` gets one."""
         with self.space:
             for f in futures:
-                if f.jobid not in self.fetching:
-                    self.fetching[f.jobid] = f
-                    self.fetches.append(f.jobid)
+                if f._seq not in self.fetching:
+                    self.fetching[f._seq] = f
+                    self.fetches.append(f._seq)
         self._wake()
 
     def cancel(self, seq: int) -> None:
@@ -423,12 +423,13 @@ class Connection:
         for row, blob in zip(rows, blobs):
             seq, status, err, tb = row[:4]  # a protocol.ClientResult
             job = row[4] if len(row) > 4 else None  # the store's id of the job that answered
+            what = f"job {job}" if job is not None else "a job"
             if seq in kept:
                 fut = futures.get(seq)
                 if fut is None:
                     continue
                 if job is not None and type(fut) is Future:
-                    fut._job = job
+                    fut.jobid = job
                 if isinstance(fut, Future) and not fut._done_callbacks:
                     del futures[seq]
                     fut._kept()
@@ -445,22 +446,22 @@ class Connection:
                         try:
                             fut._fill(loads(blob), False)
                         except BaseException as e:  # noqa: B036
-                            fut._fill(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"), True)
+                            fut._fill(SerializationError(f"cannot unpickle the result of {what}: {e!r}"), True)
                     elif status == P.CANCELLED:
-                        fut._fill(cf.CancelledError(f"job {seq} was cancelled"), True)
+                        fut._fill(cf.CancelledError(f"{what} was cancelled"), True)
                     else:
                         fut._fill(error_for(status, err, tb, blob, self.session), True)
                 continue
             if job is not None and type(fut) is Future:
-                fut._job = job
+                fut.jobid = job  # a Future's number is the store's; a Delivery keeps its thread's
             if status == P.OK:
                 try:
                     value = loads(blob)
                 except BaseException as e:  # noqa: B036 - e.g. SystemExit from a __reduce__
-                    fut._settle(SerializationError(f"cannot unpickle the result of job {seq}: {e!r}"), True)
+                    fut._settle(SerializationError(f"cannot unpickle the result of {what}: {e!r}"), True)
                     continue
                 fut._settle(value, False)
             elif status == P.CANCELLED:  # by another client API, or a retry of the run
-                fut._settle(cf.CancelledError(f"job {seq} was cancelled"), True)
+                fut._settle(cf.CancelledError(f"{what} was cancelled"), True)
             else:
                 fut._settle(error_for(status, err, tb, blob, self.session), True)

@@ -44,7 +44,13 @@ if TYPE_CHECKING:
 
 
 class Future(cf.Future):
-    """A ``concurrent.futures.Future`` that knows its job id.
+    """A ``concurrent.futures.Future`` that knows its job's number in the store.
+
+    ``jobid`` is the number error messages, ``cw logs RUN ID``, ``cw results``,
+    ``cw top`` and the dashboard show: the store's id of the job that answered
+    (an earlier job's, for a stored result or a running job it was attached to),
+    known once the future is done; None before, and for a job cancelled before
+    it was stored. (With ``serial=True`` there is no store: a number of this process.)
 
     PENDING until a worker starts the job, then RUNNING, then FINISHED (or
     CANCELLED). ``cancel()`` on a ``Client`` future keeps dask's meaning: a
@@ -54,11 +60,11 @@ class Future(cf.Future):
     """
 
     _output: tuple | None = None  # (status, stdout, stderr), asked once the job finished
-    _job: int | None = None  # the store's id of the job that answered, from its result
 
-    def __init__(self, jobid: int, conn: Connection | None = None, kill: bool = True):
+    def __init__(self, seq: int, conn: Connection | None = None, kill: bool = True):
         super().__init__()
-        self.jobid = jobid
+        self._seq = seq  # its number in this client's session, on the wire only
+        self.jobid: int | None = None if conn is not None else seq
         self.key: str | None = None  #: its key in the client's run (futures among a job's arguments feed its key)
         self._conn = conn
         self._owner = conn  # the connection that can fetch a value kept at the master
@@ -131,7 +137,7 @@ class Future(cf.Future):
 
     def _fetch_output(self) -> tuple | None:
         if self._output is None and self.done() and self._conn is not None:
-            out = self._conn.output(self.jobid, self._job)
+            out = self._conn.output(self._seq, self.jobid)
             if out[0] is not None:
                 self._output = out
         return self._output
@@ -152,7 +158,7 @@ class Future(cf.Future):
         self._invoke_callbacks()
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            conn.cancel(self.jobid)
+            conn.cancel(self._seq)
         return True
 
     def _started(self) -> None:
@@ -216,16 +222,16 @@ class Delivery:
 
 def dependency_error(err: str, blob: bytes, session: str | None) -> DependencyError:
     """The DependencyError of a job whose input failed: it names the first job that failed
-    (by this client's future number when it is ours) and carries that job's exception."""
+    (by its id in the store: ``Future.jobid``) and carries that job's exception."""
     try:
         job, sid, seq, status, ierr, itb, iblob = pickle.loads(blob)
     except Exception:
         return DependencyError(f"an input of this job failed: {err}")
     cause = error_for(status, ierr, itb, iblob) if status != P.CANCELLED else cf.CancelledError(ierr)
     ours = sid is not None and sid == session
-    who = f"job {seq} of this client" if ours else f"job {job} (in the store)"
+    who = f"job {job}" + ("" if ours else " (another client's)")
     exc = DependencyError(f"an input of this job failed: {who} ended {P.STATUS_NAMES.get(status, status)}:"
-                          f" {ierr}", seq if ours else None, job, cause)  # fmt: skip
+                          f" {ierr}", job if ours else None, job, cause)  # fmt: skip
     exc.__cause__ = cause
     return exc
 

@@ -80,7 +80,7 @@ def loads_serial_args(blob: bytes, inputs: list[Future], data: dict[str, bytes])
             try:
                 return f.result()
             except BaseException as e:  # noqa: B036 - an input's failure is this job's
-                raise DependencyError(f"an input of this job failed: job {f.jobid} of this client: {e!r}",
+                raise DependencyError(f"an input of this job failed: job {f.jobid}: {e!r}",
                                       f.jobid, None, e) from e  # fmt: skip
         return loads(data[pid])
 

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 class ClientThread(threading.Thread):
     """The original Cluster-Workers API: ``callback(jobid, result)`` as jobs finish.
 
-    ``start()`` connects, ``submit(func, *args, **kwargs)`` returns a job id at
-    once, ``wait()`` blocks until every submitted job has called back,
+    ``start()`` connects, ``submit(func, *args, **kwargs)`` returns this thread's
+    number for the job at once (0, 1, 2, ...: the ``jobid`` its callback gets, not
+    the job's id in the store that error messages and ``cw logs`` show), ``wait()`` blocks until every submitted job has called back,
     ``stop()`` disconnects. Callbacks run on this thread, one at a time. A job
     that failed calls back with its exception as the result, unless an
     ``error_callback(jobid, exception)`` is given.
