@@ -68,6 +68,17 @@ def test_growth_is_limited_per_decision_and_by_the_maximum():
     assert a.decide(30, work, members + [pending(f"p{i}") for i in range(10)]).submit == {}
 
 
+def test_a_maximum_of_zero_holds_the_pool_empty():
+    """adapt(maximum=0), as dask's: no worker is asked for whatever waits, and those
+    there are retired (drained), busy ones too."""
+    a = Adaptive(minimum=0, maximum=0, target=60)
+    work = [Demand({}, 1000, 1.0)]
+    d = a.decide(0, work, [])
+    assert d.submit == {} and d.wanted == {"": 0}
+    d = a.decide(1, work, [busy("a"), idle("b", 1.0), pending("c")])
+    assert d.submit == {} and sorted(m.name for m in d.retire) == ["a", "b", "c"]
+
+
 def test_what_is_pending_or_starting_counts_as_supply():
     a = Adaptive(maximum=10, target=10)
     work = [Demand({}, 39, 1.0)]  # and the busy one's job: 40 s of work, 4 workers
@@ -163,7 +174,7 @@ def test_tasks_that_die_pause_growth_with_a_doubling_backoff():
 
 
 def test_settings_are_checked():
-    for bad in ({"minimum": 5, "maximum": 2}, {"maximum": 0}, {"idle_timeout": -1}, {"target": 0}):
+    for bad in ({"minimum": 5, "maximum": 2}, {"maximum": -1}, {"idle_timeout": -1}, {"target": 0}):
         with pytest.raises(ConfigError):
             Adaptive(**bad)
     with pytest.raises(ConfigError, match="must differ"):
@@ -192,7 +203,8 @@ def test_members_from_the_scheduler_and_the_master():
 # ------------------------------------------------------------ typed by people
 def test_ranges_profiles_durations_and_sizes():
     assert parse_range("0:200") == (0, 200) and parse_range("5-10") == (5, 10) and parse_range("20") == (0, 20)
-    for bad in ("a:b", "5:2", "0:0", "-1:3"):
+    assert parse_range("0:0") == (0, 0)  # held empty
+    for bad in ("a:b", "5:2", "-1:3"):
         with pytest.raises(ConfigError):
             parse_range(bad)
     assert parse_profile("gpu:gpus=1,tag=cuda,tag=a100,mem=64G:--gres=gpu:1 --partition=gpu") == (

@@ -71,6 +71,17 @@ def test_local_cluster_adapts_from_zero_and_back(cw_home):
         assert lc.status()["adapt"] is None
 
 
+def test_local_cluster_adapt_to_a_maximum_of_zero_starts_no_worker(cw_home):
+    with cw.LocalCluster(n_workers=0, cluster=str(cw_home / "lc")) as lc, cw.Client(lc) as c:
+        lc.adapt(minimum=0, maximum=0, interval=0.2)
+        assert lc.status()["adapt"]["maximum"] == 0 and "adapt=0..0" in repr(lc)
+        futures = c.map(square, range(4))
+        time.sleep(2.0)  # ten decisions: none may start a worker
+        assert not lc.workers() and not any(f.done() for f in futures)
+        lc.adapt(minimum=0, maximum=2, interval=0.2, target_duration=1)
+        assert c.gather(futures, timeout=60) == [0, 1, 4, 9]
+
+
 # ------------------------------------------------- what adaptive pools read
 def test_status_reports_queues_by_requirement_with_runtimes_and_idle_workers(master, procs):
     start_workers(procs, 1, "--tag", "small")

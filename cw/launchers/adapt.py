@@ -130,8 +130,8 @@ class Adaptive:
         step: int = defaults.ADAPT_STEP,
         profiles: Sequence[Profile] = (),
     ):
-        if minimum < 0 or maximum < 1 or minimum > maximum:
-            raise ConfigError(f"adapt: want 0 <= minimum <= maximum and maximum >= 1 (got {minimum}, {maximum})")
+        if minimum < 0 or minimum > maximum:  # maximum=0: held empty (its workers drained), as dask's
+            raise ConfigError(f"adapt: want 0 <= minimum <= maximum (got {minimum}, {maximum})")
         if idle_timeout < 0 or target <= 0 or unknown_runtime <= 0 or step < 1:
             raise ConfigError("adapt: idle_timeout must be >= 0, target and unknown_runtime > 0, step >= 1")
         self.minimum, self.maximum = int(minimum), int(maximum)
@@ -326,8 +326,8 @@ def parse_range(text: str) -> tuple[int, int]:
         low, high = (int(lo), int(hi)) if sep else (0, int(lo))
     except ValueError:
         raise ConfigError(f"{text!r} is not a range of workers (e.g. 0:200)") from None
-    if low < 0 or high < max(low, 1):
-        raise ConfigError(f"{text!r}: want MIN:MAX with 0 <= MIN <= MAX and MAX >= 1")
+    if low < 0 or high < low:
+        raise ConfigError(f"{text!r}: want MIN:MAX with 0 <= MIN <= MAX (0:0 holds the pool empty)")
     return low, high
 
 

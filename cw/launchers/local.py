@@ -153,8 +153,9 @@ class LocalCluster(ClusterSurface):
     def adapt(self, minimum: int = 0, maximum: int | None = None, idle_timeout: float | str = ADAPT_IDLE_TIMEOUT,
               *, target_duration: float | str = ADAPT_TARGET, interval: float | str = 1.0) -> None:  # fmt: skip
         """Size the cluster by the queue, between ``minimum`` and ``maximum`` (default: the
-        CPUs) workers, as the batch clusters do (see :class:`~cw.launchers.adapt.Adaptive`)."""
-        settings = {"minimum": minimum, "maximum": maximum or os.cpu_count() or 1,
+        CPUs) workers, as the batch clusters do (see :class:`~cw.launchers.adapt.Adaptive`).
+        ``maximum=0`` holds it empty: its workers drain and jobs wait."""
+        settings = {"minimum": minimum, "maximum": (os.cpu_count() or 1) if maximum is None else maximum,
                     "idle_timeout": seconds_of(idle_timeout, "idle_timeout"),
                     "target": seconds_of(target_duration, "target_duration")}  # fmt: skip
         decider = Adaptive(**settings, profiles=[Profile("", {"cpus": self.procs_per_worker, "tags": self.tags},
