@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,21 @@ def test_a_damaged_store_is_refused_then_checked_and_recovered(cw_home, procs):
     start_workers(procs, 1)
     with cw.Client(run="real") as c:
         assert c.gather(c.map(payload, [b"x"] * 5, range(5)), timeout=60)[0] in ((1, 0), (20_000, 0))
+
+
+@pytest.mark.timeout(120)
+def test_the_embedded_cluster_says_why_its_master_refused_a_damaged_store(cw_home, procs):
+    """cw.Client() starting the local cluster on a damaged store: the master's own reason,
+    at once, not a wait for a master that will never answer."""
+    with cw.Client(run="fill", n_workers=1) as c:
+        assert c.gather(c.map(payload, [os.urandom(20_000)] * 200, range(200)), timeout=60)[-1] == (20_000, 199)
+    damage(ClusterDir(name="local").store_path)
+    t0 = time.monotonic()
+    with pytest.raises(cw.errors.NoMasterError) as e:
+        cw.Client(run="fill", n_workers=1)
+    assert time.monotonic() - t0 < 8
+    text = str(e.value)
+    assert "master exited" in text and "damaged" in text and "cw store recover" in text and "master.log" in text
 
 
 @pytest.mark.timeout(240)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..client import Client
-from ..defaults import ADAPT_IDLE_TIMEOUT, ADAPT_TARGET, LOCAL_CLUSTER
+from ..defaults import ADAPT_IDLE_TIMEOUT, ADAPT_TARGET, CONNECT_TIMEOUT, LOCAL_CLUSTER
 from ..discovery import ClusterDir
-from ..errors import ConfigError, CwError
+from ..errors import ConfigError, CwError, NoMasterError
 from ..link import query_status
 from .adapt import BUSY, IDLE, STARTING, Adaptive, Member, Profile, demand_of, retire_order
 from .surface import ClusterSurface, seconds_of, short_duration
@@ -76,11 +76,27 @@ class LocalCluster(ClusterSurface):
             self.master = self._spawn("master", base + ["cw.master", *cdir, "--bind", self.address])
             for _ in range(self.n_workers):
                 self._add_worker()
+            self._wait_for_master()
         except BaseException:
             self.close()
             raise
         log.info("started a local cw cluster: master %s, %d workers (logs in %s)",
                  self.address, self.n_workers, self.logs_dir)  # fmt: skip
+
+    def _wait_for_master(self) -> None:
+        """Until the master has published its address; if it exits first (a damaged
+        store, a port taken), NoMasterError says why, from its log, at once."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while time.monotonic() < deadline:
+            code = self.master.poll()
+            if code is not None:
+                lines = (self.logs_dir / "master.log").read_text(errors="replace").strip().splitlines()
+                why = lines[-1].removeprefix("Error: ") if lines else "it printed nothing"
+                raise NoMasterError(f"the local cluster's master exited (code {code}): {why}"
+                                    f" (its log: {self.logs_dir / 'master.log'})")  # fmt: skip
+            if (self.cluster.read_master() or {}).get("pid") == self.master.pid:
+                return
+            time.sleep(0.05)
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         env = dict(os.environ)
