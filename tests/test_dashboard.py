@@ -123,3 +123,38 @@ def test_dashboard_draws_live_charts_in_chromium_and_refuses_without_the_token(m
     job = chromium("--dump-dom", f"{base}job/{failed}?token={token}").stdout
     assert "work" in job and "ValueError" in job and "looks wrong" in job and "attempts" in job
     assert re.search(r"<td>1</td><td>[^<]+:[0-9a-f]{4}</td><td>error</td>", job), job
+
+
+def test_two_dashboards_on_one_host_keep_their_own_cookie(cw_home):
+    """A browser keeps cookies by host, not port: two dashboards (two clusters, or two
+    tunnels to one laptop) must not overwrite each other's, or the first page's polls fail."""
+    import http.cookiejar
+
+    from cw.dashboard import Dashboard
+    from cw.discovery import ClusterDir
+
+    boards = []
+    for name in ("a", "b"):
+        cluster = ClusterDir(name=name)
+        cluster.make()
+        boards.append(Dashboard(cluster, port=0).start())
+    try:
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+        def status(url: str) -> int:
+            try:
+                with browser.open(url, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        a, b = boards
+        base_a = a.url.split("?")[0]
+        assert status(a.url) == 200 and status(base_a + "api/snapshot") == 200
+        assert status(b.url) == 200
+        assert status(base_a + "api/snapshot") == 200  # a's page still polls
+        assert status(b.url.split("?")[0] + "api/snapshot") == 200
+        assert status(f"http://127.0.0.1:{b.port}/api/snapshot?token={a.token}") == 403  # tokens are not shared
+    finally:
+        for d in boards:
+            d.stop()

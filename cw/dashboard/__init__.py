@@ -7,12 +7,15 @@ never slows the master's loop. Everything it serves is in this package (the
 charts are uPlot, shipped in ``static/``): it works on a cluster with no
 internet. It binds 127.0.0.1 by default and answers nothing, not even the
 page, without the token printed in its URL (a login node is shared): the
-first request carries it as ``?token=``, and a cookie carries it after that.
+first request carries it as ``?token=``, and a cookie carries it after that
+(named after the token: browsers keep cookies by host, not by port, and two
+dashboards on one host must not overwrite each other's).
 The URL holds no host name, so it works through ``ssh -L``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -28,7 +31,12 @@ from ..store.reader import StoreReader
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-COOKIE = "cw_dashboard_token"
+COOKIE = "cw_dashboard_"  # followed by a digest of the token: one cookie per dashboard
+
+
+def cookie_name(token: str) -> str:
+    """The name of this dashboard's cookie: another dashboard on the same host has another."""
+    return COOKIE + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
 class Sampler(threading.Thread):
@@ -67,17 +75,18 @@ def create_app(cluster: ClusterDir, token: str, sampler: Sampler) -> Any:
 
     app = Flask(__name__, static_folder=str(HERE / "static"), template_folder=str(HERE / "templates"))
     app.jinja_env.filters.update(duration=duration, size=size, when=_when)
+    cookie = cookie_name(token)
 
     @app.before_request
     def check_token() -> Any:
-        given = request.args.get("token") or request.cookies.get(COOKIE) or ""
+        given = request.args.get("token") or request.cookies.get(cookie) or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             abort(403)
 
     @app.after_request
     def remember_token(resp: Any) -> Any:
         if request.args.get("token"):
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+            resp.set_cookie(cookie, token, httponly=True, samesite="Strict")
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Referrer-Policy"] = "no-referrer"  # the token never leaves in a Referer
