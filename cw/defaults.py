@@ -142,6 +142,9 @@ UNSATISFIABLE_TIMEOUT = 1800.0
 LOG_EVERY = 10.0
 #: Seconds a draining worker lets running jobs finish before handing them back.
 GRACE = 30.0
+#: Seconds kept, after a SIGTERM, between the end of a worker's grace and the SIGKILL the
+#: batch system sends after its own wait (SLURM's KillWait): to hand back what still runs.
+TERM_MARGIN = 3.0
 #: A worker measures its memory and CPU (for the status) and sends them at least this often.
 USAGE_EVERY = 2.0
 #: Bytes of a job's stdout, and of its stderr, kept in the store: the tail (per Client and per submit).

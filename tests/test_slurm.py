@@ -127,8 +127,8 @@ def test_scancel_of_a_task_mid_job_requeues_its_job_and_the_pool_heals(pool: Lau
     pool.up("--workers", "4", "--time", "10")
     pool.wait_workers(4)  # then the 4 jobs go one to each
     c = pool.client()
-    # longer than KillWait (5 s): the cancelled worker is killed with its job, and the
-    # master requeues it as a lost worker's (the drain that hands it back is on Grid Engine)
+    # longer than KillWait (5 s): the worker's grace after a SIGTERM ends below it
+    # (--term-grace, from KillWait), so it hands its job back before SLURM's SIGKILL
     futures = c.map(slow, range(4), [8.0] * 4)
     workers = wait_for(lambda: (lambda ws: ws if len(ws) == 4 and all(w["running"] for w in ws) else None)(
         pool.connected()), timeout=60, interval=0.2, what="a job on each of 4 workers")  # fmt: skip
@@ -140,6 +140,8 @@ def test_scancel_of_a_task_mid_job_requeues_its_job_and_the_pool_heals(pool: Lau
     with pool.store() as db:
         where = [w for (w,) in db.execute("SELECT worker FROM results")]
     assert len(where) == 4 and victim["id"] not in where
+    with pool.store() as db:  # handed back, not lost: no attempt charged
+        assert db.execute("SELECT count(*) FROM jobs WHERE attempts > 0").fetchone()[0] == 0
     # the keeper saw the task end and submitted one new task
     wait_for(lambda: len(pool.arrays()) == 2, timeout=30, what="a healing array job")
     rec = pool.record()

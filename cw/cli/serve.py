@@ -95,6 +95,9 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
               help="Exit after the master has been unreachable this many seconds.")
 @click.option("--grace", type=float, default=defaults.GRACE, show_default=True,
               help="Seconds a draining worker lets running jobs finish before handing them back.")
+@click.option("--term-grace", type=click.FloatRange(min=0), default=None,
+              help="The grace after a SIGTERM, when less (a plain scancel's SIGKILL follows KillWait"
+                   " later; cw slurm up sets it below KillWait).")
 @click.option("--lifetime", default=None, metavar="DURATION",
               help="Drain by itself after this long (e.g. 3:55:00, 90m, 3600).")
 @click.option("--watch-pid", type=int, default=None, metavar="PID",
@@ -105,11 +108,12 @@ def master_cmd(cluster_name, cluster_dir, bind, port, host, interface, heartbeat
                    " else $TMPDIR or /tmp).")
 @log_option
 def worker_cmd(host, cluster_name, cluster_dir, procs, tags, caps, heartbeat, master_timeout, give_up,
-               grace, lifetime, watch_pid, scratch_dir, log_level):
+               grace, term_grace, lifetime, watch_pid, scratch_dir, log_level):
     """Run a worker for the master at HOST (default: the address in master.json).
 
     SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 drain it: no new jobs, unstarted jobs go
-    back to the master at once, running ones get --grace seconds; a second signal
+    back to the master at once, running ones get --grace seconds (--term-grace after
+    a SIGTERM, when less); a second signal
     stops it at once. Jobs handed back are not charged an attempt.
     """  # fmt: skip
     from ..errors import CwError
@@ -119,7 +123,7 @@ def worker_cmd(host, cluster_name, cluster_dir, procs, tags, caps, heartbeat, ma
     try:
         run_worker(address=host, cluster=cluster_from(cluster_name, cluster_dir), procs=procs,
                    tags=list(tags), caps=parse_caps(caps), heartbeat=heartbeat, master_timeout=master_timeout, give_up=give_up,
-                   grace=grace, lifetime=parse_duration(lifetime) if lifetime else None,
+                   grace=grace, term_grace=term_grace, lifetime=parse_duration(lifetime) if lifetime else None,
                    watch_pid=watch_pid, scratch=scratch_dir)  # fmt: skip
     except CwError as e:
         raise click.ClickException(str(e)) from None

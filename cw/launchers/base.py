@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-from ..defaults import DEADLINE_CACHE, DRAIN_BEFORE
+from ..defaults import DEADLINE_CACHE, DRAIN_BEFORE, GRACE, TERM_MARGIN
 from ..errors import ConfigError
 from ..resources import parse_bytes  # noqa: F401 - the backends' memory parser, from here
 
@@ -264,6 +264,20 @@ class Scheduler(abc.ABC):
     def procs(self, options: dict) -> int:
         """Executor processes for a worker: the CPUs each task is given."""
         return 1
+
+    def kill_wait(self) -> float | None:
+        """Seconds between the SIGTERM of a plain cancel and the SIGKILL after it (SLURM's
+        KillWait); None if there is no such wait, or it cannot be read."""
+        return None
+
+    def grace_args(self, grace: float | None) -> list[str]:
+        """A worker's --grace (when given) and, when a plain cancel would kill it before its
+        grace ends, a --term-grace that leaves it time to hand its running jobs back."""
+        out = [] if grace is None else ["--grace", str(grace)]
+        wait = self.kill_wait()
+        if wait is not None and (GRACE if grace is None else grace) > wait - TERM_MARGIN:
+            out += ["--term-grace", str(max(0.0, wait - TERM_MARGIN))]
+        return out
 
     # -- watching -----------------------------------------------------------------
     @abc.abstractmethod

@@ -201,8 +201,7 @@ class Pool:
         argv = [rec.get("python") or sys.executable, "-m", "cw.worker",
                 "--cluster-dir", str(self.cluster.path),
                 "--procs", str(self.scheduler.procs(options))]  # fmt: skip
-        if options.get("grace") is not None:
-            argv += ["--grace", str(options["grace"])]
+        argv += self.scheduler.grace_args(options.get("grace"))
         argv += Profile(profile, prof["declared"]).worker_args()
         role = f"workers-{profile}" if profile else "workers"
         what = f"one cw worker{f' of the profile {profile}' if profile else ''}; each task of the array runs one"

@@ -280,6 +280,18 @@ class Slurm(Scheduler):
                               "-o", "%i|%T|%r|%N"], QUERY_TIMEOUT)  # fmt: skip
         return _squeue_tasks(out) if rc == 0 else None
 
+    def kill_wait(self) -> float | None:
+        """KillWait, from `scontrol show config`: what a plain scancel leaves a worker."""
+        rc, out, _ = command(["scontrol", "show", "config"], QUERY_TIMEOUT)
+        for line in out.splitlines() if rc == 0 else ():
+            name, _, value = line.partition("=")
+            if name.strip() == "KillWait":
+                try:
+                    return float(value.split()[0])
+                except (IndexError, ValueError):
+                    return None
+        return None
+
     def cancel(self, jobs: Sequence[str]) -> None:
         if not jobs:
             return

@@ -51,6 +51,7 @@ class Agent(Executors, Slots, Pausing):
         give_up: float = defaults.GIVE_UP,
         max_message: int = defaults.MAX_MESSAGE,
         grace: float = defaults.GRACE,
+        term_grace: float | None = None,
         scratch: str | None = None,
         lifetime: float | None = None,
         watch_pid: int | None = None,
@@ -93,6 +94,8 @@ class Agent(Executors, Slots, Pausing):
         self.drain_requested: str | None = None
         self.drain_started = 0.0
         self.grace = grace
+        #: the grace after a SIGTERM, which the batch system's SIGKILL follows (KillWait)
+        self.term_grace = grace if term_grace is None else min(grace, term_grace)
         self.stopping = False
         self.cancelled: set[int] = set()
         self.hello_sent = 0.0
@@ -447,6 +450,8 @@ class Agent(Executors, Slots, Pausing):
             self.stopping = True
         name = signal.Signals(signum).name if signum else "request"
         self.drain_requested = f"{name} received"
+        if signum == signal.SIGTERM:
+            self.grace = self.term_grace
 
     def _begin_drain(self, why: str) -> None:
         """Take no new jobs, hand back the ones not started, let the running ones finish."""
