@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -27,7 +28,9 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
 
     The files are read from the cluster directory (outputs/RUN/...), where the
     workers put them, and each copy is checked against the size and SHA-256 the
-    store recorded. A file already in DEST with the same content is skipped.
+    store recorded: each is copied to a temporary name beside its place and
+    renamed there once it checks, so that a bad copy is never left in DEST. A
+    file already in DEST with the same content is skipped.
     """  # fmt: skip
     cluster = cluster_from(cluster_name, cluster_dir, read=True)
     try:
@@ -54,14 +57,9 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
         if target.is_file() and target.stat().st_size == r["size"] and sha256(target) == r["sha256"]:
             skipped += 1
             continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)
-        except OSError as e:
-            problems.append(f"{src}: {e.strerror or e}")
-            continue
-        if sha256(target) != r["sha256"]:
-            problems.append(f"{src}: its content differs from what the job archived (sha256)")
+        problem = _copy_checked(src, target, r["sha256"])
+        if problem:
+            problems.append(f"{src}: {problem}")
             continue
         copied += 1
         size += r["size"]
@@ -72,3 +70,21 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
         for p in problems:
             click.echo(f"  FAILED {p}", err=True)
         raise SystemExit(1)
+
+
+def _copy_checked(src: Path, target: Path, digest: str) -> str | None:
+    """Copy src to target through a temporary name beside it, renamed only once its SHA-256
+    checks: a failed copy never stands in DEST under the file's name. What went wrong, or None."""
+    tmp = target.with_name(f".{target.name}.cw-pull-{os.getpid()}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, tmp)
+        if sha256(tmp) != digest:
+            return "its content differs from what the job archived (sha256); not copied"
+        os.replace(tmp, target)
+    except OSError as e:
+        return str(e.strerror or e)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return None
