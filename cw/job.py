@@ -10,7 +10,8 @@ and wiped when the job ends, whatever its end.
 
 Files put in :func:`outputs` (and those a shell job declares) are copied
 after the job into the cluster directory, under
-``outputs/<run>/<job key>/``; the copy is checked (size, SHA-256) and the
+``outputs/<run>/<job key>/<job id>/`` (two jobs of a run may share a key);
+the copy is checked (size, SHA-256) and the
 records travel with the result to the store. A job whose outputs cannot be
 archived fails with that error.
 
@@ -66,8 +67,9 @@ def slug(text: Optional[str], fallback: str) -> str:
 
 
 def archive_dir(run: Optional[str], key: Optional[str], jid: int) -> str:
-    """Where a job's outputs are archived, relative to the cluster directory."""
-    return f"outputs/{slug(run, '_')}/{slug(key, f'job-{jid}')}"
+    """Where a job's outputs are archived, relative to the cluster directory: under its run
+    and key, in a directory of the job's own (the same key may name two jobs)."""
+    return f"outputs/{slug(run, '_')}/{slug(key, 'job')}/{jid}"
 
 
 def configure(worker_dir: Optional[Path], archive: Optional[Path], on_worker: bool = False) -> None:

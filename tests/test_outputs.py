@@ -103,9 +103,11 @@ def test_outputs_arrive_under_the_run_and_cw_pull_fetches_them(master, procs, tm
         assert r.returncode == 3  # a failed command's outputs are archived too
     archive = master.path / "outputs" / "sweep"
     assert sorted(p.name for p in archive.iterdir()) == sorted(["case-1", "case-2", job.slug("shell 1", "")])
-    assert (archive / "case-2" / "table-2.csv").read_text() == "n,2\n"
-    assert (archive / "case-2" / "logs" / "run.log").read_text() == "log log "
     listed = json.loads(cw_cmd("results", "sweep", "--outputs", "--format", "json").stdout)
+    case2 = next(master.path / r["dir"] for r in listed if r["key"] == "case-2")
+    assert case2.parent == archive / "case-2" and case2.name == str(next(r["job"] for r in listed if r["key"] == "case-2"))
+    assert (case2 / "table-2.csv").read_text() == "n,2\n"
+    assert (case2 / "logs" / "run.log").read_text() == "log log "
     by_key = {}
     for row in listed:
         by_key.setdefault(row["key"], []).append(row["name"])
@@ -127,7 +129,8 @@ def test_outputs_arrive_under_the_run_and_cw_pull_fetches_them(master, procs, tm
         "case-1/logs/run.log", "case-1/table-1.csv"]
     assert "already there" in cw_cmd("pull", "sweep", str(dest2), "--job", "case-1").stdout
     # a file damaged in the archive is refused
-    (archive / "case-1" / "table-1.csv").write_text("tampered\n")
+    case1 = next(master.path / r["dir"] for r in listed if r["key"] == "case-1")
+    (case1 / "table-1.csv").write_text("tampered\n")
     p = cw_cmd("pull", "sweep", str(tmp_path / "three"), "--job", "case-1", check=False)
     assert p.returncode == 1 and "differs" in p.stderr
     # the damaged copy is not left in DEST, under its name or another
@@ -145,13 +148,13 @@ def test_a_job_whose_outputs_cannot_be_archived_fails_saying_so(master, procs, t
     (master.path / "outputs").mkdir()
     (master.path / "outputs" / "blocked").write_text("a file where the run's directory would go")
     with cw.Client(run="blocked") as c:
-        with pytest.raises(cw.OutputsError, match=r"cannot archive the job's outputs to .*outputs/blocked/k"):
+        with pytest.raises(cw.OutputsError, match=r"cannot archive the job's outputs to .*outputs/blocked/k/\d+"):
             c.submit(make_outputs, 1, key="k").result(30)
         path = c.submit(use_scratch, "return").result(30)  # jobs that archive nothing are unaffected
         assert path and not os.path.exists(path)
     with cw.Client(run="open") as c:  # other runs archive as before
         assert c.submit(make_outputs, 3, key="k").result(30) == 3
-    assert (master.path / "outputs" / "open" / "k" / "table-3.csv").exists()
+    assert [p.name for p in (master.path / "outputs" / "open" / "k").glob("*/table-3.csv")] == ["table-3.csv"]
 
 
 def test_serial_jobs_have_scratch_and_outputs(cw_home):
@@ -159,7 +162,8 @@ def test_serial_jobs_have_scratch_and_outputs(cw_home):
         path = c.submit(use_scratch, "return").result()
         assert not os.path.exists(path)
         c.submit(make_outputs, 4, key="s4").result()
-    assert (ClusterDir().path / "outputs" / "ser" / "s4" / "table-4.csv").read_text() == "n,4\n"
+    found = list((ClusterDir().path / "outputs" / "ser" / "s4").glob("*/table-4.csv"))
+    assert [p.read_text() for p in found] == ["n,4\n"]
     with pytest.raises(cw.OutputsError, match="while it runs"):
         cw.scratch()
 
@@ -194,3 +198,36 @@ def test_a_result_sent_again_after_a_broken_link_carries_what_its_job_archived()
     (again, blobs, archived), = list(sent.batches())
     assert [r[0] for r in again] == [1, 3] and blobs == [b"x", b"y"]
     assert archived == [files[0]]
+
+
+def write_result(text):
+    (cw.outputs() / "result.csv").write_text(text)
+    return text
+
+
+def write_other_result(text):
+    (cw.outputs() / "result.csv").write_text(f"other {text}")
+    return text
+
+
+@pytest.mark.timeout(120)
+def test_two_jobs_of_one_key_keep_their_own_archives(master, procs, tmp_path):
+    """The same key on two functions names two jobs: each archives into a directory of
+    its own, and `cw pull` gives each its own (KEY/JOBID) where the key is shared."""
+    start_workers(procs, 1, "--scratch-dir", str(tmp_path / "scr"))
+    with cw.Client(run="twice") as c:
+        a = c.submit(write_result, "first", key="case-7")
+        b = c.submit(write_other_result, "second", key="case-7")
+        assert c.gather([a, b], timeout=60) == ["first", "second"]
+        c.submit(write_result, "alone", key="case-8").result(30)
+    listed = json.loads(cw_cmd("results", "twice", "--outputs", "--format", "json").stdout)
+    dirs = {r["job"]: r["dir"] for r in listed}
+    assert len(set(dirs.values())) == 3
+    texts = sorted((master.path / r["dir"] / r["name"]).read_text() for r in listed)
+    assert texts == ["alone", "first", "other second"]
+    dest = tmp_path / "pulled"
+    out = cw_cmd("pull", "twice", str(dest))
+    got = {str(p.relative_to(dest)): p.read_text() for p in dest.rglob("*") if p.is_file()}
+    ids = sorted(r["job"] for r in listed if r["key"] == "case-7")
+    assert got == {f"case-7/{ids[0]}/result.csv": "first", f"case-7/{ids[1]}/result.csv": "other second",
+                   "case-8/result.csv": "alone"}, out.stdout  # fmt: skip

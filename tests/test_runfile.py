@@ -105,9 +105,10 @@ def test_a_job_set_sets_up_once_per_worker_and_archives_outputs(master, procs, t
     assert 1 <= len(setups) <= 2 and len(set(setups)) == len(setups)  # once per worker
     files = {(r["key"], r["name"]) for r in json.loads(cw_cmd("results", "lab", "--outputs", "--format", "json").stdout)}
     assert files == {(f"case-{n}", x) for n in range(6) for x in ("out.csv", "where.log")} | {("summary", "summary.txt")}
-    assert (master.path / "outputs" / "lab" / "case-4" / "out.csv").read_text() == "input 4\n"
-    assert (master.path / "outputs" / "lab" / "case-4" / "where.log").read_text().strip() == str(tmp_path)
-    assert (master.path / "outputs" / "lab" / "summary" / "summary.txt").read_text() == "LAB"
+    (case4,) = (master.path / "outputs" / "lab" / "case-4").iterdir()  # outputs/RUN/KEY/JOBID
+    assert (case4 / "out.csv").read_text() == "input 4\n"
+    assert (case4 / "where.log").read_text().strip() == str(tmp_path)
+    assert [p.read_text() for p in (master.path / "outputs" / "lab" / "summary").glob("*/summary.txt")] == ["LAB"]
     again = cw_cmd("run-file", "set.yaml", "--dry-run", cwd=tmp_path)
     assert "7 jobs, 0 to run (7 done already)" in again.stdout
 

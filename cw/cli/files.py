@@ -26,7 +26,8 @@ from .common import cluster_from, cluster_options
 def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
     """Copy the outputs RUN's jobs archived into DEST, one directory per job.
 
-    The files are read from the cluster directory (outputs/RUN/...), where the
+    A job's files go to DEST/KEY/ (a job without a key: DEST/job/JOBID/); when
+    several jobs of the run share a key, each has DEST/KEY/JOBID/. The files are read from the cluster directory (outputs/RUN/...), where the
     workers put them, and each copy is checked against the size and SHA-256 the
     store recorded: each is copied to a temporary name beside its place and
     renamed there once it checks, so that a bad copy is never left in DEST. A
@@ -46,11 +47,12 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
     if not rows:
         raise click.ClickException(f"no archived outputs in run {run!r}"
                                    f"{f' for job {key!r}' if key else ''}{f' matching {pattern!r}' if pattern else ''}")
+    where = _layout(rows)
     copied = skipped = size = 0
     problems = []
     for r in rows:
         src = cluster.path / r["dir"] / r["name"]
-        target = Path(dest) / Path(r["dir"]).name / r["name"]
+        target = Path(dest) / where[r["job"]] / r["name"]
         if dry_run:
             click.echo(f"{src} -> {target} ({r['size']} bytes)")
             continue
@@ -70,6 +72,19 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
         for p in problems:
             click.echo(f"  FAILED {p}", err=True)
         raise SystemExit(1)
+
+
+def _layout(rows: list[dict]) -> dict[int, str]:
+    """Each job's directory in DEST: its key's, or its key's and its id's when the key
+    is shared (archives are outputs/RUN/KEY/JOBID; older ones outputs/RUN/KEY)."""
+    keydir: dict[int, str] = {}
+    for r in rows:
+        parts = Path(r["dir"]).parts
+        keydir[r["job"]] = parts[2] if len(parts) > 2 else str(r["job"])  # outputs, run, key[, id]
+    jobs: dict[str, set] = {}
+    for jid, k in keydir.items():
+        jobs.setdefault(k, set()).add(jid)
+    return {jid: k if len(jobs[k]) == 1 and k != "job" else f"{k}/{jid}" for jid, k in keydir.items()}
 
 
 def _copy_checked(src: Path, target: Path, digest: str) -> str | None:
