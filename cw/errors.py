@@ -149,6 +149,11 @@ class OutputsError(CwError, OSError):
     (disk full, permission): the message says which file and where."""
 
 
+class OutputsPatternError(CwError, ValueError):
+    """An ``outputs=`` glob would reach outside the directory the job runs in (an absolute
+    pattern, or one with ``..``): refused when the job is submitted."""
+
+
 class SchedulerError(CwError):
     """A scheduler command failed or could not be run (sbatch, qsub, ...)."""
 

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import OutputsError
+from .errors import OutputsError, OutputsPatternError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,32 @@ def archive_dir(run: Optional[str], key: Optional[str], jid: int) -> str:
     """Where a job's outputs are archived, relative to the cluster directory: under its run
     and key, in a directory of the job's own (the same key may name two jobs)."""
     return f"outputs/{slug(run, '_')}/{slug(key, 'job')}/{jid}"
+
+
+def check_globs(globs: Iterable[str]) -> list[str]:
+    """Output globs, refused when one could match outside the directory the job runs in
+    (an absolute pattern, or a ``..`` part): their files are archived by that path."""
+    out = []
+    for g in globs:
+        if not isinstance(g, str) or not g:
+            raise OutputsPatternError(f"an outputs pattern is a non-empty glob string, not {g!r}")
+        if os.path.isabs(g) or g.startswith("~"):
+            raise OutputsPatternError(f"outputs pattern {g!r} is absolute: outputs are globs relative to the"
+                                      " directory the job runs in (copy other files into it, or into $CW_OUTPUTS)")
+        if ".." in g.split("/"):
+            raise OutputsPatternError(f"outputs pattern {g!r} climbs out of the job's directory with '..':"
+                                      " outputs are globs below the directory the job runs in")
+        out.append(g)
+    return out
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, resolved (symbolic links and ``..``), is ``root`` or below it."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def configure(worker_dir: Optional[Path], archive: Optional[Path], on_worker: bool = False) -> None:
@@ -135,7 +161,11 @@ def declare(paths: Iterable[Path], base: Path) -> None:
     """Files a shell job's output globs matched: archived with the outputs directory."""
     global _used
     for p in paths:
-        _extra.append((p, p.relative_to(base).as_posix() if p.is_relative_to(base) else p.name))
+        try:
+            name = p.relative_to(base).as_posix()
+        except ValueError:
+            name = p.name
+        _extra.append((p, name))
     _used = True
 
 
@@ -187,6 +217,9 @@ def archive(files: list[tuple[Path, str]], dest: Path) -> list[tuple[str, int, s
         shutil.rmtree(part, ignore_errors=True)
         for src, name in files:
             target = part / name
+            if not inside(target, part) or name in ("", ".", ".."):
+                raise OutputsError(f"cannot archive {src} as {name!r}: that name is outside the job's"
+                                   f" archive {dest}")
             target.parent.mkdir(parents=True, exist_ok=True)
             size, digest = _copy(src, target)
             if target.stat().st_size != size:
@@ -197,6 +230,9 @@ def archive(files: list[tuple[Path, str]], dest: Path) -> list[tuple[str, int, s
             dest.rename(old)
             shutil.rmtree(old, ignore_errors=True)
         part.rename(dest)
+    except OutputsError:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
     except OSError as e:
         shutil.rmtree(part, ignore_errors=True)
         raise OutputsError(f"cannot archive the job's outputs to {dest}: {e.strerror or e}"

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputsPatternError
+from .job import check_globs
 
 TEMPLATE = """\
 # A cw job set: `cw run-file this.yaml` runs it; again, it runs only what has not succeeded.
@@ -170,6 +171,10 @@ def parse_set(text: str, path: Path) -> JobSet:
             if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
                 raise ConfigError(f"{where}: `{k}` is a list of paths")
             lists[k] = v
+        try:
+            check_globs(lists["outputs"])
+        except OutputsPatternError as e:
+            raise ConfigError(f"{where}: {e}") from None
         inputs = [str(base / x) for x in lists["inputs"]]
         missing = [x for x in inputs if not os.path.exists(x)]
         if missing:

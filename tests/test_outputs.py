@@ -139,6 +139,7 @@ def test_outputs_arrive_under_the_run_and_cw_pull_fetches_them(master, procs, tm
     # and a good copy pulled before is kept (it is what the job archived)
     assert "2 already there" in cw_cmd("pull", "sweep", str(dest2), "--job", "case-1").stdout
     assert (dest2 / "case-1" / "table-1.csv").read_text() == "n,1\n"
+    assert sorted(os.listdir(dest2 / "case-1")) == ["logs", "table-1.csv"]
     assert "no archived outputs" in cw_cmd("pull", "nosuchrun", str(tmp_path / "x"), check=False).stderr
 
 
@@ -231,3 +232,51 @@ def test_two_jobs_of_one_key_keep_their_own_archives(master, procs, tmp_path):
     ids = sorted(r["job"] for r in listed if r["key"] == "case-7")
     assert got == {f"case-7/{ids[0]}/result.csv": "first", f"case-7/{ids[1]}/result.csv": "other second",
                    "case-8/result.csv": "alone"}, out.stdout  # fmt: skip
+
+
+@pytest.mark.timeout(90)
+def test_output_globs_that_leave_the_job_directory_are_refused_at_submit(master, procs, tmp_path):
+    start_workers(procs, 1, "--scratch-dir", str(tmp_path / "scr"))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "x.txt").write_text("outside\n")
+    with cw.Client(run="dd") as c:
+        for pattern in ("../../x.txt", "sub/../../x.txt", str(tmp_path / "x.txt"), "~/x.txt"):
+            with pytest.raises(cw.errors.OutputsPatternError, match="outputs pattern") as e:
+                c.submit_shell("touch ran", cwd=str(tmp_path / "a" / "b"), outputs=[pattern], key="k")
+            assert isinstance(e.value, ValueError)
+        # a '..' inside a name is a name, not a climb
+        r = c.submit_shell("echo 1 > a..b.csv", scratch=True, outputs=["a..b.csv"], key="ok").result(30)
+        assert r.returncode == 0
+    assert not (tmp_path / "a" / "b" / "ran").exists()  # nothing ran
+    assert sorted(os.listdir(master.path / "outputs" / "dd")) == ["ok"]
+    assert sorted(p.name for p in master.path.iterdir() if p.name == "x.txt") == []
+
+
+def test_archiving_and_pull_refuse_names_outside_their_directory(cw_home, tmp_path):
+    """What reached the archive by another way than a checked glob cannot leave it either."""
+    src = tmp_path / "x.txt"
+    src.write_text("data\n")
+    dest = tmp_path / "arch" / "outputs" / "r" / "k" / "1"
+    with pytest.raises(cw.OutputsError, match="outside the job's archive"):
+        job.archive([(src, "../../../x.txt")], dest)
+    assert not (tmp_path / "arch" / "outputs" / "x.txt").exists() and not dest.exists()
+    assert job.archive([(src, "sub/x.txt")], dest) == [("sub/x.txt", 5, job.sha256(src))]
+    # a store row naming a file outside DEST: cw pull copies it nowhere, and says so
+    cdir = ClusterDir()
+    (cdir.path / "outputs" / "r" / "k" / "1").mkdir(parents=True)
+    (cdir.path / "outputs" / "r" / "k" / "1" / "ok.txt").write_text("data\n")
+    Store(cdir.store_path).close()
+    db = sqlite3.connect(cdir.store_path)
+    db.execute("INSERT INTO jobs (id, session, seq, run, key, fn, args) VALUES (1, 's', 0, 'r', 'k', 'f', x'00')")
+    db.commit()
+    db.close()
+    store = Store(cdir.store_path)
+    store.add_outputs([(1, "outputs/r/k/1", "../../../x.txt", 5, job.sha256(src)),
+                       (1, "outputs/r/k/1", "ok.txt", 5, job.sha256(src))])  # fmt: skip
+    store.close()
+    pulled = tmp_path / "p" / "q" / "dest"
+    p = cw_cmd("pull", "r", str(pulled), "--cluster-dir", str(cdir.path), check=False)
+    assert p.returncode == 1 and "leads outside" in p.stderr, p.stdout + p.stderr
+    assert [str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file() and "x.txt" in f.name] == [
+        "x.txt", "arch/outputs/r/k/1/sub/x.txt"]
+    assert (pulled / "k" / "ok.txt").read_text() == "data\n"

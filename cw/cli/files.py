@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import StoreError
-from ..job import sha256
+from ..job import inside, sha256
 from ..store.reader import StoreReader
 from .common import cluster_from, cluster_options
 
@@ -27,11 +27,13 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
     """Copy the outputs RUN's jobs archived into DEST, one directory per job.
 
     A job's files go to DEST/KEY/ (a job without a key: DEST/job/JOBID/); when
-    several jobs of the run share a key, each has DEST/KEY/JOBID/. The files are read from the cluster directory (outputs/RUN/...), where the
-    workers put them, and each copy is checked against the size and SHA-256 the
-    store recorded: each is copied to a temporary name beside its place and
-    renamed there once it checks, so that a bad copy is never left in DEST. A
-    file already in DEST with the same content is skipped.
+    several jobs of the run share a key, each has DEST/KEY/JOBID/. The files
+    are read from the cluster directory (outputs/RUN/...), where the workers
+    put them, and each copy is checked against the size and SHA-256 the store
+    recorded: each is copied to a temporary name beside its place and renamed
+    there once it checks, so that a bad copy is never left in DEST. A file
+    already in DEST with the same content is skipped; a name that would lead
+    outside DEST (or outside the archive) is refused.
     """  # fmt: skip
     cluster = cluster_from(cluster_name, cluster_dir, read=True)
     try:
@@ -48,11 +50,15 @@ def pull_cmd(run, dest, cluster_name, cluster_dir, key, pattern, dry_run):
         raise click.ClickException(f"no archived outputs in run {run!r}"
                                    f"{f' for job {key!r}' if key else ''}{f' matching {pattern!r}' if pattern else ''}")
     where = _layout(rows)
+    root = Path(dest)
     copied = skipped = size = 0
     problems = []
     for r in rows:
         src = cluster.path / r["dir"] / r["name"]
-        target = Path(dest) / where[r["job"]] / r["name"]
+        target = root / where[r["job"]] / r["name"]
+        if not inside(src, cluster.path / "outputs") or not inside(target, root):
+            problems.append(f"{src}: its name {r['name']!r} leads outside the archive or DEST; not copied")
+            continue
         if dry_run:
             click.echo(f"{src} -> {target} ({r['size']} bytes)")
             continue

@@ -366,7 +366,7 @@ def shell_job(cmd: Command, cwd: Any = None, env: Any = None, input: Any = None,
         globs = [outputs] if isinstance(outputs, str) else list(outputs)
         if not all(isinstance(g, str) and g for g in globs):
             raise TypeError(f"outputs must be glob patterns (strings), not {outputs!r}")
-        kwargs["outputs"] = globs
+        kwargs["outputs"] = job.check_globs(globs)
     if cwd is not None:
         kwargs["cwd"] = os.fspath(cwd)
     if env:
