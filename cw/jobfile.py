@@ -45,7 +45,7 @@ setup: |
 jobs:                           # each job runs in a scratch directory of its own, wiped after it
   - name: case-1                # the job's key in the run (unique)
     command: simpleFoam -case "$CW_SETUP_DIR/mesh" -parameters params.txt
-    inputs: [cases/1/params.txt]    # copied into the job's directory (paths from this file's)
+    inputs: [cases/1/params.txt]    # copied into the job's directory by base name (paths from this file's)
     outputs: ["*.csv", "log.*"]     # archived under the run and the name: `cw pull foam-sweep DEST`
   - name: case-2
     command: ["simpleFoam", "-case", "$CW_SETUP_DIR/mesh"]   # an argv list: no shell
@@ -179,6 +179,12 @@ def parse_set(text: str, path: Path) -> JobSet:
         missing = [x for x in inputs if not os.path.exists(x)]
         if missing:
             raise ConfigError(f"{where}: input(s) not found: {', '.join(missing)}")
+        seen: dict[str, str] = {}
+        for given, full in zip(lists["inputs"], inputs):  # each is copied in by its base name
+            other = seen.setdefault(Path(full).name, given)
+            if other != given:
+                raise ConfigError(f"{where}: inputs {other} and {given} would both be copied to"
+                                  f" {Path(full).name}: give each a name of its own (or put them in a directory)")
         jobs.append(JobSpec(key=name, command=[str(a) for a in cmd] if isinstance(cmd, list) else cmd,
                             function=fn, args=args, kwargs=kwargs, inputs=inputs, outputs=lists["outputs"],
                             line=i))  # fmt: skip

@@ -150,6 +150,22 @@ def test_job_files_and_sets_are_checked(tmp_path):
             parse_set(text, tmp_path / "s.yaml")
 
 
+def test_inputs_of_one_base_name_are_refused_naming_both(tmp_path):
+    """Inputs are copied in by their base name: two of one name would leave one of them."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "params.txt").write_text(f"from {d}\n")
+    (tmp_path / "s.yaml").write_text("run: inp\njobs:\n  - name: two\n    command: cat params.txt\n"
+                                     "    inputs: [a/params.txt, b/params.txt]\n")  # fmt: skip
+    p = cw_cmd("run-file", "s.yaml", "--dry-run", cwd=tmp_path)
+    assert p.returncode == 1 and "job 'two': inputs a/params.txt and b/params.txt would both be copied" \
+        " to params.txt" in p.stderr, p.stdout + p.stderr
+    # the same file named twice, or two base names, are fine
+    for inputs in ("[a/params.txt, a/params.txt]", "[a/params.txt, b]"):
+        s = parse_set(f"jobs: [{{name: x, command: c, inputs: {inputs}}}]", tmp_path / "s.yaml")
+        assert len(s.jobs[0].inputs) == 2
+
+
 def test_the_template_is_a_valid_job_set(tmp_path):
     out = cw_cmd("template")
     assert out.returncode == 0 and out.stdout == TEMPLATE
