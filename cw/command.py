@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import importlib
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -98,6 +99,15 @@ def check_env(env: Any) -> Optional[dict]:
     return dict(env)
 
 
+#: The first line of an output whose beginning was cut: the bytes cut, the bytes kept.
+CUT_NOTE = re.compile(rb"\[cw: (\d+) earlier bytes cut; the last (\d+) bytes follow\]\n")
+
+
+def cut_note(cut: int, kept: int) -> str:
+    """The line said at the top of an output of which ``cut`` bytes were dropped."""
+    return f"[cw: {cut} earlier bytes cut; the last {kept} bytes follow]\n"
+
+
 class _Tail:
     """The last ``limit`` bytes of a stream, and how many came before them."""
 
@@ -117,7 +127,7 @@ class _Tail:
         text = data.decode("utf-8", "replace")
         cut = self.total - len(data)
         if cut > 0:
-            text = f"[cw: {cut} earlier bytes cut; the last {len(data)} bytes follow]\n" + text
+            text = cut_note(cut, len(data)) + text
         return text
 
 

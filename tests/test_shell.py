@@ -91,6 +91,24 @@ def test_output_is_bounded_to_its_tail(workers):
 
 
 @pytest.mark.timeout(90)
+def test_the_jobs_own_output_says_how_much_of_the_commands_was_cut(workers):
+    """The job's output (future.stdout(), cw logs) is the command's tail: its note counts
+    the bytes the command printed and nobody kept, as the result's does."""
+    with cw.Client(run="cut") as c:
+        big = c.submit_shell("yes | head -c 5000000", key="big")
+        small = c.submit_shell("seq 1 1000", output_limit=100, key="small")
+        for f, limit in ((big, defaults.OUTPUT_LIMIT), (small, 100)):
+            r = f.result(60)
+            printed = 5000000 if f is big else len("".join(f"{i}\n" for i in range(1, 1001)))
+            note = f"[cw: {printed - limit} earlier bytes cut; the last {limit} bytes follow]"
+            assert r.stdout.splitlines()[0] == note
+            assert f.stdout() == r.stdout  # the same text, the same note
+    logs = subprocess.run([sys.executable, "-m", "cw", "logs", "cut", "small"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert "[cw: 3793 earlier bytes cut; the last 100 bytes follow]" in logs.stdout, logs.stdout + logs.stderr
+
+
+@pytest.mark.timeout(90)
 def test_the_commands_output_is_the_jobs_own_too(workers):
     with cw.Client() as c:
         f = c.submit_shell("echo to-out; echo to-err >&2; head -c 5000 /dev/zero | tr '\\0' b", output_limit=1000)

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from typing import Optional
 
+from ..command import CUT_NOTE, cut_note
+
 
 def capture_file() -> int:
     """A file for one stream of an executor: unlinked at once, appended to (a job's
@@ -46,12 +48,18 @@ def take_output(fd: int, limit: int) -> Optional[str]:
     size = os.fstat(fd).st_size
     if not size:
         return None
-    n = min(size, max(0, limit))
+    start = earlier = 0
+    if size > limit:  # a shell job's output may be a tail already: count what its note says was cut
+        m = CUT_NOTE.match(os.pread(fd, 96, 0))
+        if m:
+            start, earlier = m.end(), int(m.group(1))
+    n = min(size - start, max(0, limit))
     data = os.pread(fd, n, size - n) if n else b""
     os.ftruncate(fd, 0)
     text = data.decode("utf-8", "replace")
-    if size > n:
-        text = f"[cw: {size - n} earlier bytes cut; the last {n} bytes follow]\n" + text
+    cut = earlier + size - start - n
+    if cut > 0:
+        text = cut_note(cut, n) + text
     return text
 
 
