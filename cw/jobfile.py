@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError, OutputsPatternError
 from .job import check_globs
+from .resources import requirements
 
 TEMPLATE = """\
 # A cw job set: `cw run-file this.yaml` runs it; again, it runs only what has not succeeded.
@@ -136,6 +137,17 @@ def parse_set(text: str, path: Path) -> JobSet:
     for k, t in (("run", str), ("setup", str), ("requires", dict), ("retries", int)):
         if doc.get(k) is not None and not isinstance(doc[k], t):
             raise ConfigError(f"{path}: `{k}` must be a {t.__name__}, not {doc[k]!r}")
+    retries = doc.get("retries")
+    if retries is not None and (isinstance(retries, bool) or retries < 0):
+        raise ConfigError(f"{path}: `retries` must be a whole number, 0 or more, not {retries!r}")
+    try:
+        requirements(doc.get("requires"))  # what each job will be submitted with: checked now
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    timeout = doc.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (str, int, float))
+                                or (not isinstance(timeout, str) and timeout <= 0)):
+        raise ConfigError(f"{path}: `timeout` is a duration (90, 30m, 2h, 1:30:00), not {timeout!r}")
     base = path.resolve().parent
     jobs, names = [], set()
     for i, j in enumerate(doc["jobs"], 1):
@@ -188,7 +200,6 @@ def parse_set(text: str, path: Path) -> JobSet:
         jobs.append(JobSpec(key=name, command=[str(a) for a in cmd] if isinstance(cmd, list) else cmd,
                             function=fn, args=args, kwargs=kwargs, inputs=inputs, outputs=lists["outputs"],
                             line=i))  # fmt: skip
-    timeout = doc.get("timeout")
     return JobSet(path=path, jobs=jobs, run=doc.get("run"), requires=doc.get("requires"),
                   setup=doc.get("setup"), retries=doc.get("retries"),
                   timeout=None if timeout is None else str(timeout), is_set=True)  # fmt: skip

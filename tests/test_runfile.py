@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import start_workers, wait_for
 
+import cw
 from cw.errors import ConfigError
 from cw.jobfile import TEMPLATE, parse_lines, parse_set
 
@@ -144,6 +145,13 @@ def test_job_files_and_sets_are_checked(tmp_path):
         "run: r\nsetpu: x\njobs: [{name: a, command: x}]": "unknown field",
         "- just a list": "is a mapping",
         "jobs: [{name: a, command: x}": "not valid YAML",
+        "requires: {gpus: lots}\njobs: [{name: a, command: x}]": "gpus='lots' must be a whole number",
+        "requires: {mem: much}\njobs: [{name: a, command: x}]": "mem='much' is not an amount of memory",
+        "retries: -1\njobs: [{name: a, command: x}]": "`retries` must be a whole number, 0 or more",
+        "retries: true\njobs: [{name: a, command: x}]": "`retries` must be a whole number, 0 or more",
+        "timeout: -5\njobs: [{name: a, command: x}]": "`timeout` is a duration",
+        "timeout: [1]\njobs: [{name: a, command: x}]": "`timeout` is a duration",
+        "jobs: [{name: a, command: x, outputs: ['../x.csv']}]": "job 'a': outputs pattern '../x.csv' climbs",
     }
     for text, why in bad.items():
         with pytest.raises(ConfigError, match=why):
@@ -164,6 +172,29 @@ def test_inputs_of_one_base_name_are_refused_naming_both(tmp_path):
     for inputs in ("[a/params.txt, a/params.txt]", "[a/params.txt, b]"):
         s = parse_set(f"jobs: [{{name: x, command: c, inputs: {inputs}}}]", tmp_path / "s.yaml")
         assert len(s.jobs[0].inputs) == 2
+
+
+@pytest.mark.timeout(60)
+def test_bad_counts_and_durations_are_refused_before_anything_runs(cw_home, tmp_path):
+    """A bad --requires, a set's bad requires/retries/timeout: one line naming the option or
+    the file, under --dry-run and on a real run alike; no job is submitted, no traceback."""
+    (tmp_path / "jobs.txt").write_text("touch ran\n")
+    (tmp_path / "set.yaml").write_text("run: r\nrequires: {gpus: lots}\njobs:\n  - {name: a, command: touch ran}\n")
+    (tmp_path / "t.yaml").write_text("run: r\ntimeout: '0'\njobs:\n  - {name: a, command: touch ran}\n")
+    cases = [(["jobs.txt", "--run", "r", "--requires", "gpus=lots"], "Invalid value for --requires: requires: gpus="),
+             (["jobs.txt", "--run", "r", "--requires", "mem=lots"], "Invalid value for --requires: requires: mem="),
+             (["jobs.txt", "--run", "r", "--timeout", "0"], "Invalid value for --timeout"),
+             (["set.yaml"], "set.yaml: requires: gpus='lots' must be a whole number"),
+             (["t.yaml"], "t.yaml: `timeout` '0' is not longer than 0")]  # fmt: skip
+    for args, why in cases:
+        for dry in (["--dry-run"], []):
+            p = cw_cmd("run-file", *args, *dry, cwd=tmp_path, timeout=60)
+            assert p.returncode in (1, 2) and why in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    assert not (tmp_path / "ran").exists() and not cw_home.exists()  # nothing ran, no cluster was started
+    with cw.Client(serial=True) as c:
+        with pytest.raises(cw.errors.InvalidJobError, match="gpus='lots'") as e:
+            c.submit_shell("true", requires={"gpus": "lots"})
+        assert isinstance(e.value, ValueError) and isinstance(e.value, cw.CwError)
 
 
 def test_the_template_is_a_valid_job_set(tmp_path):

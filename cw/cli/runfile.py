@@ -10,6 +10,7 @@ import click
 
 from ..errors import CommandError, CwError, SetupError, StoreError
 from ..jobfile import TEMPLATE, JobSet, read
+from ..resources import requirements
 from ..store.reader import StoreReader
 from .common import cluster_from, cluster_options, parse_duration
 
@@ -26,6 +27,10 @@ def parse_requires(items: tuple[str, ...]) -> dict:
             out.setdefault("tags", []).extend(t for t in value.split(",") if t)
         else:
             out[key] = int(value) if value.isdigit() else value
+    try:
+        requirements(out)  # a count that is not one is refused now, before anything runs
+    except (ValueError, TypeError) as e:
+        raise click.BadParameter(str(e), param_hint="--requires") from None
     return out
 
 
@@ -61,7 +66,18 @@ def run_file_cmd(path, cluster_name, cluster_dir, run, requires, retries, timeou
     need.update(parse_requires(requires))
     if retries is None:
         retries = jobset.retries
-    seconds = parse_duration(timeout or jobset.timeout) if (timeout or jobset.timeout) else None
+    seconds = None
+    if timeout is not None:
+        seconds = parse_duration(timeout)
+        if seconds <= 0:
+            raise click.BadParameter(f"{timeout!r}: a timeout is longer than 0", param_hint="--timeout")
+    elif jobset.timeout is not None:
+        try:
+            seconds = parse_duration(jobset.timeout)
+        except click.BadParameter as e:
+            raise click.ClickException(f"{jobset.path}: `timeout`: {e.format_message()}") from None
+        if seconds <= 0:
+            raise click.ClickException(f"{jobset.path}: `timeout` {jobset.timeout!r} is not longer than 0")
     if dry_run:
         _dry_run(jobset, run, cluster_from(cluster_name, cluster_dir, read=True))
         return
