@@ -49,7 +49,7 @@ jobs:                           # each job runs in a scratch directory of its ow
     inputs: [cases/1/params.txt]    # copied into the job's directory by base name (paths from this file's)
     outputs: ["*.csv", "log.*"]     # archived under the run and the name: `cw pull foam-sweep DEST`
   - name: case-2
-    command: ["simpleFoam", "-case", "$CW_SETUP_DIR/mesh"]   # an argv list: no shell
+    command: ["simpleFoam", "-parameters", "params.txt"]   # an argv list: no shell, so no $VARIABLES
     inputs: [cases/2/params.txt]
     outputs: ["*.csv"]
   - name: summary

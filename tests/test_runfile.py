@@ -64,6 +64,7 @@ def test_failed_lines_fail_the_run_and_show_in_the_joblog(master, workers, tmp_p
     p = cw_cmd("run-file", str(jobs), "--run", "bad", "-q")
     assert p.returncode == 1
     assert "line 2: FAILED (exit code 3)" in p.stderr and "1 of 2 succeeded, 1 failed" in p.stderr
+    assert "its stderr ends:\n  oops\n" in p.stderr  # the tail the message announces follows it
     log = {r["key"]: r for r in json.loads(cw_cmd("results", "bad", "--format", "json").stdout)}
     assert log["2: echo oops >&2; exit 3"]["exit"] == 3 and log["1: true"]["exit"] == 0
     assert "oops" in log["2: echo oops >&2; exit 3"]["error"]
@@ -207,6 +208,8 @@ def test_the_template_is_a_valid_job_set(tmp_path):
     assert s.run == "foam-sweep" and s.setup and s.requires["tags"] == ["openfoam"] and s.retries == 2
     assert [j.key for j in s.jobs] == ["case-1", "case-2", "summary"]
     assert s.jobs[2].function == "mypackage.post:summarize" and s.jobs[1].command[0] == "simpleFoam"
+    # an argv list runs with no shell: the template's shows no variable a shell would expand
+    assert not any("$" in a for j in s.jobs if isinstance(j.command, list) for a in j.command)
 
 
 @pytest.mark.timeout(120)

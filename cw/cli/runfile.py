@@ -150,8 +150,7 @@ def _run(jobset: JobSet, run: str, cluster, requires, retries, timeout, quiet: b
                                                f" fix it and run `cw run-file {jobset.path}` again")  # fmt: skip
                 failed.append(spec)
                 text = f"exit code {exc.returncode}" if isinstance(exc, CommandError) else f"{type(exc).__name__}"
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                click.echo(f"[{done}/{total}] {label}: FAILED ({text}) {first}", err=True)
+                click.echo(f"[{done}/{total}] {label}: FAILED ({text}) {exc}", err=True)  # with its stderr's tail
         except KeyboardInterrupt:
             click.echo(f"interrupted: the jobs run on at the master; `cw run-file {jobset.path}` again"
                        " picks them up", err=True)  # fmt: skip
