@@ -160,6 +160,9 @@ STATUS_SAMPLES = 400
 #: Seconds a command's leftover processes may hold its output pipes after it ended,
 #: before they are killed (they end with the command, as a job's processes end with it).
 COMMAND_LEFTOVER_GRACE = 0.2
+#: Seconds `cw run-file` waits, after a set's setup failed and it cancelled the rest, for
+#: the store to record every job's end, so that its summary counts what the store holds.
+RUNFILE_SETTLE_WAIT = 15.0
 
 # -- launchers (SLURM, Grid Engine) ---------------------------------------------
 #: Seconds between the keeper's looks at the scheduler (one batched query each).

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import sys
 import time
 
 import click
 
+from .. import defaults
 from ..errors import CommandError, CwError, SetupError, StoreError
 from ..jobfile import TEMPLATE, JobSet, read
 from ..resources import requirements
@@ -145,8 +147,10 @@ def _run(jobset: JobSet, run: str, cluster, requires, retries, timeout, quiet: b
                     continue
                 if isinstance(exc, SetupError):  # the set cannot run: say it once, stop the rest
                     click.echo(f"[{done}/{total}] {label}: {exc}", err=True)
-                    n = client.cancel([f for f in futures if not f.done()])
-                    raise click.ClickException(f"run {run} stopped: its setup failed ({n} jobs cancelled);"
+                    client.cancel([f for f in futures if not f.done()])
+                    store = (client._local.cluster if client._local is not None else cluster).store_path
+                    counts = _settled(store, run, [s.key for s in jobset.jobs])
+                    raise click.ClickException(f"run {run} stopped: its setup failed ({counts});"
                                                f" fix it and run `cw run-file {jobset.path}` again")  # fmt: skip
                 failed.append(spec)
                 text = f"exit code {exc.returncode}" if isinstance(exc, CommandError) else f"{type(exc).__name__}"
@@ -160,6 +164,27 @@ def _run(jobset: JobSet, run: str, cluster, requires, retries, timeout, quiet: b
                f" `cw results {run}` shows the joblog", err=True)  # fmt: skip
     if failed:
         sys.exit(1)
+
+
+def _settled(store_path, run: str, keys: list) -> str:
+    """How the run's jobs ended, as the store has it, once each has ended (or the wait is
+    over): cancels race with the results already on their way, so the client cannot count."""
+    deadline = time.monotonic() + defaults.RUNFILE_SETTLE_WAIT
+    while True:
+        try:
+            with StoreReader(store_path) as store:
+                states = store.key_states(run)
+        except StoreError as e:
+            return f"the store cannot say how its jobs ended: {e}"
+        ours = [states.get(k, "pending") for k in keys]
+        if "pending" not in ours or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    n = collections.Counter(ours)
+    words = [f"{n.pop('error', 0)} jobs failed", f"{n.pop('cancelled', 0)} cancelled"]
+    words += [f"{v} {'succeeded' if k == 'done' else 'not ended yet' if k == 'pending' else k}"
+              for k, v in sorted(n.items())]  # fmt: skip
+    return ", ".join(words)
 
 
 @click.command("template")
