@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 from . import defaults, job
-from .errors import CommandError, SetupError
+from .errors import CommandError, RemoteImportError, SetupError
 
 Command = Union[str, Sequence[Union[str, "os.PathLike[str]"]]]
 
@@ -298,6 +298,27 @@ def copy_inputs(inputs: Sequence[str], where: Path) -> None:
             shutil.copy2(s, where / s.name)
 
 
+def import_callable(target: str, base: Optional[str] = None) -> Any:
+    """``package.module:function``, imported with the set's directory ``base`` first on the
+    import path (a module beside the set file is found wherever the worker started).
+
+    Raises :class:`cw.errors.RemoteImportError` naming what, this host and the path tried.
+    """
+    module, _, name = target.partition(":") if ":" in target else target.rpartition(".")
+    added = base is not None and base not in sys.path
+    if added:
+        sys.path.insert(0, base)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise RemoteImportError(f"cannot import {target} on {socket.gethostname()}: {type(e).__name__}: {e}."
+                                f" The job's sys.path: {sys.path}. Put the module beside the set file,"
+                                " or make it importable there (a shared path)") from None
+    finally:
+        if added and base in sys.path:
+            sys.path.remove(base)
+
+
 def run_callable(target: str, args: Sequence = (), kwargs: Optional[dict] = None,
                  inputs: Sequence[str] = (), outputs: Sequence[str] = (),
                  setup: Optional[Setup] = None, env: Optional[dict] = None) -> Any:  # fmt: skip
@@ -305,8 +326,7 @@ def run_callable(target: str, args: Sequence = (), kwargs: Optional[dict] = None
     scratch directory, with its inputs copied there and its output globs archived."""
     if setup is not None:
         os.environ["CW_SETUP_DIR"] = str(ensure_setup(setup, environment(env)))
-    module, _, name = target.partition(":") if ":" in target else target.rpartition(".")
-    fn = getattr(importlib.import_module(module), name)
+    fn = import_callable(target, (env or {}).get("CW_JOBSET_DIR"))
     here = job.scratch()
     copy_inputs(inputs, here)
     before, saved = os.getcwd(), {k: os.environ.get(k) for k in env or {}}

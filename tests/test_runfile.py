@@ -135,6 +135,27 @@ def test_a_failed_setup_fails_the_set_once(master, procs, tmp_path):
     assert len((tmp_path / "setups").read_text().split()) <= 2  # once per worker, never per job
 
 
+@pytest.mark.timeout(120)
+def test_a_sets_function_is_imported_from_beside_the_set(master, procs, tmp_path):
+    """A set's `function: mymod:f` with mymod.py beside the set runs on a pool started
+    elsewhere, run from anywhere; a module found nowhere fails with RemoteImportError
+    naming the host and the path tried."""
+    start_workers(procs, 1)
+    sets, elsewhere = tmp_path / "sets", tmp_path / "elsewhere"
+    sets.mkdir()
+    elsewhere.mkdir()
+    (sets / "mymod_beside.py").write_text("def summarize(x):\n    return f'summary of {x}'\n")
+    (sets / "set.yaml").write_text("run: fn\njobs:\n  - {name: s, function: 'mymod_beside:summarize', args: [fn]}\n"
+                                   "  - {name: t, function: 'nowhere_mod:f'}\n")  # fmt: skip
+    p = cw_cmd("run-file", str(sets / "set.yaml"), cwd=elsewhere)
+    assert p.returncode == 1 and "1 of 2 succeeded" in p.stderr, p.stdout + p.stderr
+    assert "s: ok" in p.stdout
+    assert "t: FAILED (RemoteImportError) cannot import nowhere_mod:f on " in p.stderr
+    assert "No module named 'nowhere_mod'" in p.stderr and "sys.path: [" in p.stderr
+    log = {r["key"]: r for r in json.loads(cw_cmd("results", "fn", "--format", "json").stdout)}
+    assert log["s"]["status"] == "done" and "summary of fn" in log["s"]["value"]
+
+
 def test_job_files_and_sets_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="no command"):
         parse_lines("# only a comment\n\n", Path("x.txt"))
