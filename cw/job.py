@@ -302,6 +302,12 @@ class WorkerDir:
         self.path.mkdir(exist_ok=True)
         self.wiped = self._wipe_dead(base)
 
+    @property
+    def lock_fd(self) -> int:
+        """The lock's descriptor: the worker's agent alone holds it (its executors close it,
+        so that a killed agent's directory is free to wipe even while they are dying)."""
+        return self._lock
+
     def _wipe_dead(self, base: Path) -> list[Path]:
         wiped = []
         for lock in base.glob(f"*{_LOCK}"):

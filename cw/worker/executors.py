@@ -67,6 +67,8 @@ class Executors:
                        for fd in (*o.fds(), o.out_fd, o.err_fd))  # fmt: skip
         if self.control is not None:  # the control socket is the agent's alone
             others += (self.control.fileno(),)
+        if self.wdir is not None:  # and so is the lock of its directory: held by a live agent only
+            others += (self.wdir.lock_fd,)
         child = Child(cpus, n, others)
         child.slot = i
         return child
