@@ -52,6 +52,9 @@ TOKEN_WINDOW = 300.0
 #: Tokens the master remembers (each is accepted once).
 TOKEN_CACHE = 100_000
 
+#: With $CW_TRACE set, a process notes at most this many events (benchmarks' per-hop breakdown).
+TRACE_EVENTS = 1_000_000
+
 #: Messages whose blobs total at least this many bytes are sent without a copy.
 ZERO_COPY_BYTES = 64 * 1024
 

@@ -16,6 +16,7 @@ it parses JSON or unpickles anything, and drops a ``seq`` it has seen.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import json
 import logging
@@ -314,7 +315,10 @@ class Channel:
 
     def pack(self, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
         self.sent += 1
-        return _frames(self._signer, kind, header, blobs, self.sent)
+        frames = _frames(self._signer, kind, header, blobs, self.sent)
+        if _trace is not None:
+            _mark("pack", kind)
+        return frames
 
     def unpack(self, frames: Sequence[bytes], start: int = 0,
                max_bytes: int | None = None) -> tuple[bytes, Any, list[bytes]]:  # fmt: skip
@@ -322,12 +326,54 @@ class Channel:
 
         Raises BadMAC (not this session), Replayed (a seq seen already) or ProtocolError.
         """
+        if _trace is not None:
+            _mark("unpack", frames[start + 1])
         kind, seq = _verify(self._signer, frames, start, max_bytes)
         if seq <= self.seen:
             raise Replayed(f"seq {seq} is not above {self.seen}: a replayed or stale message")
         header = _decode(kind, frames[start + 4])
         self.seen, self.heard = seq, _now()
         return kind, header, list(frames[start + 5 :])
+
+
+# -- tracing: where a message's time goes -----------------------------------------------
+# With $CW_TRACE set to a folder, each process notes when every message of a session
+# is packed and when one arrives (and whatever else calls mark()), with the system's
+# monotonic clock, which all processes of a host share, and writes the notes to
+# <folder>/<pid>.json when it exits: benchmarks/bench.py's per-hop breakdown. Unset,
+# it costs one comparison per message.
+_trace: list | None = None
+
+
+def _mark(what: str, kind: Any = b"") -> None:
+    if _trace is not None and len(_trace) < defaults.TRACE_EVENTS:
+        _trace.append((what, bytes(kind).decode(errors="replace"), time.monotonic_ns()))
+
+
+def mark(what: str) -> None:
+    """Note an event of this process's path in the trace (nothing unless $CW_TRACE is set)."""
+    if _trace is not None:
+        _mark(what)
+
+
+def trace_events() -> list:
+    """This process's notes so far: (what, message kind, monotonic ns); [] when not tracing."""
+    return list(_trace or ())
+
+
+def _save_trace(folder: str) -> None:
+    if _trace and os.getpid() == _tracer:  # a forked executor leaves without saving
+        try:
+            with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
+                json.dump(_trace, f)
+        except OSError as e:
+            log.warning("cannot save the trace in %s: %s", folder, e)
+
+
+_tracer = os.getpid()
+if os.environ.get("CW_TRACE"):
+    _trace = []
+    atexit.register(_save_trace, os.environ["CW_TRACE"])
 
 
 def nonce() -> bytes:

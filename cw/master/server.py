@@ -401,7 +401,8 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
     # -- end of a turn: commit, then put workers to work, then answer -------------
     def _end_turn(self) -> None:
         try:
-            self.store.commit()
+            if self.store.commit():
+                P.mark("committed")
             if self.backlog_from is not None:
                 self._load_backlog()
         except StoreError as e:

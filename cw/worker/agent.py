@@ -355,11 +355,13 @@ class Agent(Executors, Slots, Pausing):
             where = (self.link.address, str(self.cluster.path))
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None,
                                             limits or None, data, drop, where), protocol=5))  # fmt: skip
+            P.mark("to executor")
             c.ctx, c.used = ctx, True
 
     def _read_child(self, c: Child) -> None:
         try:
             while c.conn.poll():
+                P.mark("from executor")
                 self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
         except (EOFError, OSError):
             self._child_died(c)
