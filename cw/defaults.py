@@ -101,6 +101,9 @@ CANONICAL_KEY_BYTES = 4 * 1024 * 1024
 ORPHAN_SWEEP = 5.0
 #: Weight of a new sample in the smoothed runtime of a function (exponential moving average).
 RUNTIME_WEIGHT = 0.2
+#: A worker tells the master which jobs its executors started (a HEARTBEAT) once no RESULT
+#: has told it within this many seconds: a short job's result says it first.
+STARTED_DELAY = 0.005
 #: The master handles at most this many messages per turn before it commits and answers.
 MASTER_TURN = 2000
 #: Seconds an acknowledgement may wait for a result to ride on.

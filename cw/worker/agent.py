@@ -100,7 +100,7 @@ class Agent(Executors, Slots, Pausing):
         self.cancelled: set[int] = set()
         self.hello_sent = 0.0
         self.epoch: str | None = None  # the store the jobs we hold belong to (the last WELCOME's)
-        self.heads_changed = False
+        self.heads_changed, self.heads_since = False, None  # what runs changed, untold since when
         self._last_usage = (0.0, 0.0)
         self.watch_pid = watch_pid
         self.ctx: zmq.Context | None = None
@@ -179,7 +179,7 @@ class Agent(Executors, Slots, Pausing):
         self.link.connect()
         try:
             while not self.stopping:
-                events = dict(self.poller.poll(100))
+                events = dict(self.poller.poll(self._poll_ms()))
                 if self.link.readable(events):
                     self._read_master()
                 for c in list(self.children):
@@ -194,8 +194,8 @@ class Agent(Executors, Slots, Pausing):
                 if self.resumers:
                     self._grant()
                 self._feed_children()
-                self._flush()
                 now = time.monotonic()
+                self._flush(now)
                 self._check_timeouts(now)
                 if self.paused:
                     self._check_pause()
@@ -413,7 +413,14 @@ class Agent(Executors, Slots, Pausing):
             if status == P.OK:
                 self.inputs.put(jid, blob)
 
-    def _flush(self) -> None:
+    def _poll_ms(self) -> int:
+        """How long the loop may wait for an event: less while a change of what runs is untold."""
+        since = self.heads_since if self.heads_changed else None
+        return 100 if since is None else max(0, int((since + defaults.STARTED_DELAY - time.monotonic()) * 1000) + 1)
+
+    def _flush(self, now: float | None = None) -> None:
+        """Send the results waiting, or, once no result has carried it for STARTED_DELAY,
+        what the executors run now (a HEARTBEAT)."""
         if not self.link.welcomed:  # results wait for a session the master has welcomed
             return
         need = self.inputs.request()
@@ -441,9 +448,15 @@ class Agent(Executors, Slots, Pausing):
                 done = {r[0] for r in self.outbox[:sent]}
                 self.outfiles = [f for f in self.outfiles if f[0] not in done]
             del self.outbox[:sent], self.outblobs[:sent]
-        elif self.heads_changed:  # the master charges a lost worker's running jobs only
-            self._send(P.HEARTBEAT, self._counters())
-        self.heads_changed = False
+            if sent:  # a RESULT says what runs now (and what is blocked)
+                self.heads_changed, self.heads_since = False, None
+        elif self.heads_changed:  # the master charges a lost worker's running jobs only; a
+            now = time.monotonic() if now is None else now  # RESULT within STARTED_DELAY tells it
+            if self.heads_since is None:
+                self.heads_since = now
+            elif now - self.heads_since >= defaults.STARTED_DELAY:
+                self._send(P.HEARTBEAT, self._counters())
+                self.heads_changed, self.heads_since = False, None
 
     # -- stopping ----------------------------------------------------------------
     def drain(self, signum: int | None = None, _frame: Any = None) -> None:
