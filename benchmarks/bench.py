@@ -111,6 +111,8 @@ def cpu_seconds(pids: list[int]) -> float:
             except psutil.NoSuchProcess:
                 continue
             total += t.user + t.system
+            if p.pid != os.getpid():  # and its children that ended (an executor replaced)
+                total += t.children_user + t.children_system
     return total
 
 

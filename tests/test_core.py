@@ -228,6 +228,16 @@ def test_function_bytes_cross_once_per_worker(master, workers):
         assert 1 <= w["counters"]["fn_received"] <= 2, w
 
 
+def test_map_passes_other_keywords_to_the_function_and_takes_futures_among_values(master, workers):
+    """map's bulk path: cw's own options are submit's, any other keyword goes to the
+    function; an item that is a future makes its job wait for it, in order with the rest."""
+    with cw.Client() as c:
+        first = c.submit(square, 3)
+        futs = c.map(add, [1, first, 2], [10, 20, 30], c=100, timeout=30)
+        assert c.gather(futs, timeout=30) == [111, 129, 132]
+        assert len({f.jobid for f in futs} | {first.jobid}) == 4
+
+
 def test_results_are_in_the_store(master, workers):
     with cw.Client(run="stored") as c:
         assert c.gather(c.map(square, range(100)), timeout=30)[-1] == 99 * 99

@@ -40,6 +40,9 @@ from .graph import Ref, dumps_graph_args, loads_serial_args, prefetch
 from .graph import reduce as tree_reduce
 from .progress import track
 
+#: submit's own keywords (the rest go to the function)
+_OPTIONS = ("cache", "requires", "timeout", "max_retries", "output_limit")
+
 
 class Client:
     """Futures on a cw cluster: ``submit``, ``map``, ``gather``, ``as_completed``.
@@ -193,11 +196,17 @@ class Client:
             keys = [f.key for f in inputs]  # a re-run reuses a graph node by node
             plain = None if inputs or refs else (args, kwargs)  # sets in them hashed in sorted order
             key = job_key(fn_hash, args_blob, keys, plain) if None not in keys else None
-        opts: dict = {}
+        opts = self._opts(cache, requires, timeout, max_retries, output_limit) or {}
         if inputs:
             opts["d"] = [f._seq for f in inputs]
         if refs:
             opts["x"] = refs
+        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink, kill)
+
+    def _opts(self, cache: bool, requires: dict | None, timeout: float | None, max_retries: int | None,
+              output_limit: int | None) -> dict | None:  # fmt: skip
+        """A SubmitSpec's opts: only what differs from the defaults."""
+        opts: dict = {}
         if current.job_id is not None:  # submitted by a job: its child
             opts["p"] = current.job_id
         if not cache:
@@ -212,7 +221,58 @@ class Client:
             opts["m"] = m
         if output_limit is not None:
             opts["o"] = output_limit
-        return self._conn.submit(fn_hash, fn_blob, args_blob, key, opts or None, sink, kill)
+        return opts or None
+
+    def _submit_many(self, fn: Callable, calls: Iterable[tuple], kwargs: dict | None = None, *, cache: bool = True,
+                     requires: dict | None = None, timeout: float | None = None,
+                     max_retries: int | None = None, output_limit: int | None = None,
+                     kill: bool = True) -> list[Future]:  # fmt: skip
+        """The bulk path of map: ``fn(*args, **kwargs)`` for each args tuple; their futures, in order.
+
+        The function is pickled once, the options made once, and the futures made and
+        queued a thousand at a time: each job is still its own row, key, result and future.
+        """
+        if self.serial or self._conn is None:
+            return [self._submit(fn, args, kwargs or {}, cache=cache, requires=requires, timeout=timeout,
+                                 max_retries=max_retries, output_limit=output_limit, kill=kill)
+                    for args in calls]  # fmt: skip
+        kw = kwargs or {}
+        requires = requirements(requires)  # checked once, as submit checks them
+        timeout, max_retries, output_limit = limits(timeout, max_retries, output_limit)
+        fn_hash, fn_blob = dumps_function(fn, self._functions)
+        if len(fn_blob) > defaults.MAX_MESSAGE:
+            return [self._submit(fn, args, kw) for args in calls]  # raises MessageTooLargeError
+        opts = self._opts(cache, requires, timeout, max_retries, output_limit)
+        keyed = self.run is not None and cache
+        futures: list[Future] = []
+        blobs: list[bytes] = []
+        plain: list[tuple] = []  # the arguments: a key hashes sets in them in sorted order
+
+        def flush() -> None:
+            if blobs:
+                keys = [job_key(fn_hash, b, (), v) for b, v in zip(blobs, plain)] if keyed else None
+                futures.extend(self._conn.submit_many(fn_hash, fn_blob, blobs, keys, opts, kill))
+                blobs.clear()
+                plain.clear()
+
+        calls = iter(calls)
+        while True:
+            chunk = list(itertools.islice(calls, defaults.BATCH_JOBS))
+            if not chunk:
+                return futures
+            for args in chunk:
+                try:
+                    blob = dumps_args(args, kw)
+                except NeedsReferences:  # futures or scattered data among its arguments: on its own
+                    flush()
+                    futures.append(self._submit(fn, args, kw, cache=cache, requires=requires, timeout=timeout,
+                                                max_retries=max_retries, output_limit=output_limit, kill=kill))  # fmt: skip
+                    continue
+                if len(blob) > defaults.MAX_MESSAGE:
+                    self._submit(fn, args, kw)  # raises MessageTooLargeError
+                blobs.append(blob)
+                plain.append((args, kw))
+            flush()
 
     _serial_seq = itertools.count()
 
@@ -246,7 +306,11 @@ class Client:
 
         ``progress=True`` draws a bar (tqdm.auto) that follows the jobs as they finish.
         """
-        futures = [self.submit(fn, *args, **options) for args in zip(*iterables)]
+        if "key" in options:  # one key for every job: the submissions attach to the first
+            futures = [self.submit(fn, *args, **options) for args in zip(*iterables)]
+        else:  # cw's options as submit's; any other keyword goes to fn, as with submit
+            ours = {k: options.pop(k) for k in _OPTIONS if k in options}
+            futures = self._submit_many(fn, zip(*iterables), options, **ours)
         if progress:
             track(futures, getattr(fn, "__name__", "jobs"))
         return futures

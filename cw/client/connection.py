@@ -69,6 +69,7 @@ class Connection:
         self.unacked: dict[int, tuple] = {}
         self.unacked_bytes = 0
         self.space = threading.Condition()
+        self.lock = threading.RLock()  # every future of this connection shares it
         self.cancels: list[int] = []
         self.welcomed = threading.Event()  # the first WELCOME
         self.error: BaseException | None = None
@@ -138,6 +139,33 @@ class Connection:
         self._wake()
         return fut
 
+    def submit_many(self, fn_hash: str, fn_blob: bytes, blobs: list[bytes], keys: list | None,
+                    opts: dict | None, kill: bool = True) -> list[Future]:  # fmt: skip
+        """Queue many jobs of one function at once (one lock, one wake-up); their futures."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:
+            raise ClientError("this client is closed: make a new one to submit more jobs")
+        n = len(blobs)
+        with self.space:
+            while (len(self.unacked) + n > max(defaults.MAX_UNACKED_JOBS, n)
+                   or self.unacked_bytes >= defaults.MAX_UNACKED_BYTES) and not self.closed:  # fmt: skip
+                self.space.wait(1.0)  # backpressure: the master has not caught up
+            first = next(self.seq)
+            self.seq = itertools.count(first + n)
+            futures = [Future(seq, self, kill) for seq in range(first, first + n)]
+            if keys is not None:
+                for f, k in zip(futures, keys):
+                    f.key = k
+            self.futures.update(zip(range(first, first + n), futures))
+            subs = [(first + i, fn_hash, fn_blob, None if keys is None else keys[i], opts, blob)
+                    for i, blob in enumerate(blobs)]  # fmt: skip
+            self.unacked.update((sub[0], sub) for sub in subs)
+            self.unacked_bytes += sum(map(len, blobs))
+            self.outq.extend(subs)
+        self._wake()
+        return futures
+
     def output(self, seq: int, job: int | None = None) -> tuple[int | None, str | None, str | None]:
         """A finished job's (status, stdout, stderr), asked of the master (None while unfinished):
         by the id of the job that answered when known (a stored result's is an earlier job's)."""
@@ -146,6 +174,7 @@ class Connection:
             header["job"] = job
         h = ask(self.address, self.key, P.OUTPUT, header, timeout=self.connect_timeout, encrypt=self.encrypt)
         return h.get("status"), h.get("stdout"), h.get("stderr")
+
     def scatter(self, data_hash: str, blob: bytes, broadcast: bool) -> None:
         """Send data once, to be named by its hash in any number of jobs' arguments."""
         if self.error is not None:

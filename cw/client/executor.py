@@ -112,10 +112,17 @@ class Executor(cf.Executor):
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
-        if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in zip(*iterables)]
-        else:
-            futures = [self.submit(run_chunk, fn, chunk) for chunk in _chunks(iterables, chunksize)]
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if chunksize == 1:
+                futures = self.client._submit_many(fn, zip(*iterables), kill=False)
+            else:
+                futures = self.client._submit_many(run_chunk, ((fn, chunk) for chunk in _chunks(iterables, chunksize)),
+                                                   kill=False)  # fmt: skip
+            self._futures.update(futures)
+        for f in futures:
+            f.add_done_callback(self._forget)
         bar = track(futures, getattr(fn, "__name__", "jobs")) if progress else None
         futures.reverse()
         deadline = None if timeout is None else time.monotonic() + timeout

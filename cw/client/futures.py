@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import pickle
 import threading
+import time
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -42,6 +43,8 @@ KEPT = _Kept()
 if TYPE_CHECKING:
     from .connection import Connection
 
+_DONE = (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED)
+
 
 class Future(cf.Future):
     """A ``concurrent.futures.Future`` that knows its job's number in the store.
@@ -60,34 +63,100 @@ class Future(cf.Future):
     """
 
     _output: tuple | None = None  # (status, stdout, stderr), asked once the job finished
+    # concurrent.futures.Future's state, as class defaults: a future writes them only as
+    # they change. Its Condition and two lists (about 1 KB a future, most of a million
+    # futures' memory) are made only for a future somebody waits on, or watches: every
+    # future of a connection shares one lock, and a waiter's Condition is built on it.
+    _state = PENDING
+    _result = None
+    _exception = None
+    _lock = threading.RLock()  # a future without a connection (serial) shares this one
+    key: str | None = None  #: its key in the client's run (futures among a job's arguments feed its key)
+    _fetched: threading.Event | None = None  # set once a value kept at the master arrives
 
     def __init__(self, seq: int, conn: Connection | None = None, kill: bool = True):
-        super().__init__()
+        # not cf.Future.__init__: it makes the Condition and the lists at once
         self._seq = seq  # its number in this client's session, on the wire only
         self.jobid: int | None = None if conn is not None else seq
-        self.key: str | None = None  #: its key in the client's run (futures among a job's arguments feed its key)
         self._conn = conn
         self._owner = conn  # the connection that can fetch a value kept at the master
         self._kill = kill
-        self._fetched: threading.Event | None = None
+        if conn is not None:
+            self._lock = conn.lock
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        c = self.__dict__.get("_cond")
+        if c is None:
+            with self._lock:
+                c = self.__dict__.setdefault("_cond", threading.Condition(self._lock))
+        return c
+
+    @property
+    def _waiters(self) -> list:  # type: ignore[override]
+        return self.__dict__.setdefault("_waiting", [])
+
+    @property
+    def _done_callbacks(self) -> list:  # type: ignore[override]
+        return self.__dict__.setdefault("_callbacks", [])
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        """set_result and set_exception: wake only who waits on this future."""
+        with self._lock:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+                raise cf.InvalidStateError(f"{self._state}: {self!r}")
+            if exception is None:
+                self._result = result
+            else:
+                self._exception = exception
+            self._state = FINISHED
+            d = self.__dict__
+            for waiter in d.get("_waiting", ()):
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            c = d.get("_cond")
+            if c is not None:
+                c.notify_all()
+        if "_callbacks" in self.__dict__:
+            self._invoke_callbacks()
+
+    def set_result(self, result: Any) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception)
 
     def result(self, timeout: float | None = None) -> Any:
         """The job's value. Inside a job, the wait gives the job's slot to another job
         meanwhile; a value kept at the master (an input of other jobs) is fetched now."""
-        if not self.done():
+        if self._state not in _DONE:
             with current.waiting():
-                value = super().result(timeout)
-        else:
-            value = super().result(timeout)
+                self._wait(timeout)
+        value = super().result(0)
         if value is KEPT:
             value = self._fetch(timeout)
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
+        if self._state not in _DONE:
             with current.waiting():
-                return super().exception(timeout)
-        return super().exception(timeout)
+                self._wait(timeout)
+        return super().exception(0)
+
+    def _wait(self, timeout: float | None) -> None:
+        """Until the future is done or the timeout passes (then result(0) says which)."""
+        if self._state in (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED):
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._condition
+        with cond:
+            while self._state not in (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                cond.wait(left)
 
     def _fetch(self, timeout: float | None) -> Any:
         conn = self._owner
@@ -163,7 +232,7 @@ class Future(cf.Future):
 
     def _started(self) -> None:
         """A worker started the job (the I/O thread heard so)."""
-        with self._condition:
+        with self._lock:
             if self._state == PENDING:
                 self._state = RUNNING
 

@@ -91,6 +91,8 @@ class ClientHandlers:
         s.versions = h.get("versions") or {}
         if "unsatisfiable" in h:
             s.unsatisfiable = None if h["unsatisfiable"] is None else float(h["unsatisfiable"])
+        if self._compat:  # what its versions allowed, asked again
+            self._compat = {k: v for k, v in self._compat.items() if k[0] != sid}
         self.peers[ident] = s
         self._send(ident, P.WELCOME, self._welcome())
         s.last_sent = time.monotonic()
@@ -375,7 +377,10 @@ class ClientHandlers:
         s = job.session
         if s is None or not s.versions or not w.versions:
             return True
-        why = incompatibility(s.versions, w.versions)
+        pair = (s.id, w.id)
+        why = self._compat.get(pair, False)
+        if why is False:  # asked once per client and worker, not once per job
+            why = self._compat[pair] = incompatibility(s.versions, w.versions)
         if why and (s.id, w.id) not in self._warned:
             self._warned.add((s.id, w.id))
             text = f"worker {w.describe()} on {w.host} cannot run this client's jobs: {why}"

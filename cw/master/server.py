@@ -109,6 +109,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         self._dirty: set[Session] = set()
         self._warned: set[tuple[str, str]] = set()
         self._unmet: dict[str, float] = {}  # requirement no worker offers -> when clients were warned
+        self._compat: dict[tuple[str, str], str | None] = {}  # (session, worker) -> why not
         self.post_mortems: dict[str, str] = {}  # worker id -> what the batch system said
         self._pm_queue: queue.SimpleQueue = queue.SimpleQueue()
         self.started = time.time()
@@ -398,6 +399,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         for sid in gone:
             del self.sessions[sid]
         self._warned = {w for w in self._warned if w[0] in self.sessions}
+        self._compat = {k: v for k, v in self._compat.items() if k[0] in self.sessions}
         needed = {j.fn for j in self.policy.jobs.values()}
         self.functions = {fn: b for fn, b in self.functions.items() if fn in needed}
         self.release = True
