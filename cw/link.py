@@ -40,6 +40,28 @@ _EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HA
 _EVENT = struct.Struct("=Hi")
 # plain ints: an enum's & costs microseconds, on every message
 _POLLIN, _EVENTS_OPT = int(zmq.POLLIN), int(zmq.EVENTS)
+_SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0, copy: bool = True) -> None:
+    """``sock.send_multipart(frames, flags, copy=copy)``, at a quarter of its cost: pyzmq
+    combines the flags of every frame as enums, some 3 us a frame (a message has 6 or more).
+
+    A message is atomic in libzmq: once its first frame is taken, so are the others.
+    """
+    send, more, last = sock.send, flags | _SNDMORE, len(frames) - 1
+    for i in range(last):
+        send(frames[i], more, copy=copy)
+    send(frames[last], flags, copy=copy)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """``sock.recv_multipart(flags)`` with plain-int options (see :func:`send_frames`)."""
+    recv, more = sock.recv, sock.getsockopt
+    frames = [recv(flags)]
+    while more(_RCVMORE):
+        frames.append(recv(flags))
+    return frames
 
 
 class Link:
@@ -135,7 +157,7 @@ class Link:
             return False
         frames = ch.pack(kind, header, blobs)
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
+            send_frames(self.sock, frames, _NOBLOCK, sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
         except zmq.Again:  # the connection just went: so did its session
             return False
         self.last_sent = time.monotonic()
@@ -157,7 +179,7 @@ class Link:
         # asking is cheaper than the exception of an empty socket (and the owner may
         # replace the socket between two messages)
         while (sock := self.sock) is not None and sock.getsockopt(_EVENTS_OPT) & _POLLIN:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = recv_frames(sock, _NOBLOCK)
             ch = self.channel
             if ch is not None:
                 try:

@@ -383,17 +383,17 @@ def test_connections_above_the_cap_are_refused_with_a_clear_line(cw_home, procs)
 
 
 @pytest.mark.timeout(60)
-def test_no_exception_in_the_receive_path_stops_the_master(cw_home):
+def test_no_exception_in_the_receive_path_stops_the_master(cw_home, monkeypatch):
     """A MemoryError (or anything else) while a message is received or verified drops that
     message; the loop goes on serving."""
-    from cw.master import Master
+    from cw.master import Master, server
 
     m = Master(ClusterDir(), bind="127.0.0.1", port=0, host="127.0.0.1", publish=False)
-    real_recv, real_stranger = m.sock.recv_multipart, m.door.stranger
+    real_recv, real_stranger = server.recv_frames, m.door.stranger
     calls = {"n": 0}
 
-    def recv(flags=0):
-        frames = real_recv(flags)
+    def recv(sock, flags=0):  # the master's loop receives each message with it
+        frames = real_recv(sock, flags)
         calls["n"] += 1
         if calls["n"] == 1:  # the first message is gone, and could not be kept
             raise MemoryError("no room for it")
@@ -403,7 +403,7 @@ def test_no_exception_in_the_receive_path_stops_the_master(cw_home):
         m.door.stranger = real_stranger
         raise MemoryError("no room to verify it")
 
-    m.sock.recv_multipart = recv
+    monkeypatch.setattr(server, "recv_frames", recv)
     m.door.stranger = stranger
     t = threading.Thread(target=m.serve, daemon=True)
     t.start()

@@ -28,6 +28,7 @@ from .. import defaults, system
 from .. import protocol as P
 from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
+from ..link import recv_frames, send_frames
 from ..store import Outcome, Store
 from .clients import ClientHandlers, Session, refusal
 from .door import Door
@@ -158,7 +159,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         sock = self.sock
         for s in (sock, self.door.monitor, self.door.zap):
             poller.register(s, zmq.POLLIN)
-        recv = sock.recv_multipart
+        noblock = int(zmq.NOBLOCK)
         next_timer = 0.0
         try:
             while not self.stopping.is_set():
@@ -170,7 +171,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
                     # asking is cheaper than the exception of an empty socket
                     while n < defaults.MASTER_TURN and sock.getsockopt(_EVENTS_OPT) & _POLLIN:
                         try:
-                            frames = recv(zmq.NOBLOCK)
+                            frames = recv_frames(sock, noblock)
                         except zmq.Again:
                             break
                         except Exception as e:  # MemoryError above all: drop it, keep serving
@@ -227,7 +228,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         if ch is None:  # its session is over: nobody could read it
             return
         frames = ch.pack(kind, header, blobs)
-        self.sock.send_multipart([ident, *frames], copy=sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
+        send_frames(self.sock, [ident, *frames], 0, sum(map(len, blobs)) < defaults.ZERO_COPY_BYTES)
 
     def _handle(self, frames: list[bytes]) -> None:
         ident = frames[0]
