@@ -36,8 +36,12 @@ HANDSHAKE_RETRY = 2.0
 STRANGER_EVERY = 1.0
 #: ... at most this many times over the connection's life ...
 STRANGER_REPLIES = 16
-#: ... and at most this many times a second in all.
+#: ... and at most this many times a second in all (BYE, REJECT) ...
 STRANGER_RATE = 200
+#: ... except CHALLENGEs, which answer only OPENs signed with the cluster key on
+#: connections that passed the gate: at most this many a second, so that a thousand
+#: array tasks starting at once all open their sessions within a second or two.
+CHALLENGE_RATE = 2000
 #: Seconds a session may stay silent before the master forgets it (peers heartbeat every second).
 SESSION_IDLE = 60.0
 #: Connections a master accepts at once; it also keeps FD_RESERVE descriptors of its

@@ -9,6 +9,7 @@ this machine's two cores.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import resource
@@ -421,3 +422,26 @@ def test_no_exception_in_the_receive_path_stops_the_master(cw_home, monkeypatch)
     finally:
         m.stop()
         t.join(10)
+
+
+def test_challenges_have_a_budget_of_their_own():
+    """A registration storm (verified OPENs on gated connections) is not held to the
+    strangers' rate; BYEs and REJECTs still are, and every connection still gets one
+    reply a second at most."""
+    from cw.master.door import Door
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        door = Door(ctx, sock, b"k" * 32, False, P.RateLimited(logging.getLogger(__name__), "bad"))
+        now = time.monotonic()
+        assert sum(door.opens.allow(b"o%d" % i, now) for i in range(1500)) == 1500
+        assert not door.opens.allow(b"o1", now + 0.5)
+        assert door.byes.budget is door.rejects.budget is not door.opens.budget
+        answered = sum(door.byes.allow(b"b%d" % i, now) for i in range(300))
+        answered += sum(door.rejects.allow(b"r%d" % i, now) for i in range(300))
+        assert answered == defaults.STRANGER_RATE
+    finally:
+        door.close()
+        sock.close(0)
+        ctx.term()

@@ -57,18 +57,19 @@ def raise_fd_limit() -> int:
 
 class Replies:
     """Which strangers may be answered now: once per STRANGER_EVERY per routing id, at most
-    STRANGER_REPLIES over its life, and STRANGER_RATE a second in all (shared)."""
+    STRANGER_REPLIES over its life, and ``rate`` a second in all (``budget``, which
+    replies of several kinds may share)."""
 
-    def __init__(self, budget: list[float]):
+    def __init__(self, budget: list[float], rate: float = defaults.STRANGER_RATE):
         self.last: dict[bytes, tuple[float, int]] = {}
-        self.budget = budget  # [tokens, when last refilled], shared by every kind of reply
+        self.budget, self.rate = budget, rate  # budget: [tokens, when last refilled]
 
     def allow(self, ident: bytes, now: float) -> bool:
         t, n = self.last.get(ident, (-1e9, 0))
         if now - t < defaults.STRANGER_EVERY or n >= defaults.STRANGER_REPLIES:
             return False
         b = self.budget
-        b[0] = min(defaults.STRANGER_RATE, b[0] + (now - b[1]) * defaults.STRANGER_RATE)
+        b[0] = min(self.rate, b[0] + (now - b[1]) * self.rate)
         b[1] = now
         if b[0] < 1:
             return False
@@ -102,8 +103,13 @@ class Door:
         self.refused = P.RateLimited(log, "refused connections")
         self.channels: dict[bytes, P.Channel] = {}  # routing id -> live session
         self.pending: dict[bytes, tuple[P.Channel, float]] = {}  # routing id -> (session, since)
-        budget = [float(defaults.STRANGER_RATE), time.monotonic()]
-        self.opens, self.byes = Replies(budget), Replies(budget)
+        # a CHALLENGE answers a verified OPEN on a gated connection (and the pending
+        # handshakes are capped): its own, larger budget lets a registration storm through;
+        # BYE and REJECT share the strangers' one
+        now = time.monotonic()
+        self.opens = Replies([float(defaults.CHALLENGE_RATE), now], defaults.CHALLENGE_RATE)
+        strangers = [float(defaults.STRANGER_RATE), now]
+        self.rejects, self.byes = Replies(strangers), Replies(strangers)
 
     # -- the gate ----------------------------------------------------------------------
     def service(self) -> None:
@@ -182,7 +188,7 @@ class Door:
         try:
             _, header, _ = P.unpack(self.key, frames, 1, defaults.OPEN_MESSAGE)
         except BadMAC as e:  # a cw peer with another key: tell it, sometimes
-            if self.opens.allow(ident, now):
+            if self.rejects.allow(ident, now):
                 self.sock.send_multipart([ident, *P.reject(str(e))])
             raise
         if not self.opens.allow(ident, now):
