@@ -185,3 +185,39 @@ def test_counted_resources_are_reserved_while_held():
     assert w.reserved["mem"] == 3 * 2**30
     charged, spared = p.lost(w)
     assert w.reserved == {} and not w.running
+
+
+def test_among_a_thousand_full_workers_the_one_with_room_gets_the_job():
+    """Workers without room are passed over before sorting (a deep queue and a thousand
+    busy workers), in both passes: by slots, then by each queue's prefetch depth."""
+    p = Policy()
+    full = [worker(f"w{i}") for i in range(1000)]
+    for w in full:
+        p.add_worker(w)
+        for _ in range(2):  # a running job and one spare: full for jobs of unknown runtime
+            j = job()
+            p.enqueue(j)
+            j.worker = w
+            w.hold(j)
+    p.prune()
+    p.queues[None].clear()
+    waiting = [job() for _ in range(3)]
+    for j in waiting:
+        p.enqueue(j)
+    assert placed(p) == {}
+    spare = worker("spare", slots=2)
+    spare.draining = True
+    p.add_worker(spare)
+    assert placed(p) == {}  # draining: no room
+    spare.draining, spare.paused = False, {"until": None, "stopped": False}
+    assert placed(p) == {}  # paused: no room either
+    spare.paused = None
+    got = placed(p)
+    assert got == {"spare": [j.id for j in waiting]}  # 2 slots, then 1 of its 2 spares
+    p.ran("f", 0.0001)  # short jobs: every worker may now prefetch deeply
+    more = [job() for _ in range(2000)]
+    for j in more:
+        p.enqueue(j)
+    got = placed(p)
+    assert sum(map(len, got.values())) == 2000 and max(map(len, got.values())) == 2  # even shares
+    assert len(got) == 1000 and "spare" in got

@@ -90,10 +90,7 @@ class Worker:
         """
         if self.draining or self.paused:
             return 0
-        if runtime is None:
-            return self.slots * 2
-        extra = int(defaults.PREFETCH_SECONDS / max(runtime, 1e-6))
-        return self.slots * (1 + min(max(extra, 1), defaults.PREFETCH_MAX))
+        return self.slots * depth(runtime)
 
     def hold(self, job: Job) -> None:
         """The worker holds the job now (and what it needs of its GPUs and memory)."""
@@ -134,6 +131,14 @@ class Worker:
 
     def describe(self) -> str:
         return f"{self.id}{f' ({self.label})' if self.label else ''}"
+
+
+def depth(runtime: float | None) -> int:
+    """Jobs of this runtime a worker may hold per slot: the one running and its prefetch."""
+    if runtime is None:
+        return 2
+    extra = int(defaults.PREFETCH_SECONDS / max(runtime, 1e-6))
+    return 1 + min(max(extra, 1), defaults.PREFETCH_MAX)
 
 
 class Policy:
@@ -267,7 +272,12 @@ class Policy:
             if not queues:
                 return
             share = -(-sum(len(q) for _, q in queues) // len(self.workers))
-            for w in sorted(self.workers.values(), key=lambda w: w.load() / w.slots):
+            # only workers with room can take a job: with a deep queue and a thousand
+            # busy workers, looking at each one on every turn cost milliseconds
+            per_slot = max(depth(self.runtimes.get(q[0].fn)) for _, q in queues) if prefetch else 1
+            room = [w for w in self.workers.values()
+                    if not (w.draining or w.paused) and w.load() < w.slots * per_slot]  # fmt: skip
+            for w in sorted(room, key=lambda w: w.load() / w.slots):
                 jobs = self._fill(w, queues, share, prefetch, compatible)
                 if jobs:
                     yield w, jobs
