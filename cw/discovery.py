@@ -180,10 +180,8 @@ class ClusterDir:
         """Write master.json atomically (readers never see half a file)."""
         self.make()
         tmp = self.master_json.with_name(f".master.json.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(fd, 0o644)  # others may read where the master is; nobody else may change it
-            f.write(json.dumps(info, indent=2) + "\n")
+        # others may read where the master is; nobody else may change it
+        write_private(tmp, json.dumps(info, indent=2) + "\n", mode=0o644)
         os.replace(tmp, self.master_json)
 
     def unpublish(self, pid: int) -> None:
@@ -267,7 +265,23 @@ def _parse_key(text: str, where: str) -> bytes:
     return key
 
 
-def pid_alive(pid: Any) -> bool:
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a file with this mode (its owner's alone by default), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, mode)
+        f.write(text)
+
+
+def pid_alive(pid: Any, reap: bool = False) -> bool:
+    """Whether a process runs on this host; with ``reap``, a child of ours that ended (a
+    master a cluster object started here) is reaped, not taken for alive."""
+    if reap:
+        try:
+            if os.waitpid(int(pid), os.WNOHANG)[0]:
+                return False
+        except (ChildProcessError, TypeError, ValueError):
+            pass
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

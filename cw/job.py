@@ -138,19 +138,19 @@ def _home() -> Path:
 def scratch() -> Path:
     """This job's private scratch directory on the worker's local disk: empty when the
     job starts, wiped when it ends (success, failure, timeout, cancel, a killed worker)."""
-    global _used
-    p = _home() / "scratch"
-    if not _used or not p.is_dir():
-        p.mkdir(parents=True, exist_ok=True)
-        _used = True
-    return p
+    return _made("scratch")
 
 
 def outputs() -> Path:
     """This job's outputs directory: what the job puts here is copied, after the job, to
     the cluster directory under its run and key, and recorded in the store (``cw pull``)."""
+    return _made("outputs")
+
+
+def _made(name: str) -> Path:
+    """A directory of this job's, made on first use (the job's directory is then wiped after it)."""
     global _used
-    p = _home() / "outputs"
+    p = _home() / name
     if not _used or not p.is_dir():
         p.mkdir(parents=True, exist_ok=True)
         _used = True

@@ -14,6 +14,7 @@ import traceback
 
 import pytest
 from conftest import start_workers, wait_for
+from test_migrations import SCHEMA_1
 
 import cw
 import cw.client
@@ -151,19 +152,6 @@ def _logs(*args):
 
 
 # -- the schema: a store made by the previous schema is migrated forward ---------------
-SCHEMA_1 = """
-CREATE TABLE functions (hash TEXT PRIMARY KEY, blob BLOB, created REAL);
-CREATE TABLE sessions (id TEXT PRIMARY KEY, run TEXT, context TEXT, started REAL);
-CREATE TABLE jobs (id INTEGER PRIMARY KEY, session TEXT NOT NULL, seq INTEGER NOT NULL, run TEXT,
-    key TEXT, fn TEXT NOT NULL, args BLOB NOT NULL, requires TEXT, timeout REAL, max_retries INTEGER,
-    attempts INTEGER DEFAULT 0, submitted REAL);
-CREATE UNIQUE INDEX idx_jobs_session_seq ON jobs (session, seq);
-CREATE INDEX idx_jobs_run_key ON jobs (run, key);
-CREATE TABLE results (job INTEGER PRIMARY KEY REFERENCES jobs (id), status INTEGER, value BLOB,
-    error TEXT, traceback TEXT, worker TEXT, runtime REAL, finished REAL);
-CREATE TABLE workers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, caps TEXT, joined REAL, left REAL,
-    reason TEXT);
-"""
 
 
 def _v1_store(path):

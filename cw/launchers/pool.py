@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..defaults import DOWN_WAIT, HEALS_PER_WORKER
-from ..discovery import ClusterDir, pid_alive
+from ..discovery import ClusterDir, pid_alive, write_private
 from ..errors import ConfigError, CwError, SchedulerError
 from ..errors import TimeoutError as CwTimeoutError
 from .base import ENDED, PENDING, RUNNING, JobSpec, Scheduler, Task
@@ -45,14 +45,6 @@ log = logging.getLogger(__name__)
 
 #: What takes the progress lines of ``up`` and ``down`` (click.echo, a logger's method).
 Report = Callable[[str], Any]
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a file readable by its owner only, whatever the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(fd, 0o600)
-        f.write(text)
 
 
 @contextlib.contextmanager
@@ -100,7 +92,7 @@ class Pool:
             yield rec
             if json.dumps(rec, sort_keys=True) != before:
                 tmp = self.path.with_name(f".pool.json.{os.getpid()}.{threading.get_ident()}")
-                _write_private(tmp, json.dumps(rec, indent=2) + "\n")
+                write_private(tmp, json.dumps(rec, indent=2) + "\n")
                 os.replace(tmp, self.path)
         finally:
             os.close(fd)
@@ -166,7 +158,7 @@ class Pool:
             f"exec {shlex.join(argv)}\n"
         )
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        _write_private(tmp, text)
+        write_private(tmp, text)
         os.replace(tmp, path)
         return path
 
@@ -279,7 +271,7 @@ class Pool:
         if m.get("here"):
             if m.get("host") != socket.gethostname():
                 return RUNNING  # another host's process: we cannot tell, assume it runs
-            return RUNNING if _running(m.get("pid")) else ENDED
+            return RUNNING if pid_alive(m.get("pid"), reap=True) else ENDED
         if not m.get("job"):
             return ENDED
         if tasks is None:
@@ -465,9 +457,9 @@ class Pool:
         if not stop_master:
             master = {}
         if master.get("here"):
-            if master.get("host") == socket.gethostname() and _running(master.get("pid")):
+            if master.get("host") == socket.gethostname() and pid_alive(master.get("pid"), reap=True):
                 os.kill(int(master["pid"]), signal.SIGTERM)
-                while _running(master["pid"]) and time.monotonic() < deadline:
+                while pid_alive(master["pid"], reap=True) and time.monotonic() < deadline:
                     time.sleep(0.2)
             elif master.get("host") != socket.gethostname():
                 report(f"the master runs on {master.get('host')} (pid {master.get('pid')}): stop it there")
@@ -502,15 +494,3 @@ class Pool:
             if time.monotonic() > deadline:
                 return left
             time.sleep(1.0)
-
-
-def _running(pid: Any) -> bool:
-    """Whether a process runs; a child of ours that ended (a master started here by a
-    cluster object) is reaped, not taken for alive."""
-    try:
-        done, _ = os.waitpid(int(pid), os.WNOHANG)
-        if done:
-            return False
-    except (ChildProcessError, TypeError, ValueError):
-        pass
-    return pid_alive(pid)

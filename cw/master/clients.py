@@ -9,6 +9,7 @@ queue acknowledgements and results on the session, and
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from .. import defaults
@@ -334,6 +335,36 @@ class ClientHandlers:
                 self._take(row).queued_at = now
         log.info("run %s: %d failed jobs requeued", run, len(rows))
         return len(rows)
+
+    # -- sessions in memory -------------------------------------------------------------
+    def _session(self, sid: str) -> Session | None:
+        """A session by id: in memory, or brought back from the store (ended sessions
+        leave memory, their jobs and results stay in the store)."""
+        s = self.sessions.get(sid)
+        if s is None:
+            rec = self.store.session(sid)
+            if rec is not None:
+                s = self.sessions[sid] = Session(sid, rec.run, rec.context)
+        return s
+
+    def _forget_sessions(self) -> None:
+        """Sessions whose client left and whose jobs are all finished leave memory, and
+        the functions no job in memory needs with them: memory returns to its baseline."""
+        gone = [sid for sid, s in self.sessions.items() if s.ident is None and not s.jobs and not s.results]
+        for s in self.sessions.values():
+            if not s.jobs and sys.getsizeof(s.jobs) > 1024:  # a dict never shrinks by itself
+                s.jobs = {}
+        if not self.policy.jobs and sys.getsizeof(self.policy.jobs) > 1024:
+            self.policy.jobs = {}
+        if not gone:
+            return
+        for sid in gone:
+            del self.sessions[sid]
+        self._warned = {w for w in self._warned if w[0] in self.sessions}
+        self._compat = {k: v for k, v in self._compat.items() if k[0] in self.sessions}
+        needed = {j.fn for j in self.policy.jobs.values()}
+        self.functions = {fn: b for fn, b in self.functions.items() if fn in needed}
+        self.release = True
 
     # -- answers, after the commit -----------------------------------------------------
     def _answer_clients(self) -> None:

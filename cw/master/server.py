@@ -17,7 +17,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from typing import Any, Deque, Sequence
@@ -375,35 +374,6 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         job.inputs, job.refs = inputs.get(row.id), uses.get(row.id)
         self._admit(job)
         return job
-
-    def _session(self, sid: str) -> Session | None:
-        """A session by id: in memory, or brought back from the store (ended sessions
-        leave memory, their jobs and results stay in the store)."""
-        s = self.sessions.get(sid)
-        if s is None:
-            rec = self.store.session(sid)
-            if rec is not None:
-                s = self.sessions[sid] = Session(sid, rec.run, rec.context)
-        return s
-
-    def _forget_sessions(self) -> None:
-        """Sessions whose client left and whose jobs are all finished leave memory, and
-        the functions no job in memory needs with them: memory returns to its baseline."""
-        gone = [sid for sid, s in self.sessions.items() if s.ident is None and not s.jobs and not s.results]
-        for s in self.sessions.values():
-            if not s.jobs and sys.getsizeof(s.jobs) > 1024:  # a dict never shrinks by itself
-                s.jobs = {}
-        if not self.policy.jobs and sys.getsizeof(self.policy.jobs) > 1024:
-            self.policy.jobs = {}
-        if not gone:
-            return
-        for sid in gone:
-            del self.sessions[sid]
-        self._warned = {w for w in self._warned if w[0] in self.sessions}
-        self._compat = {k: v for k, v in self._compat.items() if k[0] in self.sessions}
-        needed = {j.fn for j in self.policy.jobs.values()}
-        self.functions = {fn: b for fn, b in self.functions.items() if fn in needed}
-        self.release = True
 
     # -- end of a turn: commit, then put workers to work, then answer -------------
     def _end_turn(self) -> None:

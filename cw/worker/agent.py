@@ -27,7 +27,7 @@ from ..launchers import environment
 from ..link import Link
 from ..serialize import runtime_versions
 from .caps import Devices, capabilities
-from .executor import BLOCKED, Child
+from .executor import Child
 from .executors import Executors
 from .inputs import Inputs
 from .output import echo_output
@@ -357,32 +357,6 @@ class Agent(Executors, Slots, Pausing):
                                             limits or None, data, drop, where), protocol=5))  # fmt: skip
             P.mark("to executor")
             c.ctx, c.used = ctx, True
-
-    def _read_child(self, c: Child) -> None:
-        try:
-            while c.conn.poll():
-                P.mark("from executor")
-                self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
-        except (EOFError, OSError):
-            self._child_died(c)
-        except Exception as e:  # not one of our answers: nothing more it says can be trusted
-            self._child_died(c, f"the process running the job garbled its answer ({e!r})")
-
-    def _child_answered(self, c: Child, answer: tuple) -> None:
-        if len(answer) == 2:  # its job waits on its children, or may go on
-            self._child_waits(c, answer[0] == BLOCKED)
-            return
-        jid, status, runtime, err, tb, blob, files, output = answer
-        if not c.inflight or c.inflight[0][0] != jid:  # one answer per job, whatever the job does
-            log.warning("executor %d answered for job %s, which it is not running: ignored", c.pid, jid)
-            return
-        fn = c.inflight.popleft()[1]
-        c.head_started = time.monotonic()
-        self._result(jid, status, runtime, err, tb, blob, output)
-        if files:
-            self.outfiles.append([jid, *files])
-        old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
-        self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
 
     def _limit(self, task: tuple) -> int:
         """The output limit of a task: its own, its client's, or the default."""

@@ -1,4 +1,4 @@
-"""The agent's executors: started on their slots' CPUs, replaced when they die or are
+"""The agent's executors: their answers read, started on their slots' CPUs, replaced when they die or are
 killed (with every process group of their job), reaped, and their jobs' orphans ended.
 
 Part of :class:`cw.worker.agent.Agent` (a mixin: it uses the agent's children,
@@ -21,7 +21,7 @@ import zmq
 
 from .. import defaults, job, system
 from .. import protocol as P
-from .executor import Child, describe_exit
+from .executor import BLOCKED, Child, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,34 @@ log = logging.getLogger(__name__)
 class Executors:
     """The agent's executor processes (mixed into Agent)."""
 
+    # -- what executors say ------------------------------------------------------------
+    def _read_child(self, c: Child) -> None:
+        try:
+            while c.conn.poll():
+                P.mark("from executor")
+                self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
+        except (EOFError, OSError):
+            self._child_died(c)
+        except Exception as e:  # not one of our answers: nothing more it says can be trusted
+            self._child_died(c, f"the process running the job garbled its answer ({e!r})")
+
+    def _child_answered(self, c: Child, answer: tuple) -> None:
+        if len(answer) == 2:  # its job waits on its children, or may go on
+            self._child_waits(c, answer[0] == BLOCKED)
+            return
+        jid, status, runtime, err, tb, blob, files, output = answer
+        if not c.inflight or c.inflight[0][0] != jid:  # one answer per job, whatever the job does
+            log.warning("executor %d answered for job %s, which it is not running: ignored", c.pid, jid)
+            return
+        fn = c.inflight.popleft()[1]
+        c.head_started = time.monotonic()
+        self._result(jid, status, runtime, err, tb, blob, output)
+        if files:
+            self.outfiles.append([jid, *files])
+        old, w = self.runtimes.get(fn), defaults.RUNTIME_WEIGHT
+        self.runtimes[fn] = runtime if old is None else (1 - w) * old + w * runtime
+
+    # -- ending and replacing ----------------------------------------------------------
     def _child_died(self, c: Child, why: str | None = None) -> None:
         """An executor ended (its pipe closed, or its pidfd said so): take the answers it
         sent before it went, then report its job and replace it. Never blocks for long."""

@@ -31,6 +31,7 @@ from typing import Any, Optional
 from .. import protocol as P
 from .. import system
 from ..defaults import CONTROL_ROOT
+from ..discovery import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,10 @@ def control_sockets() -> list[Path]:
     d = control_dir()
     found = []
     for path in sorted(d.glob("ctl-*.sock")) if d.is_dir() else []:
-        try:
-            os.kill(int(path.name[4:-5]), 0)
-        except ProcessLookupError:
+        if pid_alive(path.name[4:-5]):
+            found.append(path)
+        else:
             path.unlink(missing_ok=True)
-            continue
-        except (ValueError, PermissionError):
-            pass
-        found.append(path)
     return found
 
 
