@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -13,7 +14,7 @@ import types
 from collections import OrderedDict
 from hashlib import blake2b
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import cloudpickle
 
@@ -320,3 +321,38 @@ def incompatibility(client: dict, worker: dict) -> str | None:
     if cc and wc and str(cc).split(".")[0] != str(wc).split(".")[0]:
         return f"it has cloudpickle {wc}, this client cloudpickle {cc}: install the same version on both"
     return None
+
+
+class DataCache:
+    """Blobs by key (a job id: its value; a hash: scattered data), the most recently used,
+    up to a number of bytes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size = limit, 0
+        self.items: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.items
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def __getitem__(self, key: Any) -> bytes:
+        return self.items[key]  # without making it the most recent (get does)
+
+    def get(self, key: Any) -> Optional[bytes]:
+        blob = self.items.get(key)
+        if blob is not None:
+            self.items.move_to_end(key)
+        return blob
+
+    def put(self, key: Any, blob: bytes) -> None:
+        if len(blob) > self.limit:
+            return
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.size -= len(old)
+        self.items[key] = blob
+        self.size += len(blob)
+        while self.size > self.limit:
+            self.size -= len(self.items.popitem(last=False)[1])

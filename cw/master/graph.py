@@ -11,44 +11,18 @@ values of inputs stay here (and in the store) and reach workers when they ask
 
 from __future__ import annotations
 
-import collections
 import logging
 import pickle
 from typing import Any, Iterable, Optional
 
 from .. import defaults
 from .. import protocol as P
+from ..serialize import DataCache
 from .policy import Job, Worker
 
 log = logging.getLogger(__name__)
 
 SENT_KINDS = ("functions", "arguments", "refs", "inputs")
-
-
-class DataCache:
-    """Blobs by key (a job id: its value; a hash: scattered data), the most recently used,
-    up to a number of bytes."""
-
-    def __init__(self, limit: int):
-        self.limit, self.size = limit, 0
-        self.items: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
-
-    def get(self, key: Any) -> Optional[bytes]:
-        blob = self.items.get(key)
-        if blob is not None:
-            self.items.move_to_end(key)
-        return blob
-
-    def put(self, key: Any, blob: bytes) -> None:
-        if len(blob) > self.limit:
-            return
-        old = self.items.pop(key, None)
-        if old is not None:
-            self.size -= len(old)
-        self.items[key] = blob
-        self.size += len(blob)
-        while self.size > self.limit:
-            self.size -= len(self.items.popitem(last=False)[1])
 
 
 class GraphHandlers:

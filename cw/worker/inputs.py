@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 
 from .. import defaults
 from .. import protocol as P
+from ..serialize import DataCache
 
 #: A pending task: (job id, function hash, context, timeout, args blob, output limit, key, needs,
 #: (inputs, refs) or None)
@@ -26,8 +27,7 @@ class Inputs:
     """The agent's data: cache, requests, and the tasks waiting for them."""
 
     def __init__(self, limit: int = defaults.WORKER_DATA_CACHE):
-        self.limit, self.size = limit, 0
-        self.cache: collections.OrderedDict[Any, bytes] = collections.OrderedDict()
+        self.cache = DataCache(limit)
         self.asked: set = set()  # asked for, not answered yet
         self.ask_i: list[int] = []  # to ask for at the end of this turn
         self.ask_x: list[str] = []
@@ -36,15 +36,7 @@ class Inputs:
 
     # -- the cache -----------------------------------------------------------------------
     def put(self, key: Any, blob: bytes) -> None:
-        if len(blob) > self.limit:
-            return
-        old = self.cache.pop(key, None)
-        if old is not None:
-            self.size -= len(old)
-        self.cache[key] = blob
-        self.size += len(blob)
-        while self.size > self.limit:
-            self.size -= len(self.cache.popitem(last=False)[1])
+        self.cache.put(key, blob)
 
     def tasks(self, h: dict, tasks: list, blobs: list, first_x: int) -> list[Task]:
         """A TASKS message of a graph's tasks: cache its scattered data; the tasks ready to
