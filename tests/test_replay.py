@@ -133,6 +133,8 @@ def test_replayed_client_messages_run_nothing(master, procs, tmp_path):
             assert c.gather(c.map(mark, [str(done)] * 5, range(5)), timeout=60) == list(range(5))
             with pytest.raises(RuntimeError, match="first run fails"):
                 c.submit(flaky, str(tmp_path / "flaky"), str(done)).result(30)
+            # an idle client heartbeats: stay long enough for one to be captured
+            wait_for(lambda: any(P.HEARTBEAT in bytes(s["up"]) for s in tap.streams), what="a client HEARTBEAT")
         out = cw_cli("retry", "replay", "--failed", env={"CW_ADDRESS": tap.address})
         assert out.returncode == 0 and "1 failed jobs of run replay requeued" in out.stdout, out.stdout + out.stderr
         assert cw_cli("status", env={"CW_ADDRESS": tap.address}).returncode == 0
