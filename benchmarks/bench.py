@@ -12,7 +12,7 @@ side (for cw: the master, the agents, their executors and this client), which
 is much steadier than wall-clock figures on a shared machine. W2 is followed
 by its per-hop breakdown: a second cluster, run with $CW_TRACE, notes when
 each message is packed and when it arrives, in every process, on the host's
-monotonic clock (cw.protocol.mark); the medians of the steps are printed.
+monotonic clock (cw.trace); the medians of the steps are printed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 import psutil
 
 import cw
-from cw import protocol
+from cw import trace
 
 WORKERS = 2
 
@@ -218,10 +218,11 @@ def w3(s, n=200, secs=0.05):
 
 
 def w4(s, n=200, mb=1):
-    blob = os.urandom(mb << 20)
+    base = os.urandom(mb << 20)  # a distinct argument per job: nothing may be cached or shared
+    blobs = [i.to_bytes(8, "little") + base[8:] for i in range(n)]
 
     def run(ex):
-        for f in [ex.submit(size, blob) for _ in range(n)]:
+        for f in [ex.submit(size, b) for b in blobs]:
             f.result()
 
     out = [(n * mb / secs, cpu * 1e-3) for secs, cpu in (s.timed(ex, run, n) for ex in (s.client, s.pool))]
@@ -278,11 +279,11 @@ def trace_round_trips(n: int) -> None:
                 for i in range(200):
                     c.submit(noop, i).result()
                 for i in range(n):
-                    protocol.mark("submit")
+                    trace.mark("submit")
                     c.submit(noop, i).result()
-                    protocol.mark("result")
+                    trace.mark("result")
                     time.sleep(0.002)  # let heartbeats and late notes settle between trips
-            mine = protocol.trace_events()
+            mine = trace.trace_events()
     events = []  # (ns, who, what, kind)
     for name in os.listdir(folder):
         pid = int(name.split(".")[0])

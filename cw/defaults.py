@@ -59,6 +59,11 @@ TOKEN_CACHE = 100_000
 #: With $CW_TRACE set, a process notes at most this many events (benchmarks' per-hop breakdown).
 TRACE_EVENTS = 1_000_000
 
+#: A blob (arguments, a result, a function) of at least this many bytes is large: on the
+#: wire it is signed by its SHA-256, computed once (cw.protocol), and the store keeps it
+#: in a file beside the database rather than in its pages (cw.store.blobs).
+LARGE_BLOB_BYTES = 64 * 1024
+
 #: Messages whose blobs total at least this many bytes are sent without a copy.
 ZERO_COPY_BYTES = 64 * 1024
 

@@ -43,6 +43,10 @@ class BadMAC(ProtocolError):
     """The MAC does not verify: the sender's key is not ours (or the bytes were changed)."""
 
 
+class BadDigest(ProtocolError):
+    """A large blob does not match the SHA-256 its signed header gives (changed on the way)."""
+
+
 class Replayed(ProtocolError):
     """A message whose sequence number was seen already on its session: replayed, or stale."""
 

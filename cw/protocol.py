@@ -16,7 +16,6 @@ it parses JSON or unpickles anything, and drops a ``seq`` it has seen.
 
 from __future__ import annotations
 
-import atexit
 import hmac
 import json
 import logging
@@ -26,10 +25,10 @@ import time
 from hashlib import sha256
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Tuple
 
-from . import defaults
-from .errors import BadMAC, ProtocolError, Replayed
+from . import defaults, trace
+from .errors import BadDigest, BadMAC, ProtocolError, Replayed
 
-VERSION = b"CW2"
+VERSION = b"CW3"
 
 OPEN = b"OPEN"  # peer -> master, signed with the cluster key: opens a session (CHALLENGE answers)
 CHALLENGE = b"CHALLENGE"  # master -> peer, signed with the cluster key: the session's other nonce
@@ -215,17 +214,24 @@ def _signer(key: bytes) -> Any:
 
 
 def _mac(signer: Any, frames: Sequence[bytes], start: int) -> bytes:
-    """MAC over version, kind, seq, header and blobs (every frame from ``start`` but the mac)."""
+    """MAC over version, kind, seq, header and blobs (every frame from ``start`` but the mac).
+
+    A large blob (``defaults.LARGE_BLOB_BYTES``) is signed by its length only: its
+    SHA-256 is in the signed header (``h``), computed once by whoever made it and
+    checked by each receiver, and a master that passes it on does not hash it again.
+    """
     m = signer.copy()
-    update, pack = m.update, _LEN.pack
-    for i in (start, start + 1):
+    update, pack, large = m.update, _LEN.pack, defaults.LARGE_BLOB_BYTES
+    for i in (start, start + 1, start + 3, start + 4):  # version, kind, seq, header: whole
         f = frames[i]
         update(pack(len(f)))
         update(f)
-    for i in range(start + 3, len(frames)):
+    for i in range(start + 5, len(frames)):
         f = frames[i]
-        update(pack(len(f)))
-        update(f)
+        n = len(f)
+        update(pack(n))
+        if n < large:
+            update(f)
     return m.digest()
 
 
@@ -234,9 +240,57 @@ def encode_header(header: Any) -> bytes:
 
 
 def _frames(signer: Any, kind: bytes, header: Any, blobs: Sequence[bytes], seq: int) -> list[bytes]:
-    frames = [VERSION, kind, b"", _SEQ.pack(seq), encode_header(header if header is not None else {}), *blobs]
+    header = header if header is not None else {}
+    large = defaults.LARGE_BLOB_BYTES
+    if blobs and max(map(len, blobs)) >= large:  # their digests go in the signed header
+        header = {**header, "h": [digest_of(b) for b in blobs if len(b) >= large]}
+    frames = [VERSION, kind, b"", _SEQ.pack(seq), encode_header(header), *blobs]
     frames[2] = _mac(signer, frames, 0)
     return frames
+
+
+class Digested(bytes):
+    """A large blob whose SHA-256 is known (hex): it came in a verified message, or the
+    store kept the digest beside it. Whoever sends it on signs that digest instead of
+    hashing the bytes again. Pickled, it is plain bytes."""
+
+    digest: str = ""
+
+    def __reduce__(self):
+        return (bytes, (bytes(self),))
+
+
+def digested(blob: Any, digest: str) -> Digested:
+    d = Digested(blob)
+    d.digest = digest
+    return d
+
+
+def digest_of(blob: bytes) -> str:
+    """A large blob's SHA-256 (hex): known already for a Digested one, computed otherwise."""
+    return getattr(blob, "digest", None) or sha256(blob).hexdigest()
+
+
+def _blobs(header: dict, frames: Sequence[bytes], start: int, keep: bool = False) -> list:
+    """The blobs of a message whose MAC checked out; each large one checked against its
+    digest in the signed header (BadDigest if it does not match), and with ``keep``
+    (a master, which sends them on) kept with it as a Digested."""
+    blobs = list(frames[start + 5 :])
+    given = header.pop("h", None)
+    large = defaults.LARGE_BLOB_BYTES
+    where = [i for i, b in enumerate(blobs) if len(b) >= large]
+    if not where and given is None:
+        return blobs
+    if (not isinstance(given, list) or len(given) != len(where)
+            or not all(isinstance(d, str) and len(d) == 64 for d in given)):  # fmt: skip
+        raise ProtocolError("large blobs without their signed digests")
+    for i, d in zip(where, given):
+        if sha256(blobs[i]).hexdigest() != d:
+            raise BadDigest(f"a blob of {len(blobs[i])} bytes does not match its signed digest"
+                            " (altered or corrupted on the way)")  # fmt: skip
+        if keep:
+            blobs[i] = digested(blobs[i], d)
+    return blobs
 
 
 def _verify(signer: Any, frames: Sequence[bytes], start: int, max_bytes: int | None) -> tuple[bytes, int]:
@@ -292,7 +346,8 @@ def unpack(key: bytes, frames: Sequence[bytes], start: int = 0,
     kind, seq = _verify(_signer(key), frames, start, max_bytes)
     if seq != 0:
         raise ProtocolError(f"seq {seq} in a message signed with the cluster key")
-    return kind, _decode(kind, frames[start + 4]), list(frames[start + 5 :])
+    header = _decode(kind, frames[start + 4])
+    return kind, header, _blobs(header, frames, start)
 
 
 class Channel:
@@ -316,64 +371,26 @@ class Channel:
     def pack(self, kind: bytes, header: Any = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
         self.sent += 1
         frames = _frames(self._signer, kind, header, blobs, self.sent)
-        if _trace is not None:
-            _mark("pack", kind)
+        if trace.events is not None:
+            trace.note("pack", kind)
         return frames
 
-    def unpack(self, frames: Sequence[bytes], start: int = 0,
-               max_bytes: int | None = None) -> tuple[bytes, Any, list[bytes]]:  # fmt: skip
+    def unpack(self, frames: Sequence[bytes], start: int = 0, max_bytes: int | None = None,
+               keep: bool = False) -> tuple[bytes, Any, list[bytes]]:  # fmt: skip
         """Verify a message of this session (from ``frames[start]`` on): (kind, header, blobs).
 
-        Raises BadMAC (not this session), Replayed (a seq seen already) or ProtocolError.
+        Raises BadMAC (not this session), Replayed (a seq seen already), BadDigest or
+        ProtocolError. ``keep``: large blobs come as Digested (see :func:`_blobs`).
         """
-        if _trace is not None:
-            _mark("unpack", frames[start + 1])
+        if trace.events is not None:
+            trace.note("unpack", frames[start + 1])
         kind, seq = _verify(self._signer, frames, start, max_bytes)
         if seq <= self.seen:
             raise Replayed(f"seq {seq} is not above {self.seen}: a replayed or stale message")
         header = _decode(kind, frames[start + 4])
+        blobs = _blobs(header, frames, start, keep)
         self.seen, self.heard = seq, _now()
-        return kind, header, list(frames[start + 5 :])
-
-
-# -- tracing: where a message's time goes -----------------------------------------------
-# With $CW_TRACE set to a folder, each process notes when every message of a session
-# is packed and when one arrives (and whatever else calls mark()), with the system's
-# monotonic clock, which all processes of a host share, and writes the notes to
-# <folder>/<pid>.json when it exits: benchmarks/bench.py's per-hop breakdown. Unset,
-# it costs one comparison per message.
-_trace: list | None = None
-
-
-def _mark(what: str, kind: Any = b"") -> None:
-    if _trace is not None and len(_trace) < defaults.TRACE_EVENTS:
-        _trace.append((what, bytes(kind).decode(errors="replace"), time.monotonic_ns()))
-
-
-def mark(what: str) -> None:
-    """Note an event of this process's path in the trace (nothing unless $CW_TRACE is set)."""
-    if _trace is not None:
-        _mark(what)
-
-
-def trace_events() -> list:
-    """This process's notes so far: (what, message kind, monotonic ns); [] when not tracing."""
-    return list(_trace or ())
-
-
-def _save_trace(folder: str) -> None:
-    if _trace and os.getpid() == _tracer:  # a forked executor leaves without saving
-        try:
-            with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
-                json.dump(_trace, f)
-        except OSError as e:
-            log.warning("cannot save the trace in %s: %s", folder, e)
-
-
-_tracer = os.getpid()
-if os.environ.get("CW_TRACE"):
-    _trace = []
-    atexit.register(_save_trace, os.environ["CW_TRACE"])
+        return kind, header, blobs
 
 
 def nonce() -> bytes:

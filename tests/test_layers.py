@@ -25,8 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "cw"
 
 CONTRACTS = {"cw.version", "cw.errors", "cw.defaults", "cw.protocol", "cw.security", "cw.serialize",
-             "cw.discovery", "cw.system", "cw.current", "cw.store", "cw.store.schema", "cw.store.graph",
-             "cw.store.sqlite", "cw.store.reader", "cw.store.repair", "cw.link", "cw.command", "cw.job",
+             "cw.discovery", "cw.system", "cw.current", "cw.store", "cw.store.schema", "cw.store.graph", "cw.store.blobs",
+             "cw.store.sqlite", "cw.store.reader", "cw.trace", "cw.store.repair", "cw.link", "cw.command", "cw.job",
              "cw.jobfile", "cw.resources"}  # fmt: skip
 ENGINE = ("cw.master", "cw.worker", "cw.client")
 LAUNCHERS = {"cw.launchers.pool", "cw.launchers.keeper", "cw.launchers.local", "cw.launchers.adapt",

@@ -1,13 +1,15 @@
 """The wire: signing, verification, and refusal of anything unverified."""
 
+import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 
 import pytest
 
 from cw import protocol as P
-from cw.errors import ProtocolError
+from cw.errors import BadDigest, ProtocolError
 
 KEY = b"k" * 32
 
@@ -57,6 +59,39 @@ def test_header_is_parsed_only_after_the_mac(monkeypatch):
     with pytest.raises(ProtocolError):
         P.unpack(KEY, bad)
     assert calls == []
+
+
+def test_large_blobs_travel_by_signed_digest():
+    """A large blob is signed by its SHA-256 in the header: a changed byte, a missing
+    or extra digest, are refused; a relay (keep=True) gets it with its digest and sends
+    it on without hashing it again."""
+    big, small = bytes(range(256)) * 512, b"args"  # 128 KiB, over defaults.LARGE_BLOB_BYTES
+    frames = P.Channel(KEY).pack(P.SUBMIT, {"j": []}, [small, big])
+    header = json.loads(frames[4])
+    assert header["h"] == [hashlib.sha256(big).hexdigest()]
+    kind, header, blobs = P.Channel(KEY).unpack(frames)
+    assert header == {"j": []} and blobs == [small, big] and type(blobs[1]) is bytes
+
+    changed = [*frames[:6], big[:-1] + b"!"]  # the MAC holds (lengths); the digest does not
+    with pytest.raises(BadDigest):
+        P.Channel(KEY).unpack(changed)
+    # a key holder's message with a large blob and no digest for it in the header
+    bare = [P.VERSION, P.SUBMIT, b"", frames[3], P.encode_header({"j": []}), small, big]
+    bare[2] = P._mac(P._signer(KEY), bare, 0)
+    with pytest.raises(ProtocolError, match="digests"):
+        P.Channel(KEY).unpack(bare)
+
+    relay_in, relay_out = P.Channel(KEY), P.Channel(KEY)
+    _, _, kept = relay_in.unpack(frames, keep=True)
+    assert isinstance(kept[1], P.Digested) and kept[1].digest == header_digest(frames)
+    kept[1].digest = "0" * 64  # a relay signs the digest it holds: it does not hash again
+    with pytest.raises(BadDigest):
+        P.Channel(KEY).unpack(relay_out.pack(P.TASKS, {}, kept))
+    assert pickle.loads(pickle.dumps(kept[1])) == big  # pickled, plain bytes
+
+
+def header_digest(frames):
+    return json.loads(frames[4])["h"][0]
 
 
 def test_reject_is_recognised():

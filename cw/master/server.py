@@ -23,7 +23,7 @@ from typing import Any, Deque, Sequence
 
 import zmq
 
-from .. import defaults, system
+from .. import defaults, system, trace
 from .. import protocol as P
 from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
@@ -236,7 +236,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         try:
             if ch is not None:
                 try:
-                    got = ch.unpack(frames, 1)
+                    got = ch.unpack(frames, 1, None, True)  # large blobs keep their digests
                 except ProtocolError as e:
                     failed = e
             if got is None:  # a handshake, or a stranger: the door decides
@@ -379,7 +379,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
     def _end_turn(self) -> None:
         try:
             if self.store.commit():
-                P.mark("committed")
+                trace.mark("committed")
             if self.backlog_from is not None:
                 self._load_backlog()
         except StoreError as e:

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from .. import defaults
 from ..errors import StoreError
 from ..protocol import CANCELLED, OK
+from .blobs import BlobFiles, is_ref
 from .graph import GraphVerbs
 from .schema import SCHEMA_VERSION, prepare
 from .sqlite import Checkpointer, chunks, connect, file_identity, guarded, json_column
@@ -138,8 +139,9 @@ _ADD_RESULT = ("INSERT OR IGNORE INTO results (job, status, value, error, traceb
                " finished, queued, started, stdout, stderr) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")  # fmt: skip
 
 
-def _queued(row: tuple) -> QueuedJob:
-    return QueuedJob(*row[:5], json_column(row[5]), *row[6:])
+def _queued(row: tuple, files: BlobFiles) -> QueuedJob:
+    args = files.get(row[4]) if is_ref(row[4]) else row[4]
+    return QueuedJob(*row[:4], args, json_column(row[5]), *row[6:])
 
 
 class Store(GraphVerbs):
@@ -152,9 +154,10 @@ class Store(GraphVerbs):
         if not self.path.exists():  # owner only; SQLite gives its -wal and -shm the same mode
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.conn = connect(self.path)
-        # 16 KiB pages: large argument and result blobs take a quarter of the page
-        # writes (applies to a new store only)
-        self.conn.execute("PRAGMA page_size = 16384")
+        # 4 KiB pages: a turn of one job writes a few of them to the log, and large
+        # arguments and results live in files beside the store (a new store only)
+        self.conn.execute("PRAGMA page_size = 4096")
+        self.files = BlobFiles(self.path)
         mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             log.warning("store %s: WAL unavailable on this filesystem, journal mode %s", path, mode)
@@ -175,7 +178,7 @@ class Store(GraphVerbs):
         #: this store's epoch: job ids never mean the same job in two epochs
         self.epoch: str = self.conn.execute("SELECT value FROM meta WHERE name = 'epoch'").fetchone()[0]
         self._files = {p: file_identity(p) for p in (self.path, Path(f"{self.path}-wal"))}
-        self._checkpointer = Checkpointer(self.path)
+        self._checkpointer = Checkpointer(self.path, before=self.files.sync)
         self._in_tx = False
         self._next_id = (self.conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0) + 1
 
@@ -187,6 +190,7 @@ class Store(GraphVerbs):
             self.conn.close()
             return
         self.commit()
+        self.files.sync()
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
 
@@ -209,6 +213,7 @@ class Store(GraphVerbs):
             self.conn.backup(out)
         finally:
             out.close()
+        self.files.link_into(dest)
         return dest
 
     # -- transactions: one per turn of the master's loop -------------------------
@@ -290,10 +295,10 @@ class Store(GraphVerbs):
     def add_jobs(self, jobs: Sequence[NewJob]) -> list[int]:
         """Store jobs (NewJob records, or plain tuples in its order); their ids, in order."""
         self._begin()
-        first, now = self._next_id, time.time()
+        first, now, large, put = self._next_id, time.time(), defaults.LARGE_BLOB_BYTES, self.files.put
         self.conn.executemany(_ADD_JOB, [
-            (first + i, j[0], j[1], j[2], j[3], j[4], j[5], json.dumps(j[6]) if j[6] else None, j[7], j[8], now,
-             j[9], j[10] if len(j) > 10 else None)
+            (first + i, j[0], j[1], j[2], j[3], j[4], put(f"{first + i}.args", j[5]) if len(j[5]) >= large else j[5],
+             json.dumps(j[6]) if j[6] else None, j[7], j[8], now, j[9], j[10] if len(j) > 10 else None)
             for i, j in enumerate(jobs)])  # fmt: skip
         if jobs and len(jobs[-1][5]) >= defaults.RELEASE_BYTES:
             self._unbind(_ADD_JOB, (-1, "", -1, None, None, "", b"", None, None, 0, 0, None, None))
@@ -304,6 +309,10 @@ class Store(GraphVerbs):
     def add_results(self, outcomes: Sequence[Outcome]) -> None:
         """Store results (Outcome records, or plain tuples in its order); a second one for a job is ignored."""
         self._begin()
+        large = defaults.LARGE_BLOB_BYTES
+        if any(len(o[2]) >= large for o in outcomes):  # those values go to files
+            outcomes = [(*o[:2], self.files.put(f"{o[0]}.value", o[2]), *o[3:]) if len(o[2]) >= large else o
+                        for o in outcomes]  # fmt: skip
         self.conn.executemany(_ADD_RESULT, outcomes)
         if outcomes and len(outcomes[-1][2]) >= defaults.RELEASE_BYTES:
             self._unbind(_ADD_RESULT, (-1, 0, b"", None, None, None, None, 0, None, None, None, None))
@@ -370,7 +379,8 @@ class Store(GraphVerbs):
         self.conn.executemany("DELETE FROM results WHERE job = ?", [(i,) for i in ids])
         self.conn.executemany("DELETE FROM outputs WHERE job = ?", [(i,) for i in ids])
         self.conn.executemany("UPDATE jobs SET attempts = 0 WHERE id = ?", [(i,) for i in ids])
-        return [_queued(row) for i in ids for row in self.conn.execute(f"{_QUEUED} WHERE id = ?", (i,))]
+        self.files.remove([f"{i}.value" for i in ids])
+        return [_queued(row, self.files) for i in ids for row in self.conn.execute(f"{_QUEUED} WHERE id = ?", (i,))]
 
     # -- reads -------------------------------------------------------------------
     @guarded
@@ -410,17 +420,17 @@ class Store(GraphVerbs):
             " AND (r.job IS NULL OR r.status = ?) ORDER BY r.job IS NULL, j.id LIMIT 1",
             (run, key, fn, OK),
         ).fetchone()
-        return None if row is None else KeyMatch(*row)
+        return None if row is None else KeyMatch(*row[:2], self.files.get(row[2]), *row[3:])
 
     @guarded
     def queued_job(self, job_id: int) -> QueuedJob | None:
         row = self.conn.execute(f"{_QUEUED} WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else _queued(row)
+        return None if row is None else _queued(row, self.files)
 
     @guarded
     def pending(self, after: int = 0, limit: int = 10000) -> list[QueuedJob]:
         """Jobs without a result, in id order, from id ``after`` + 1."""
-        return [_queued(row) for row in self.conn.execute(
+        return [_queued(row, self.files) for row in self.conn.execute(
             f"{_QUEUED} WHERE id > ? AND NOT EXISTS (SELECT 1 FROM results WHERE job = jobs.id)"
             " ORDER BY id LIMIT ?", (after, limit))]  # fmt: skip
 
@@ -437,7 +447,7 @@ class Store(GraphVerbs):
         """This session's finished jobs among seqs."""
         out: list[StoredResult] = []
         for chunk in chunks(list(seqs)):
-            out += map(StoredResult._make, self.conn.execute(
+            out += (StoredResult(seq, st, self.files.get(v), err, tb, jid) for seq, st, v, err, tb, jid in self.conn.execute(
                 "SELECT j.seq, r.status, r.value, r.error, r.traceback, j.id FROM jobs j"
                 " JOIN results r ON r.job = j.id"
                 f" WHERE j.session = ? AND j.seq IN ({','.join('?' * len(chunk))})",

@@ -19,6 +19,7 @@ class GraphVerbs:
     conn: sqlite3.Connection
     path: Any
     _begin: Callable[[], None]  #: Store's: the turn's transaction
+    files: Any  #: Store's BlobFiles: large values live there
 
     @guarded
     def add_graph(self, deps: Sequence[tuple[int, int, int]], uses: Sequence[tuple[int, str]]) -> None:
@@ -71,7 +72,7 @@ class GraphVerbs:
                 "SELECT r.job, r.status, r.value, r.error, r.traceback, j.session, j.seq FROM results r"
                 f" JOIN jobs j ON j.id = r.job WHERE r.job IN ({','.join('?' * len(chunk))})", chunk
             ):  # fmt: skip
-                out[row[0]] = row[1:]
+                out[row[0]] = (row[1], self.files.get(row[2]), *row[3:])
         return out
 
     @guarded
@@ -103,8 +104,8 @@ class GraphVerbs:
         by another job's result (a re-run, or one attached to a job of the same key)."""
         out: list[tuple] = []
         for chunk in chunks(list(seqs)):
-            out += self.conn.execute(
+            out += ((seq, st, self.files.get(v), err, tb, job) for seq, st, v, err, tb, job in self.conn.execute(
                 "SELECT a.seq, r.status, r.value, r.error, r.traceback, a.job FROM aliases a JOIN results r"
                 f" ON r.job = a.job WHERE a.session = ? AND a.seq IN ({','.join('?' * len(chunk))})",
-                (session, *chunk)).fetchall()  # fmt: skip
+                (session, *chunk)))  # fmt: skip
         return out

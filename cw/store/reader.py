@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..protocol import CANCELLED, OK, RAISED, STATUS_NAMES
+from .blobs import resolve
 from .schema import check_readable
 from .sqlite import connect, guarded
 
@@ -93,6 +94,14 @@ class StoreReader:
     def _where_run(self, run: str | None) -> tuple[str, list]:
         return ("(j.run IS NULL OR j.run = '')", []) if not run else ("j.run = ?", [run])
 
+    def _blob(self, value: bytes | None) -> bytes | None:
+        """A value or arguments, read from its file beside the store if it lives there; a
+        file that cannot be read leaves the reference (shown as what cannot be unpickled)."""
+        try:
+            return resolve(self.path, value)
+        except StoreError:
+            return value
+
     @guarded
     def results(self, run: str | None, failed: bool = False) -> list[dict[str, Any]]:
         """Finished jobs of a run (None: jobs submitted without one), in id order:
@@ -109,6 +118,7 @@ class StoreReader:
         out = []
         for jid, seq, r, key, status, value, error, worker, runtime, queued, started, finished, n in \
                 self.conn.execute(sql, params):  # fmt: skip
+            value = self._blob(value)
             out.append({
                 "job": jid, "seq": seq, "run": r, "key": key, "status": STATUS_NAMES.get(status, str(status)),
                 "value": _value_text(value) if status == OK else None, "error": error, "worker": worker,
@@ -188,7 +198,7 @@ class StoreReader:
             return None
         job = rows[0]
         job["function"] = _function_name(job.pop("fn_blob"))
-        job["arguments"] = _args_summary(job.pop("args"))
+        job["arguments"] = _args_summary(self._blob(job.pop("args")))
         job["requires"] = json.loads(job["requires"]) if job["requires"] else None
         job["cwd"] = (json.loads(job.pop("context") or "{}") or {}).get("cwd")
         attempts = []
@@ -203,7 +213,7 @@ class StoreReader:
             f"SELECT r.worker, {timing}, r.finished AS ended, r.runtime, r.status, r.error, r.traceback,"
             " r.value FROM results r WHERE r.job = ?", (jid,))  # fmt: skip
         for r in result:
-            r["value"] = _value_text(r["value"]) if r["status"] == OK else None
+            r["value"] = _value_text(self._blob(r["value"])) if r["status"] == OK else None
         prev_end = None
         for a in attempts + result:
             a["status"] = STATUS_NAMES.get(a["status"], str(a["status"]))

@@ -73,9 +73,9 @@ class Checkpointer(threading.Thread):
     EVERY = 1.0  # seconds between looks at the log
     BYTES = 32 * 1024 * 1024  # checkpoint once the log is this large
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, before: Callable[[], None] = lambda: None):
         super().__init__(name="cw-checkpoint", daemon=True)
-        self.path, self.wal = path, Path(f"{path}-wal")
+        self.path, self.wal, self.before = path, Path(f"{path}-wal"), before
         self._halt = threading.Event()
         self.start()
 
@@ -85,6 +85,7 @@ class Checkpointer(threading.Thread):
             while not self._halt.wait(self.EVERY):
                 try:
                     if self.wal.stat().st_size >= self.BYTES:
+                        self.before()  # the files the log's rows name are on disk before it is
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except (OSError, sqlite3.Error) as e:
                     log.debug("checkpoint skipped: %s", e)

@@ -20,7 +20,7 @@ from typing import Any, Deque
 
 import zmq
 
-from .. import defaults, job, system
+from .. import defaults, job, system, trace
 from .. import protocol as P
 from ..discovery import ClusterDir, pid_alive
 from ..launchers import environment
@@ -355,7 +355,7 @@ class Agent(Executors, Slots, Pausing):
             where = (self.link.address, str(self.cluster.path))
             c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None,
                                             limits or None, data, drop, where), protocol=5))  # fmt: skip
-            P.mark("to executor")
+            trace.mark("to executor")
             c.ctx, c.used = ctx, True
 
     def _limit(self, task: tuple) -> int:

@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from .. import defaults, job, system
+from .. import defaults, job, system, trace
 from .. import protocol as P
 from .executor import BLOCKED, Child, describe_exit
 
@@ -33,7 +33,7 @@ class Executors:
     def _read_child(self, c: Child) -> None:
         try:
             while c.conn.poll():
-                P.mark("from executor")
+                trace.mark("from executor")
                 self._child_answered(c, pickle.loads(c.conn.recv_bytes()))
         except (EOFError, OSError):
             self._child_died(c)
