@@ -1,8 +1,8 @@
-"""The master's loop: read, dispatch, commit, then answer. One thread, one ROUTER socket.
+"""The master's loop: read, commit, then answer. One thread, one ROUTER socket.
 
 Each turn of the loop drains what has arrived (up to ``MASTER_TURN``
-messages), gives workers tasks (placed by :class:`~cw.master.policy.Policy`),
-writes the turn to the store in one transaction and commits; only then are
+messages), writes it to the store in one transaction and commits; only then
+are workers given tasks (placed by :class:`~cw.master.policy.Policy`) and
 clients answered: acknowledgements and results reach a client after their
 commit. What the master does for clients is in :mod:`cw.master.clients`, for
 workers in :mod:`cw.master.workers`; this module owns the socket, the turn,
@@ -375,28 +375,20 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
         self._admit(job)
         return job
 
-    # -- end of a turn: put workers to work, commit, then answer -------------------
+    # -- end of a turn: commit, then put workers to work, then answer -------------
     def _end_turn(self) -> None:
-        # Tasks leave before their jobs' rows commit: the commit runs while the worker
-        # starts. Nothing is lost by it: the client is answered only after the commit,
-        # and a master that dies before it leaves the job unacknowledged (the client
-        # sends it again to the next master, which ignores a result for a job it did
-        # not send). An idle master so answers a round trip a commit sooner.
-        ready = self.policy.workers and not self._awaiting_workers()
-        if ready and self.policy.jobs:
-            self._dispatch()
         try:
             if self.store.commit():
                 trace.mark("committed")
             if self.backlog_from is not None:
                 self._load_backlog()
-                if ready and self.policy.jobs:
-                    self._dispatch()
         except StoreError as e:
             self._store_failed(e)
             return
         if self.broadcasts:
             self._broadcast()
+        if self.policy.workers and self.policy.jobs and not self._awaiting_workers():
+            self._dispatch()
         if self._dirty:
             self._answer_clients()
 
