@@ -165,7 +165,7 @@ def test_version_mismatch_is_reported_before_a_job_is_lost(master, procs, caplog
                 got, until = [], time.monotonic() + 1.0
                 while time.monotonic() < until:
                     if fake.poll(100):
-                        got.append(fake.recv_multipart()[1])
+                        got.append(P.kind_of(fake.recv_multipart()))
                 assert got and P.TASKS not in got
                 start_workers(procs, 1)
                 assert f.result(30) == 5

@@ -146,7 +146,7 @@ def test_replayed_client_messages_run_nothing(master, procs, tmp_path):
     bad = cw.link.query_status(address, key)["bad_messages"]
     streams = [bytes(s["up"]) for s in tap.streams]
     captures = [zmtp_messages(b) for b in streams]
-    kinds = {m[1] for msgs in captures for m in msgs}
+    kinds = {P.kind_of(m) for msgs in captures for m in msgs}
     assert {P.OPEN, P.HELLO, P.SUBMIT, P.HEARTBEAT, P.BYE, P.RETRY, P.STATUS} <= kinds, kinds
 
     replay_raw(address, streams)
@@ -181,7 +181,7 @@ def test_replayed_worker_messages_get_no_task_and_change_no_result(master, procs
         before = snapshot(master.store_path)
         streams = [bytes(s["up"]) for s in tap.streams]
         captures = [zmtp_messages(b) for b in streams]
-        kinds = {m[1] for msgs in captures for m in msgs}
+        kinds = {P.kind_of(m) for msgs in captures for m in msgs}
         assert {P.OPEN, P.HELLO, P.RESULT, P.HEARTBEAT, P.BYE} <= kinds, kinds
 
         replay_raw(address, streams)
@@ -218,7 +218,7 @@ def test_results_of_a_replaced_store_never_reach_new_futures(cw_home, procs, tmp
     start_master(procs, "m2")
     key, address = cluster.key(), cluster.master_address()
     captures = [zmtp_messages(bytes(s["up"])) for s in tap.streams]
-    assert sum(m[1] == P.RESULT for msgs in captures for m in msgs) >= 1
+    assert sum(P.kind_of(m) == P.RESULT for msgs in captures for m in msgs) >= 1
     done = tmp_path / "runs"
     done.mkdir()
     with cw.Client() as c:

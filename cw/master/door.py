@@ -168,7 +168,7 @@ class Door:
         """
         now = time.monotonic()
         pend = self.pending.get(ident)
-        is_open = len(frames) > 2 and frames[2] == P.OPEN
+        is_open = P.kind_of(frames, 1) == P.OPEN
         if failed is not None and pend is None and not is_open:
             raise failed  # forged, replayed or corrupt, on a live session
         if pend is not None and not is_open:
