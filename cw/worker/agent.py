@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import pickle
 import secrets
 import signal
 import socket
@@ -32,6 +31,7 @@ from .executors import Executors
 from .inputs import Inputs
 from .output import echo_output
 from .pause import Pausing
+from .pipe import out_of_band, send_batch
 from .sent import SentResults
 from .slots import Slots
 
@@ -339,7 +339,7 @@ class Agent(Executors, Slots, Pausing):
                 if fn not in c.funcs:
                     new_funcs.append((fn, self.fn_blobs[fn]))
                     c.funcs.add(fn)
-                batch.append((jid, fn, args, key, devices, None if ex is None else ex[0]))
+                batch.append((jid, fn, out_of_band(args), key, devices, None if ex is None else ex[0]))
                 if limit is not None:
                     limits[jid] = limit
                 c.inflight.append(task)
@@ -353,8 +353,8 @@ class Agent(Executors, Slots, Pausing):
             c.head_started = now
             self.heads_changed = True
             where = (self.link.address, str(self.cluster.path))
-            c.conn.send_bytes(pickle.dumps((batch, new_funcs, self.contexts.get(ctx) if ctx else None,
-                                            limits or None, data, drop, where), protocol=5))  # fmt: skip
+            send_batch(c.conn.send_bytes, (batch, new_funcs, self.contexts.get(ctx) if ctx else None,
+                                           limits or None, data, drop, where))  # fmt: skip
             trace.mark("to executor")
             c.ctx, c.used = ctx, True
 

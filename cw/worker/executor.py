@@ -48,6 +48,7 @@ from .. import protocol as P
 from ..errors import OutputsError, SerializationError
 from ..serialize import dumps_exception, dumps_result, loads, loads_args, loads_function
 from .output import Watched, capture, capture_file, collect, leftover
+from .pipe import recv_batch
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +226,10 @@ def child_main(conn, agent: int, cpus: Optional[list[int]] = None, ncpus: int = 
             if large and not poll(1.0):  # idle after large payloads: hand memory back
                 system.release_memory()
                 large = False
-            msg = recv()
+            (tasks, new_funcs, ctx, limits, data, drop, where), size = recv_batch(recv)
         except (EOFError, OSError):
             os._exit(0)
-        large = large or len(msg) >= defaults.RELEASE_BYTES
-        tasks, new_funcs, ctx, limits, data, drop, where = pickle.loads(msg)
-        msg = None  # an idle executor holds nothing of its last batch
+        large = large or size >= defaults.RELEASE_BYTES
         if not entered:
             _enter_context(ctx)
             job.enter_run(ctx.get("run") if ctx else None)
