@@ -27,7 +27,7 @@ from .. import defaults, system, trace
 from .. import protocol as P
 from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
-from ..link import recv_frames, send_frames
+from ..link import recv_routed, send_frames
 from ..store import Outcome, Store
 from .clients import ClientHandlers, Session, refusal
 from .door import Door
@@ -170,7 +170,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
                     # asking is cheaper than the exception of an empty socket
                     while n < defaults.MASTER_TURN and sock.getsockopt(_EVENTS_OPT) & _POLLIN:
                         try:
-                            frames = recv_frames(sock, noblock)
+                            frames = recv_routed(sock, noblock)
                         except zmq.Again:
                             break
                         except Exception as e:  # MemoryError above all: drop it, keep serving
