@@ -115,6 +115,19 @@ def test_client_thread_reads_output_by_job_id(master, workers):
         t.stop()
 
 
+def test_client_thread_reads_the_output_of_a_stored_answer(master, workers):
+    """A re-run's job answered from the store: stdout(id) is the answering job's output."""
+    for attempt in range(2):
+        t = cw.client.ClientThread(lambda j, r: None, run="ct-told")
+        t.start()
+        try:
+            jid = t.submit(says_slowly, 7)
+            assert t.wait(30)
+            assert t.stdout(jid) == "said 7\n" and t.stderr(jid) == "", attempt
+        finally:
+            t.stop()
+
+
 def test_cw_logs_prints_each_jobs_output_by_run_key_failed_and_follows(master, workers):
     with cw.Client(run="logs-run") as c:
         c.gather([c.submit(chatty, 1, key="first"), c.submit(silent, 2, key="second")], timeout=30)

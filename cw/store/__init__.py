@@ -462,9 +462,12 @@ class Store(GraphVerbs):
             return self.conn.execute(
                 "SELECT status, coalesce(stdout, ''), coalesce(stderr, '') FROM results WHERE job = ?", (job,)
             ).fetchone()
-        return self.conn.execute(
+        return self.conn.execute(  # its own job's, or the job's whose result answered it (a re-run)
             "SELECT r.status, coalesce(r.stdout, ''), coalesce(r.stderr, '') FROM jobs j"
-            " JOIN results r ON r.job = j.id WHERE j.session = ? AND j.seq = ?", (session, seq)
+            " JOIN results r ON r.job = j.id WHERE j.session = ? AND j.seq = ? UNION ALL"
+            " SELECT r.status, coalesce(r.stdout, ''), coalesce(r.stderr, '') FROM aliases a"
+            " JOIN results r ON r.job = a.job WHERE a.session = ? AND a.seq = ? LIMIT 1",
+            (session, seq, session, seq),
         ).fetchone()
 
     @guarded
