@@ -136,6 +136,9 @@ def test_outputs_arrive_under_the_run_and_cw_pull_fetches_them(master, procs, tm
     # the damaged copy is not left in DEST, under its name or another
     assert sorted(str(p.relative_to(tmp_path / "three")) for p in (tmp_path / "three").rglob("*")
                   if p.is_file()) == ["case-1/logs/run.log"]  # fmt: skip
+    # a pull that copies nothing leaves no empty folders behind
+    p = cw_cmd("pull", "sweep", str(tmp_path / "four"), "--job", "case-1", "--match", "table", check=False)
+    assert p.returncode == 1 and not (tmp_path / "four").exists()
     # and a good copy pulled before is kept (it is what the job archived)
     assert "2 already there" in cw_cmd("pull", "sweep", str(dest2), "--job", "case-1").stdout
     assert (dest2 / "case-1" / "table-1.csv").read_text() == "n,1\n"

@@ -97,15 +97,23 @@ def _copy_checked(src: Path, target: Path, digest: str) -> str | None:
     """Copy src to target through a temporary name beside it, renamed only once its SHA-256
     checks: a failed copy never stands in DEST under the file's name. What went wrong, or None."""
     tmp = target.with_name(f".{target.name}.cw-pull-{os.getpid()}")
+    made = [d for d in (target.parent, *target.parent.parents) if not d.exists()]  # deepest first
+    problem = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, tmp)
         if sha256(tmp) != digest:
-            return "its content differs from what the job archived (sha256); not copied"
-        os.replace(tmp, target)
+            problem = "its content differs from what the job archived (sha256); not copied"
+        else:
+            os.replace(tmp, target)
     except OSError as e:
-        return str(e.strerror or e)
+        problem = str(e.strerror or e)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return None
+    for d in made if problem else ():  # a failed copy leaves no empty folders behind
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    return problem
