@@ -65,6 +65,12 @@ def test_a_paused_worker_gets_no_new_job_and_resumes(master, procs):
     b = procs.start("b", "-m", "cw.worker", "--heartbeat", "0.2")
     with cw.Client() as c:
         ws = wait_for(lambda: len(workers_by_pid(c)) == 2 and workers_by_pid(c), what="two workers")
+        shared = os.path.commonprefix([ws[a.pid]["id"], ws[b.pid]["id"]])  # the same host's
+        assert shared
+        p = subprocess.run([sys.executable, "-m", "cw", "pause", "--worker", shared], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        assert p.returncode == 1 and "starts the ids of 2 workers" in p.stderr, p.stderr
+        assert not any(w["paused"] for w in workers_by_pid(c).values())  # neither was paused
         out = cw_cmd("pause", "--worker", ws[a.pid]["id"])
         assert "1 workers paused" in out
         assert workers_by_pid(c)[a.pid]["paused"] == {"until": None, "stopped": False}  # at once

@@ -29,6 +29,9 @@ def _through_master(cluster, kind: bytes, header: dict) -> list[str]:
         doc = ask(address, cluster.key(), kind, header, encrypt=cluster.encrypted())
     except (CwError, ConfigError) as e:
         raise click.ClickException(f"the master at {address} did not answer: {e}") from None
+    if doc.get("ambiguous"):
+        raise click.ClickException(f"--worker {header.get('worker')} starts the ids of {len(doc['ambiguous'])} workers"
+                                   f" ({', '.join(doc['ambiguous'])}): give more of the one you mean")  # fmt: skip
     return doc.get("paused" if kind == P.PAUSE else "resumed", [])
 
 
@@ -58,7 +61,7 @@ def _locally(request: dict, cluster_name, cluster_dir) -> list[str]:
 @click.command("pause")
 @cluster_options
 @click.option("--host", default=None, metavar="HOST", help="Pause the workers on HOST (through the master).")
-@click.option("--worker", default=None, metavar="ID", help="Pause the worker with this id, or id prefix (through the master).")
+@click.option("--worker", default=None, metavar="ID", help="Pause the worker with this id, or the start of it naming one worker (through the master).")
 @click.option("--all", "every", is_flag=True, help="Pause every worker (through the master).")
 @click.option("--for", "duration", default=None, metavar="DURATION",
               help="Resume by itself after this long (90, 30m, 1h, 1:30:00).")
@@ -93,7 +96,7 @@ def pause_cmd(cluster_name, cluster_dir, host, worker, every, duration, stop_run
 @click.command("resume")
 @cluster_options
 @click.option("--host", default=None, metavar="HOST", help="Resume the workers on HOST (through the master).")
-@click.option("--worker", default=None, metavar="ID", help="Resume the worker with this id, or id prefix.")
+@click.option("--worker", default=None, metavar="ID", help="Resume the worker with this id, or the start of it naming one worker.")
 @click.option("--all", "every", is_flag=True, help="Resume every worker (through the master).")
 def resume_cmd(cluster_name, cluster_dir, host, worker, every):
     """Resume paused workers: they take jobs again, and stopped jobs continue.

@@ -228,6 +228,11 @@ class WorkerHandlers:
         chosen = [w for w in self.policy.workers.values()
                   if (host is None or w.host == host or w.host.split(".")[0] == host)
                   and (wid is None or w.id == wid or w.id.startswith(str(wid)))]  # fmt: skip
+        if wid is not None and len(chosen) > 1:  # the start of an id names one worker, or none
+            exact = [w for w in chosen if w.id == wid]
+            if not exact:
+                return {"paused" if kind == P.PAUSE else "resumed": [], "ambiguous": sorted(w.id for w in chosen)}
+            chosen = exact
         for w in chosen:
             if kind == P.PAUSE:
                 until = None if h.get("seconds") is None else time.time() + float(h["seconds"])
