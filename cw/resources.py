@@ -132,3 +132,21 @@ def describe(caps: dict) -> str:
     skip = {"cpus", "mem", "gpus", "gpu_model", "partition", "queue", "tags", "host"}
     parts += [f"{k}={v}" for k, v in sorted(caps.items()) if k not in skip]
     return " ".join(parts)
+
+
+def checked_key(key: Any) -> Optional[str]:
+    """A job's ``key=``, checked: None, or a string (a whole number is taken as its text,
+    as the store keeps it). InvalidJobError otherwise: a key names one job of a run."""
+    if key is None or isinstance(key, str):
+        return key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(key)
+    raise InvalidJobError(f"key={key!r}: a key is a string (or a whole number), not a {type(key).__name__};"
+                          " map(..., key=...) gives every job the same key")  # fmt: skip
+
+
+def run_name(run: Any) -> Optional[str]:
+    """A client's ``run=``, checked: None or a non-empty string."""
+    if run is None or (isinstance(run, str) and run):
+        return run
+    raise InvalidJobError(f"run={run!r}: a run is named by a non-empty string, not a {type(run).__name__}")

@@ -33,6 +33,30 @@ def test_malformed_options_are_refused_at_submit(workers, options):
         assert c.submit(one).result(30) == 1  # nothing else is lost
 
 
+@pytest.mark.timeout(60)
+def test_keys_and_runs_of_another_type_are_refused_at_submit(master, workers, procs):
+    """key= and run= name jobs in the store: a list, a dict, bytes or an object is refused
+    at once (nothing sent); a whole number is its text; the master refuses what skipped it."""
+    for bad in (["a"], ("a", 1), {"a": 1}, b"x", object(), True):
+        with pytest.raises(InvalidJobError, match="key="):
+            cw.Client(serial=True).submit(one, key=bad)
+        for run in (["a"], {"a": 1}, b"x", ""):
+            with pytest.raises(InvalidJobError, match="run="):
+                cw.Client(serial=True, run=run)
+    with cw.Client(run="typed") as c:
+        with pytest.raises(InvalidJobError, match="key="):
+            c.submit(one, key=["a", "b"])
+        assert c.submit(one, key=2**70).result(30) == 1 and c.submit(one, key=5).result(30) == 1
+        fn_hash, fn_blob = dumps_function(one)
+        bad = c._conn.submit(fn_hash, fn_blob, dumps_args((), {}), ["a"], {})  # as another client might
+        with pytest.raises(cw.JobError, match="refused by the master"):
+            bad.result(30)
+        assert c.submit(one).result(30) == 1
+    assert procs.procs[0][1].poll() is None, procs.log("master")
+    with cw.Client(run="typed") as again:  # a re-run finds the job of key 5 as "5"
+        assert again.submit(one, key="5").result(30) == 1
+
+
 def test_client_defaults_are_checked_when_made(cw_home):
     for options in ({"timeout": 0}, {"max_retries": -2}, {"output_limit": "lots"}):
         with pytest.raises(InvalidJobError, match=next(iter(options))):

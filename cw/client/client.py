@@ -23,7 +23,7 @@ from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
 from ..errors import ClientError, ConfigError, MessageTooLargeError, NeedsReferences, TimeoutError
 from ..link import query_status
-from ..resources import limits, requirements
+from ..resources import checked_key, limits, requirements, run_name
 from ..serialize import (
     FunctionCache,
     data_hash,
@@ -81,7 +81,7 @@ class Client:
         master_timeout: float = defaults.MASTER_TIMEOUT,
         _context: dict | None = None,
     ):
-        self.run = run
+        self.run = run_name(run)
         self.serial = serial
         self._data: dict[str, bytes] = {}  # a serial client's scattered data
         timeout, max_retries, output_limit = limits(timeout, max_retries, output_limit)  # refused now, not per job
@@ -169,6 +169,7 @@ class Client:
                 max_retries: int | None = None, output_limit: int | None = None,
                 sink: Callable | None = None, kill: bool = True) -> Future | Delivery:  # fmt: skip
         # checked here: a clear error now (InvalidJobError), not a job that never runs or dies at once
+        key = checked_key(key)
         requires = requirements(requires)
         timeout, max_retries, output_limit = limits(timeout, max_retries, output_limit)
         fn_hash, fn_blob = dumps_function(fn, self._functions)

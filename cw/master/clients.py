@@ -15,7 +15,7 @@ import time
 from .. import defaults
 from .. import protocol as P
 from ..errors import InvalidJobError
-from ..resources import limits, requirements
+from ..resources import checked_key, limits, requirements
 from ..serialize import incompatibility
 from ..store import Outcome
 from .policy import Job, Worker
@@ -83,7 +83,8 @@ class ClientHandlers:
         sid = str(h["session"])
         s = self._session(sid)
         if s is None:
-            s = self.sessions[sid] = Session(sid, h.get("run"), h.get("context") or {})
+            run = h.get("run")  # a string from our clients; no other value may reach the store
+            s = self.sessions[sid] = Session(sid, None if run is None else str(run), h.get("context") or {})
             self.store.add_session(sid, s.run, s.context)
         if s.ident is not None and s.ident != ident:  # the session's old connection is over
             self.peers.pop(s.ident, None)
@@ -171,6 +172,14 @@ class ClientHandlers:
             if seq in s.jobs:  # resent, and attached to a job already
                 continue
             opts = opts or {}
+            if key is not None and not isinstance(key, str):
+                try:  # checked by the client too: a key the store cannot keep must not stop the master
+                    key = checked_key(key)
+                except InvalidJobError as e:
+                    acks.append(seq)
+                    hits.append(P.ClientResult(seq, P.FAILED, f"refused by the master: {e}", ""))
+                    hit_blobs.append(b"")
+                    continue
             if opts.get("r") or "t" in opts or "o" in opts or "m" in opts:
                 try:  # checked by the client too; a message that skipped it must not reach dispatch
                     opts = checked(opts)
