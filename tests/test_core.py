@@ -282,6 +282,10 @@ def test_serial_runs_in_process_in_order(cw_home):
             c.submit(raises, "serial").result()
         with pytest.raises(cw.SerializationError):  # the same checks as on a cluster
             c.submit(add, 1, threading.Lock())
+        for exit_with in (lambda: sys.exit(3), lambda: (_ for _ in ()).throw(KeyboardInterrupt)):
+            with pytest.raises(cw.JobError, match="the job raised") as e:  # the caller's program goes on
+                c.submit(exit_with).result()
+            assert isinstance(e.value.original, (SystemExit, KeyboardInterrupt))
     assert order == [0, 1, 2, 3, 4]
 
 

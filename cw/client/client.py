@@ -21,7 +21,14 @@ from typing import Any, Callable, ClassVar, Iterable
 from .. import current, defaults, job
 from ..command import Command, argv, check_env, run_command
 from ..discovery import ClusterDir, resolve_address
-from ..errors import ClientError, ConfigError, MessageTooLargeError, NeedsReferences, TimeoutError
+from ..errors import (
+    ClientError,
+    ConfigError,
+    JobError,
+    MessageTooLargeError,
+    NeedsReferences,
+    TimeoutError,
+)
 from ..link import query_status
 from ..resources import checked_key, limits, requirements, run_name
 from ..serialize import (
@@ -297,6 +304,10 @@ class Client:
                 job.end()  # archived in the cluster directory, recorded in no store
         except Exception as e:
             fut.set_exception(e)
+        except BaseException as e:  # noqa: B036 - a job's sys.exit() must not end the caller's program
+            wrapped = JobError(f"the job raised {type(e).__name__}: {e}")
+            wrapped.original = e  # type: ignore[attr-defined]
+            fut.set_exception(wrapped)
         else:
             fut.set_result(value)
         return fut
