@@ -13,6 +13,7 @@ each test takes seconds, not minutes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -182,6 +183,15 @@ def test_the_pool_goes_down_with_its_owner_unless_kept(tmp_path, cw_home):
         assert p.returncode == 0 and "lives on (keep=True)" in p.stderr, p.stderr
         time.sleep(2)  # a few of the keeper's looks
         assert kept.wait_workers(1) and queued("slurm", kept.arrays())
+        # a second object with keep=True and no options uses the pool as it is
+        before = json.loads((kept.dir / "pool.json").read_text())
+        p = run([sys.executable, "-c", f"import cw; cw.SlurmCluster(cluster={str(kept.dir)!r}, keep=True).close()"],
+                timeout=60)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        after = json.loads((kept.dir / "pool.json").read_text())
+        assert {k: after[k] for k in ("target", "max_heals", "poll", "options")} == \
+            {k: before[k] for k in ("target", "max_heals", "poll", "options")}  # fmt: skip
+        assert after["target"] == 1 and after["options"].get("time"), after
         assert kept.down().returncode == 0 and queued("slurm", kept.arrays()) == []
     finally:
         for g in pools:

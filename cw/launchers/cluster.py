@@ -94,6 +94,16 @@ class BatchCluster(ClusterSurface):
         if not keep:
             self.cluster.make()
             self.lease = Lease(self.cluster, lease)
+        if int(n_workers) < 0:
+            raise ConfigError(f"n_workers={n_workers}: a number of workers is 0 or more")
+        rec = self.pool.read() if keep else None
+        if rec and not rec.get("stopping") and self.pool.answering_master():
+            # keep=True on a live pool: use it as it is (its size, heal budget and batch options
+            # stay those it was started with); only a larger n_workers grows it
+            if int(n_workers) > int(rec.get("target") or 0):
+                scale(self.pool, int(n_workers))
+            _live.add(self)
+            return
         try:
             self.pool.up(int(n_workers), opts, master_options=cls.master_options(opts, master_time), heal=heal,
                          max_heals=max_heals, master_here=master_here, poll=poll, wait=wait, interface=interface,

@@ -336,6 +336,11 @@ class Pool:
         c.key(create=True)  # before any job needs it
         with self.record() as rec:
             self._check_owner(rec)
+            if rec.get("filled") and not rec.get("stopping"):  # up again: never smaller, the same budget
+                if max_heals is None and rec.get("max_heals_given"):
+                    max_heals = rec.get("max_heals")
+                workers = max(workers, int(rec.get("target") or 0))
+                options = {**(rec.get("options") or {}), **options}  # what is not given again stays
             rec.update(
                 scheduler=self.scheduler.name, workdir=os.getcwd(), python=sys.executable,
                 options=options, master_options=master_options, heal=heal, poll=poll,
