@@ -57,6 +57,17 @@ def test_keys_and_runs_of_another_type_are_refused_at_submit(master, workers, pr
         assert again.submit(one, key="5").result(30) == 1
 
 
+def test_a_named_cluster_without_a_master_starts_nothing_else(cw_home, tmp_path):
+    """Client(cluster=...) or a closed cluster object: NoMasterError, not the embedded cluster."""
+    with pytest.raises(cw.errors.NoMasterError, match="no master is running"):
+        cw.Client(cluster="nobody-here")
+    lc = cw.LocalCluster(n_workers=1, cluster=str(tmp_path / "gone"))
+    lc.close()
+    with pytest.raises(cw.errors.NoMasterError):
+        cw.Client(lc)
+    assert not (cw_home / "local").exists()  # the embedded cluster never started
+
+
 def test_client_defaults_are_checked_when_made(cw_home):
     for options in ({"timeout": 0}, {"max_retries": -2}, {"output_limit": "lots"}):
         with pytest.raises(InvalidJobError, match=next(iter(options))):

@@ -83,7 +83,9 @@ def run_file_cmd(path, cluster_name, cluster_dir, run, requires, retries, timeou
     if dry_run:
         _dry_run(jobset, run, cluster_from(cluster_name, cluster_dir, read=True))
         return
-    _run(jobset, run, cluster_from(cluster_name, cluster_dir), need or None, retries, seconds, quiet)
+    # a cluster named here must have a master; with none named, the embedded one may start
+    named = cluster_from(cluster_name, cluster_dir) if cluster_name or cluster_dir else None
+    _run(jobset, run, named, need or None, retries, seconds, quiet)
 
 
 def _dry_run(jobset: JobSet, run: str, cluster) -> None:
@@ -114,7 +116,7 @@ def _run(jobset: JobSet, run: str, cluster, requires, retries, timeout, quiet: b
     env = {"CW_JOBSET_DIR": base}
     t0 = time.monotonic()
     try:
-        client = Client(cluster=str(cluster.path), run=run)
+        client = Client(cluster=None if cluster is None else str(cluster.path), run=run)
     except CwError as e:
         raise click.ClickException(str(e)) from None
     with client:
@@ -148,7 +150,7 @@ def _run(jobset: JobSet, run: str, cluster, requires, retries, timeout, quiet: b
                 if isinstance(exc, SetupError):  # the set cannot run: say it once, stop the rest
                     click.echo(f"[{done}/{total}] {label}: {exc}", err=True)
                     client.cancel([f for f in futures if not f.done()])
-                    store = (client._local.cluster if client._local is not None else cluster).store_path
+                    store = (client._local.cluster if client._local is not None else cluster or cluster_from(None, None)).store_path
                     counts = _settled(store, run, [s.key for s in jobset.jobs])
                     raise click.ClickException(f"run {run} stopped: its setup failed ({counts});"
                                                f" fix it and run `cw run-file {jobset.path}` again")  # fmt: skip

@@ -27,6 +27,7 @@ from ..errors import (
     JobError,
     MessageTooLargeError,
     NeedsReferences,
+    NoMasterError,
     TimeoutError,
 )
 from ..link import query_status
@@ -101,11 +102,15 @@ class Client:
         if serial:
             self._archive = _cluster_dir(cluster).path / "outputs"
             return
+        named = cluster is not None or (address is not None and not isinstance(address, str))
         if address is not None and not isinstance(address, str):  # a cluster object
             cdir, address = address.cluster, address.address
         else:
             cdir = _cluster_dir(cluster)
         if resolve_address(address, cdir) is None:
+            if named:  # a cluster asked for by name or object: its work never goes elsewhere
+                raise NoMasterError(f"no master is running for the cluster in {cdir.path} (no master.json):"
+                                    " start it (or its pool), or leave cluster= out for the embedded one")  # fmt: skip
             if Client.embedded is None:
                 raise ConfigError(f"no master address: none given, no master.json in {cdir.path}")
             self._local = Client.embedded(n_workers=n_workers)
