@@ -66,6 +66,11 @@ def test_a_named_cluster_without_a_master_starts_nothing_else(cw_home, tmp_path)
     with pytest.raises(cw.errors.NoMasterError):
         cw.Client(lc)
     assert not (cw_home / "local").exists()  # the embedded cluster never started
+    for bad in (-1, "x", 1.5, True):
+        with pytest.raises(cw.errors.ConfigError, match="n_workers"):
+            cw.LocalCluster(n_workers=bad)
+    with cw.LocalCluster(n_workers=0, cluster="named") as lc:  # a name, as for the other clusters
+        assert lc.cluster.path == cw_home / "named"
 
 
 def test_client_defaults_are_checked_when_made(cw_home):

@@ -51,6 +51,10 @@ class LocalCluster(ClusterSurface):
     def __init__(self, n_workers: int | None = None, procs: int = 1,
                  cluster: str | os.PathLike | None = None, tags: list[str] | None = None,
                  encrypt: bool = False):  # fmt: skip
+        if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 0):
+            raise ConfigError(f"n_workers={n_workers!r}: a number of workers is a whole number, 0 or more")
+        if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
+            raise ConfigError(f"procs={procs!r}: processes per worker are a whole number, 1 or more")
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.procs_per_worker, self.tags = procs, list(tags or [])
         self._names = itertools.count()
@@ -59,7 +63,9 @@ class LocalCluster(ClusterSurface):
         self._adapt: dict | None = None
         self._adapter: threading.Thread | None = None
         self._stop_adapting = threading.Event()
-        self.cluster = ClusterDir(path=cluster) if cluster else ClusterDir(name=LOCAL_CLUSTER)
+        c = os.fspath(cluster) if cluster else None  # a path (with a '/'), or a name under $CW_HOME
+        self.cluster = ClusterDir(name=LOCAL_CLUSTER) if c is None else ClusterDir(path=c) if os.sep in c else \
+            ClusterDir(name=c)  # fmt: skip
         if self.cluster.lock():  # free: ours (the master takes the lock itself)
             self.cluster.unlock()
         else:
