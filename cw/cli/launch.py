@@ -163,13 +163,22 @@ def backend_group(cls: type[Scheduler]) -> click.Group:
             options["grace"] = grace
         master_options = cls.master_options(options, master_time)
         pool = Pool(cls(), cluster_from(cluster_name, cluster_dir))
+        fresh = not pool.answering_master()  # a failed up takes down what it started, nothing else
         try:
             if encrypt:  # before the master starts: it, the workers and the clients follow
                 pool.cluster.set_encrypted()
             pool.up(workers, options, master_options=master_options, heal=heal, max_heals=max_heals,
                     master_here=master_here, poll=poll, wait=wait, interface=interface, report=click.echo,
                     adapt=settings, profiles=declared)  # fmt: skip
-        except CwError as e:
+        except (CwError, KeyboardInterrupt) as e:
+            if fresh and pool.read():
+                click.echo("taking down the master this up started", err=True)
+                try:
+                    pool.down(report=lambda line: click.echo(line, err=True))
+                except CwError as again:
+                    click.echo(f"could not: {again}; run `cw {cls.name} down`", err=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise click.Abort() from None
             raise click.ClickException(str(e)) from None
         if settings:
             click.echo(f"adaptive: {settings['minimum']} to {settings['maximum']} workers, sized by the queue"
