@@ -390,7 +390,7 @@ def test_no_exception_in_the_receive_path_stops_the_master(cw_home, monkeypatch)
     from cw.master import Master, server
 
     m = Master(ClusterDir(), bind="127.0.0.1", port=0, host="127.0.0.1", publish=False)
-    real_recv, real_stranger = server.recv_frames, m.door.stranger
+    real_recv, real_stranger = server.recv_routed, m.door.stranger
     calls = {"n": 0}
 
     def recv(sock, flags=0):  # the master's loop receives each message with it
@@ -404,7 +404,7 @@ def test_no_exception_in_the_receive_path_stops_the_master(cw_home, monkeypatch)
         m.door.stranger = real_stranger
         raise MemoryError("no room to verify it")
 
-    monkeypatch.setattr(server, "recv_frames", recv)
+    monkeypatch.setattr(server, "recv_routed", recv)
     m.door.stranger = stranger
     t = threading.Thread(target=m.serve, daemon=True)
     t.start()
