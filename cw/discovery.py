@@ -14,6 +14,7 @@ master.json; a client with none of these starts an embedded local cluster.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -24,7 +25,7 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import defaults
 from .errors import ConfigError
@@ -263,6 +264,17 @@ def _parse_key(text: str, where: str) -> bytes:
     if len(key) < 16:
         raise ConfigError(f"the key in {where} is shorter than 16 bytes")
     return key
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Umask 077 for a while: what others create for us meanwhile (a batch system's job
+    output files) is its owner's alone."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def write_private(path: Path, text: str, mode: int = 0o600) -> None:

@@ -43,6 +43,24 @@ _POLLIN, _EVENTS_OPT = int(zmq.POLLIN), int(zmq.EVENTS)
 _SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
 
 
+class RateLimited:
+    """Counts events of one kind and logs at most one line per interval."""
+
+    def __init__(self, logger: logging.Logger, what: str, every: float = defaults.LOG_EVERY):
+        self.logger, self.what, self.every = logger, what, every
+        self.count = 0
+        self._logged = 0
+        self._last = -1e9
+
+    def __call__(self, detail: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            n = self.count - self._logged
+            self.logger.warning("%s (%d since last report): %s", self.what, n, detail)
+            self._last, self._logged = now, self.count
+
+
 def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0, copy: bool = True) -> None:
     """``sock.send_multipart(frames, flags, copy=copy)``, at a quarter of its cost: pyzmq
     combines the flags of every frame as enums, some 3 us a frame (a message has 6 or more).
@@ -115,7 +133,7 @@ class Link:
         self.master_timeout, self.give_up = master_timeout, give_up
         self.max_message, self.linger = max_message, linger
         self.encrypt = cluster.encrypted() if encrypt is None and cluster is not None else bool(encrypt)
-        self.bad = P.RateLimited(log, "dropped bad messages from the master")
+        self.bad = RateLimited(log, "dropped bad messages from the master")
         self.sock: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.address = self._resolve()

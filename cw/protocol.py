@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import logging
 import os
 import struct
 import time
@@ -204,7 +203,6 @@ _SEQ0 = _SEQ.pack(0)
 _KINDS = KINDS  # a local name for the hot path
 #: Bytes of randomness each side puts into a session.
 NONCE_BYTES = 16
-log = logging.getLogger(__name__)
 _now = time.monotonic
 
 
@@ -489,21 +487,3 @@ def is_reject(frames: Sequence[bytes]) -> str | None:
         except Exception:  # unsigned bytes: anything may be in them
             return "rejected"
     return None
-
-
-class RateLimited:
-    """Counts events of one kind and logs at most one line per interval."""
-
-    def __init__(self, logger: logging.Logger, what: str, every: float = defaults.LOG_EVERY):
-        self.logger, self.what, self.every = logger, what, every
-        self.count = 0
-        self._logged = 0
-        self._last = -1e9
-
-    def __call__(self, detail: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            n = self.count - self._logged
-            self.logger.warning("%s (%d since last report): %s", self.what, n, detail)
-            self._last, self._logged = now, self.count

@@ -25,6 +25,7 @@ import cw
 from cw import defaults
 from cw import protocol as P
 from cw.discovery import ClusterDir
+from cw.link import RateLimited
 from cw.security import token
 
 #: A normal client's round trip while an attack runs: at most this many seconds (one takes
@@ -433,7 +434,7 @@ def test_challenges_have_a_budget_of_their_own():
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     try:
-        door = Door(ctx, sock, b"k" * 32, False, P.RateLimited(logging.getLogger(__name__), "bad"))
+        door = Door(ctx, sock, b"k" * 32, False, RateLimited(logging.getLogger(__name__), "bad"))
         now = time.monotonic()
         assert sum(door.opens.allow(b"o%d" % i, now) for i in range(1500)) == 1500
         assert not door.opens.allow(b"o1", now + 0.5)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..defaults import DOWN_WAIT, HEALS_PER_WORKER
-from ..discovery import ClusterDir, pid_alive, write_private
+from ..discovery import ClusterDir, pid_alive, private_umask, write_private
 from ..errors import ConfigError, CwError, SchedulerError
 from ..errors import TimeoutError as CwTimeoutError
 from .base import ENDED, PENDING, RUNNING, JobSpec, Scheduler, Task
@@ -45,16 +45,6 @@ log = logging.getLogger(__name__)
 
 #: What takes the progress lines of ``up`` and ``down`` (click.echo, a logger's method).
 Report = Callable[[str], Any]
-
-
-@contextlib.contextmanager
-def _private_files() -> Iterator[None]:
-    """Umask 077 while a job is submitted: the batch system creates its output files with it."""
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 # ------------------------------------------------------------------------- the pool
@@ -198,7 +188,7 @@ class Pool:
         role = f"workers-{profile}" if profile else "workers"
         what = f"one cw worker{f' of the profile {profile}' if profile else ''}; each task of the array runs one"
         script = self._script(role, argv, what)
-        with _private_files():  # the scheduler creates the job's output files under our umask
+        with private_umask():  # the scheduler creates the job's output files under our umask
             job = self.scheduler.submit_workers(script, count, self._spec(rec, role, options))
         entry = {"job": job, "tasks": count, "submitted": time.time()}
         if profile:
@@ -247,7 +237,7 @@ class Pool:
             return {"here": True, "pid": p.pid, "host": socket.gethostname(), "started": time.time()}
         script = self._script("master", argv, "the cw master and the keeper of its pool of workers")
         options = dict(rec.get("master_options") or {})
-        with _private_files():
+        with private_umask():
             job = self.scheduler.submit_master(script, self._spec(rec, "master", options))
         return {"job": job, "started": time.time()}
 

@@ -172,17 +172,9 @@ class ClientHandlers:
             if seq in s.jobs:  # resent, and attached to a job already
                 continue
             opts = opts or {}
-            if key is not None and not isinstance(key, str):
-                try:  # checked by the client too: a key the store cannot keep must not stop the master
-                    key = checked_key(key)
-                except InvalidJobError as e:
-                    acks.append(seq)
-                    hits.append(P.ClientResult(seq, P.FAILED, f"refused by the master: {e}", ""))
-                    hit_blobs.append(b"")
-                    continue
-            if opts.get("r") or "t" in opts or "o" in opts or "m" in opts:
-                try:  # checked by the client too; a message that skipped it must not reach dispatch
-                    opts = checked(opts)
+            if opts.get("r") or "t" in opts or "o" in opts or "m" in opts or not isinstance(key, (str, type(None))):
+                try:  # checked by the client too: a message that skipped it must not reach dispatch or the store
+                    opts, key = checked(opts), checked_key(key)
                 except InvalidJobError as e:
                     acks.append(seq)
                     hits.append(P.ClientResult(seq, P.FAILED, f"refused by the master: {e}", ""))

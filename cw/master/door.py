@@ -32,6 +32,7 @@ import zmq
 from .. import defaults
 from .. import protocol as P
 from ..errors import BadMAC, ProtocolError
+from ..link import RateLimited
 from ..security import Gate, secure_server
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Door:
     """The master's admission of peers: the ZAP gate, the connection count, handshakes, sessions."""
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, key: bytes, encrypt: bool,
-                 bad: P.RateLimited, max_connections: int = defaults.MAX_CONNECTIONS):  # fmt: skip
+                 bad: RateLimited, max_connections: int = defaults.MAX_CONNECTIONS):  # fmt: skip
         self.sock, self.key, self.encrypt, self.bad = sock, key, encrypt, bad
         self.epoch = ""  # the store's, set by the master once the store is open
         self.gate = Gate(key, encrypt)
@@ -100,7 +101,7 @@ class Door:
             log.warning("at most %d connections (the open-file limit allows no more)", self.cap)
         self.conns: set[int] = set()  # file descriptors of open connections
         self.disconnected_at = 0.0
-        self.refused = P.RateLimited(log, "refused connections")
+        self.refused = RateLimited(log, "refused connections")
         self.channels: dict[bytes, P.Channel] = {}  # routing id -> live session
         self.pending: dict[bytes, tuple[P.Channel, float]] = {}  # routing id -> (session, since)
         # a CHALLENGE answers a verified OPEN on a gated connection (and the pending

@@ -27,7 +27,7 @@ from .. import defaults, system, trace
 from .. import protocol as P
 from ..discovery import ClusterDir, advertised_host, master_info, pid_alive
 from ..errors import ConfigError, ProtocolError, StoreConflict, StoreError
-from ..link import recv_routed, send_frames
+from ..link import RateLimited, recv_routed, send_frames
 from ..store import Outcome, Store
 from .clients import ClientHandlers, Session, refusal
 from .door import Door
@@ -76,7 +76,7 @@ class Master(ClientHandlers, WorkerHandlers, GraphHandlers, StatusReport):
             cluster.unlock()
             raise
         self.heartbeat, self.worker_timeout = heartbeat, worker_timeout
-        self.bad = P.RateLimited(log, "dropped unverifiable messages")
+        self.bad = RateLimited(log, "dropped unverifiable messages")
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
