@@ -18,7 +18,9 @@ import pytest
 from conftest import start_workers, wait_for
 
 import cw
+from cw import protocol as P
 from cw.discovery import ClusterDir
+from cw.store import Store
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -241,3 +243,23 @@ def test_a_corrupt_header_or_truncated_store_is_refused_clearly(cw_home, procs, 
         out = cw_cli(*args)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert "damaged" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_a_retried_results_file_goes_only_once_the_retry_commits(tmp_path):
+    """A large value lives in a file: retrying its job removes the file after the commit,
+    and a rolled-back retry leaves both row and file."""
+    store = Store(tmp_path / "s.db")
+    store.add_session("s", "r", {})
+    [jid] = store.add_jobs([("s", 1, "r", "k", "f", b"args", None, None, None, None)])
+    big = b"\x80" + bytes(100_000)
+    store.add_results([(jid, P.FAILED, big, "boom", "", "w:1", 0.1, 1.0, None, None, None, None)])
+    store.commit()
+    value = tmp_path / "s.db.blobs" / f"{jid}.value"
+    assert value.stat().st_size == len(big)
+    store.retry_failed("r")
+    store.rollback()  # the turn failed: nothing of it counts
+    assert value.exists() and store.outcomes([jid])[jid][1] == big
+    assert [q.id for q in store.retry_failed("r")] == [jid] and value.exists()
+    store.commit()
+    assert not value.exists() and store.outcomes([jid]) == {}
+    store.close()

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 from .. import defaults
 from ..errors import StoreError
 from ..protocol import CANCELLED, OK
-from .blobs import BlobFiles, is_ref
+from .blobs import BlobFiles
 from .graph import GraphVerbs
 from .schema import SCHEMA_VERSION, prepare
 from .sqlite import Checkpointer, chunks, connect, file_identity, guarded, json_column
@@ -140,8 +140,7 @@ _ADD_RESULT = ("INSERT OR IGNORE INTO results (job, status, value, error, traceb
 
 
 def _queued(row: tuple, files: BlobFiles) -> QueuedJob:
-    args = files.get(row[4]) if is_ref(row[4]) else row[4]
-    return QueuedJob(*row[:4], args, json_column(row[5]), *row[6:])
+    return QueuedJob(*row[:4], files.get(row[4]), json_column(row[5]), *row[6:])
 
 
 class Store(GraphVerbs):
@@ -180,6 +179,7 @@ class Store(GraphVerbs):
         self._files = {p: file_identity(p) for p in (self.path, Path(f"{self.path}-wal"))}
         self._checkpointer = Checkpointer(self.path, before=self.files.sync)
         self._in_tx = False
+        self._unlink: list[str] = []  # files of rows this turn deleted: removed once it commits
         self._next_id = (self.conn.execute("SELECT max(id) FROM jobs").fetchone()[0] or 0) + 1
 
     @guarded
@@ -259,6 +259,7 @@ class Store(GraphVerbs):
 
     @guarded
     def rollback(self) -> None:
+        self._unlink = []
         if self._in_tx:
             self._in_tx = False
             if self.conn.in_transaction:
@@ -270,6 +271,9 @@ class Store(GraphVerbs):
         if self._in_tx:
             self.conn.execute("COMMIT")
             self._in_tx = False
+            if self._unlink:  # the rows that named them are gone for good only now
+                names, self._unlink = self._unlink, []
+                self.files.remove(names)
             return True
         return False
 
@@ -379,7 +383,7 @@ class Store(GraphVerbs):
         self.conn.executemany("DELETE FROM results WHERE job = ?", [(i,) for i in ids])
         self.conn.executemany("DELETE FROM outputs WHERE job = ?", [(i,) for i in ids])
         self.conn.executemany("UPDATE jobs SET attempts = 0 WHERE id = ?", [(i,) for i in ids])
-        self.files.remove([f"{i}.value" for i in ids])
+        self._unlink += [f"{i}.value" for i in ids]
         return [_queued(row, self.files) for i in ids for row in self.conn.execute(f"{_QUEUED} WHERE id = ?", (i,))]
 
     # -- reads -------------------------------------------------------------------

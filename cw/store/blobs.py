@@ -20,6 +20,7 @@ replaces its file.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..errors import StoreError
 from ..protocol import digested
 
 MARK = b"cw:file:"
+log = logging.getLogger(__name__)
 
 
 def folder(store: Path) -> Path:
@@ -95,14 +97,15 @@ class BlobFiles:
         return read(self.root, value) if is_ref(value) else value
 
     def remove(self, names: list[str]) -> None:
-        """Forget these files (a result that is retried); missing ones are fine."""
+        """Forget these files (no committed row names them any more); a file that stays
+        only takes room, so failing to remove it is a warning."""
         for name in names:
             try:
                 os.unlink(self.root / name)
             except FileNotFoundError:
                 pass
             except OSError as e:
-                raise StoreError.describe(self.root / name, e) from e
+                log.warning("cannot remove %s, which no stored row names: %s", self.root / name, e.strerror)
 
     def sync(self) -> None:
         """fsync the files written since the last call, and the folder: before a checkpoint."""
